@@ -1,0 +1,740 @@
+//! Typed configuration: TOML, then `WRIT_` environment overrides (`__` nests), unknown keys
+//! refused, every value validated with the offending key named.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+use crate::domain::Audience;
+
+/// A configuration error that names the key at fault.
+#[derive(Debug, thiserror::Error)]
+#[error("config error at `{key}`: {message}")]
+pub struct ConfigError {
+    pub key: String,
+    pub message: String,
+}
+
+impl ConfigError {
+    pub fn new(key: impl Into<String>, message: impl Into<String>) -> Self {
+        ConfigError {
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+}
+
+fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    humantime::parse_duration(&s)
+        .map_err(|e| serde::de::Error::custom(format!("`{s}` is not a duration ({e})")))
+}
+
+fn de_opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    de_duration(d).map(Some)
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerConfig,
+    #[serde(default)]
+    pub tokens: TokensConfig,
+    #[serde(default)]
+    pub tasks: TasksConfig,
+    #[serde(default)]
+    pub store: StoreConfig,
+    #[serde(default)]
+    pub spiffe: SpiffeConfig,
+    #[serde(default)]
+    pub oidc: OidcConfig,
+    pub policy: PolicyConfig,
+    #[serde(default)]
+    pub audit: AuditConfig,
+    #[serde(default)]
+    pub admin: AdminConfig,
+    #[serde(default)]
+    pub introspection: IntrospectionConfig,
+    #[serde(default)]
+    pub trips: Option<TripsConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    pub issuer: String,
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+}
+
+fn default_listen() -> String {
+    "127.0.0.1:8080".into()
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    #[serde(default)]
+    pub client_ca: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokensConfig {
+    #[serde(default = "default_ttl", deserialize_with = "de_duration")]
+    pub default_ttl: Duration,
+    #[serde(default = "default_max_ttl", deserialize_with = "de_duration")]
+    pub max_ttl: Duration,
+    #[serde(default)]
+    pub default_audience: Option<String>,
+    #[serde(default)]
+    pub signing_keys: Vec<PathBuf>,
+}
+
+fn default_ttl() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_max_ttl() -> Duration {
+    Duration::from_secs(900)
+}
+
+impl Default for TokensConfig {
+    fn default() -> Self {
+        TokensConfig {
+            default_ttl: default_ttl(),
+            max_ttl: default_max_ttl(),
+            default_audience: None,
+            signing_keys: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TasksConfig {
+    #[serde(default = "default_max_duration", deserialize_with = "de_duration")]
+    pub max_duration: Duration,
+    #[serde(default = "default_max_tokens")]
+    pub max_tokens: u32,
+}
+
+fn default_max_duration() -> Duration {
+    Duration::from_secs(3600)
+}
+fn default_max_tokens() -> u32 {
+    50
+}
+
+impl Default for TasksConfig {
+    fn default() -> Self {
+        TasksConfig {
+            max_duration: default_max_duration(),
+            max_tokens: default_max_tokens(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum StoreBackend {
+    #[default]
+    Memory,
+    Redis,
+    RedisCluster,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    #[serde(default)]
+    pub backend: StoreBackend,
+    #[serde(default)]
+    pub url: Option<String>,
+    #[serde(default)]
+    pub nodes: Vec<String>,
+    #[serde(default)]
+    pub key_prefix: Option<String>,
+    /// How old the replica's view of the revocation feed may be before introspection and
+    /// exchanges answer 503.
+    #[serde(default = "default_max_staleness", deserialize_with = "de_duration")]
+    pub max_staleness: Duration,
+}
+
+fn default_max_staleness() -> Duration {
+    Duration::from_secs(5)
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            backend: StoreBackend::default(),
+            url: None,
+            nodes: Vec::new(),
+            key_prefix: None,
+            max_staleness: default_max_staleness(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct SpiffeConfig {
+    #[serde(default)]
+    pub trust_domains: Vec<TrustDomainConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrustDomainConfig {
+    pub name: String,
+    #[serde(default)]
+    pub bundle_file: Option<PathBuf>,
+    #[serde(default)]
+    pub bundle_endpoint: Option<String>,
+    #[serde(default)]
+    pub workload_api: Option<String>,
+    pub audience: String,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct OidcConfig {
+    #[serde(default)]
+    pub issuers: Vec<OidcIssuerEntry>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OidcIssuerEntry {
+    pub issuer: String,
+    pub audience: String,
+    #[serde(default)]
+    pub jwks_uri: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {
+    pub dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditConfig {
+    #[serde(default = "default_audit_path")]
+    pub path: String,
+}
+
+fn default_audit_path() -> String {
+    "audit/decisions.jsonl".into()
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        AuditConfig {
+            path: default_audit_path(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    #[serde(default)]
+    pub token_sha256: Vec<String>,
+    #[serde(default)]
+    pub principals: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct IntrospectionConfig {
+    #[serde(default)]
+    pub principals: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CountWindow {
+    pub count: u32,
+    #[serde(deserialize_with = "de_duration")]
+    pub window: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TripsConfig {
+    #[serde(default)]
+    pub denials: Option<CountWindow>,
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    pub quarantine: Option<Duration>,
+    #[serde(default)]
+    pub exchange_rate: Option<CountWindow>,
+    #[serde(default)]
+    pub max_scopes_per_task: Option<u32>,
+    #[serde(default)]
+    pub reevaluate_on_policy_change: bool,
+}
+
+impl Config {
+    /// Reads a file, applies `WRIT_` overrides from the process environment, validates.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigError::new("<file>", format!("cannot read `{}`: {e}", path.display()))
+        })?;
+        Self::from_toml_with_env(&text, std::env::vars())
+    }
+
+    /// Parses TOML text, overlays the given `WRIT_*` variables, validates.
+    pub fn from_toml_with_env(
+        text: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let mut root: toml::Table = toml::from_str(text).map_err(|e| {
+            ConfigError::new("<file>", format!("not valid TOML: {}", e.message().trim()))
+        })?;
+        apply_env(&mut root, env)?;
+        let value = toml::Value::Table(root);
+        let config: Config = serde_path_to_error::deserialize(value).map_err(|e| {
+            let path = e.path().to_string();
+            let key = if path == "." {
+                "<root>".to_string()
+            } else {
+                path
+            };
+            ConfigError::new(key, e.into_inner().to_string())
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Cross-field and value checks. File contents (keys, bundles, policies) are checked when
+    /// the application is built, with the same key naming.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let s = &self.server;
+        s.listen.parse::<SocketAddr>().map_err(|_| {
+            ConfigError::new(
+                "server.listen",
+                format!("`{}` is not a host:port socket address", s.listen),
+            )
+        })?;
+        check_issuer_url("server.issuer", &s.issuer)?;
+        if s.tls.is_some() {
+            return Err(ConfigError::new(
+                "server.tls",
+                "TLS termination is not built into this version; terminate TLS in front of Writ",
+            ));
+        }
+
+        let t = &self.tokens;
+        if t.default_ttl.is_zero() {
+            return Err(ConfigError::new(
+                "tokens.default_ttl",
+                "must be greater than zero",
+            ));
+        }
+        if t.max_ttl.is_zero() || t.max_ttl > Duration::from_secs(24 * 3600) {
+            return Err(ConfigError::new(
+                "tokens.max_ttl",
+                "must be between 1s and 24h",
+            ));
+        }
+        if t.default_ttl > t.max_ttl {
+            return Err(ConfigError::new(
+                "tokens.default_ttl",
+                "must not exceed tokens.max_ttl",
+            ));
+        }
+        if let Some(aud) = &t.default_audience
+            && Audience::parse(aud).is_none()
+        {
+            return Err(ConfigError::new(
+                "tokens.default_audience",
+                format!(
+                    "`{aud}` is not an absolute URI without fragment or a SPIFFE ID of at most 255 bytes"
+                ),
+            ));
+        }
+        if t.signing_keys.is_empty() {
+            return Err(ConfigError::new(
+                "tokens.signing_keys",
+                "at least one signing key is required",
+            ));
+        }
+
+        if self.tasks.max_duration.is_zero() {
+            return Err(ConfigError::new(
+                "tasks.max_duration",
+                "must be greater than zero",
+            ));
+        }
+        if self.tasks.max_tokens == 0 {
+            return Err(ConfigError::new("tasks.max_tokens", "must be at least 1"));
+        }
+
+        match self.store.backend {
+            StoreBackend::Memory => {}
+            StoreBackend::Redis => {
+                let url = self.store.url.as_deref().unwrap_or("");
+                if !(url.starts_with("redis://")
+                    || url.starts_with("rediss://")
+                    || url.starts_with("redis+unix://"))
+                {
+                    return Err(ConfigError::new(
+                        "store.url",
+                        "backend \"redis\" needs a redis:// or rediss:// URL",
+                    ));
+                }
+            }
+            StoreBackend::RedisCluster => {
+                if self.store.nodes.is_empty() {
+                    return Err(ConfigError::new(
+                        "store.nodes",
+                        "backend \"redis-cluster\" needs at least one node URL",
+                    ));
+                }
+                for (i, n) in self.store.nodes.iter().enumerate() {
+                    if !(n.starts_with("redis://") || n.starts_with("rediss://")) {
+                        return Err(ConfigError::new(
+                            format!("store.nodes[{i}]"),
+                            format!("`{n}` is not a redis:// URL"),
+                        ));
+                    }
+                }
+            }
+        }
+        if self.store.max_staleness < Duration::from_millis(500)
+            || self.store.max_staleness > Duration::from_secs(300)
+        {
+            return Err(ConfigError::new(
+                "store.max_staleness",
+                "must be between 500ms and 5m",
+            ));
+        }
+        if let Some(p) = &self.store.key_prefix
+            && (p.is_empty() || p.len() > 64 || p.contains(['{', '}']))
+        {
+            return Err(ConfigError::new(
+                "store.key_prefix",
+                "must be 1-64 characters without `{` or `}`",
+            ));
+        }
+
+        let mut names = HashSet::new();
+        for (i, td) in self.spiffe.trust_domains.iter().enumerate() {
+            let key = |k: &str| format!("spiffe.trust_domains[{i}].{k}");
+            if spiffe::TrustDomain::new(&td.name).is_err() || td.name.contains("://") {
+                return Err(ConfigError::new(
+                    key("name"),
+                    format!("`{}` is not a valid trust domain name", td.name),
+                ));
+            }
+            if !names.insert(td.name.clone()) {
+                return Err(ConfigError::new(
+                    key("name"),
+                    format!("trust domain `{}` is configured twice", td.name),
+                ));
+            }
+            if td.audience.is_empty() {
+                return Err(ConfigError::new(key("audience"), "must not be empty"));
+            }
+            if td.bundle_endpoint.is_some() {
+                return Err(ConfigError::new(
+                    key("bundle_endpoint"),
+                    "bundle endpoints are not supported by this version; use bundle_file",
+                ));
+            }
+            if td.workload_api.is_some() {
+                return Err(ConfigError::new(
+                    key("workload_api"),
+                    "the Workload API source is not supported by this version; use bundle_file",
+                ));
+            }
+            if td.bundle_file.is_none() {
+                return Err(ConfigError::new(
+                    key("bundle_file"),
+                    "a trust domain needs a bundle source",
+                ));
+            }
+        }
+
+        let mut issuers = HashSet::new();
+        for (i, iss) in self.oidc.issuers.iter().enumerate() {
+            let key = |k: &str| format!("oidc.issuers[{i}].{k}");
+            check_issuer_url(&key("issuer"), &iss.issuer)?;
+            if !issuers.insert(iss.issuer.clone()) {
+                return Err(ConfigError::new(
+                    key("issuer"),
+                    format!("issuer `{}` is configured twice", iss.issuer),
+                ));
+            }
+            if iss.audience.is_empty() {
+                return Err(ConfigError::new(key("audience"), "must not be empty"));
+            }
+            if let Some(u) = &iss.jwks_uri {
+                check_issuer_url(&key("jwks_uri"), u)?;
+            }
+        }
+
+        if self.audit.path.is_empty() {
+            return Err(ConfigError::new(
+                "audit.path",
+                "must be a file path or \"-\"",
+            ));
+        }
+        for (i, h) in self.admin.token_sha256.iter().enumerate() {
+            if h.len() != 64 || !h.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(ConfigError::new(
+                    format!("admin.token_sha256[{i}]"),
+                    "must be 64 hex digits (the SHA-256 of an admin token)",
+                ));
+            }
+        }
+        check_patterns("admin.principals", &self.admin.principals)?;
+        check_patterns("introspection.principals", &self.introspection.principals)?;
+
+        if let Some(tr) = &self.trips {
+            if let Some(d) = tr.denials {
+                check_count_window("trips.denials", d)?;
+                if tr.quarantine.is_none_or(|q| q.is_zero()) {
+                    return Err(ConfigError::new(
+                        "trips.quarantine",
+                        "trips.denials needs a quarantine duration greater than zero",
+                    ));
+                }
+            }
+            if let Some(r) = tr.exchange_rate {
+                check_count_window("trips.exchange_rate", r)?;
+            }
+            if tr.max_scopes_per_task == Some(0) {
+                return Err(ConfigError::new(
+                    "trips.max_scopes_per_task",
+                    "must be at least 1",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn check_count_window(key: &str, cw: CountWindow) -> Result<(), ConfigError> {
+    if cw.count == 0 {
+        return Err(ConfigError::new(
+            format!("{key}.count"),
+            "must be at least 1",
+        ));
+    }
+    if cw.window.is_zero() {
+        return Err(ConfigError::new(
+            format!("{key}.window"),
+            "must be greater than zero",
+        ));
+    }
+    Ok(())
+}
+
+/// Principal patterns: a SPIFFE ID or OIDC subject, or a prefix ending in `/*`.
+fn check_patterns(key: &str, patterns: &[String]) -> Result<(), ConfigError> {
+    for (i, p) in patterns.iter().enumerate() {
+        let base = p.strip_suffix("/*").unwrap_or(p);
+        let ok = if base.starts_with("spiffe://") {
+            crate::domain::parse_spiffe_id(base).is_some()
+        } else {
+            base.contains('#') || p.ends_with("/*")
+        };
+        if !ok || base.is_empty() {
+            return Err(ConfigError::new(
+                format!("{key}[{i}]"),
+                format!("`{p}` is not a subject or a subject prefix ending in `/*`"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// An issuer URL: https, or http on a loopback host (for local use and tests), without query
+/// or fragment (RFC 8414 §2).
+fn check_issuer_url(key: &str, value: &str) -> Result<(), ConfigError> {
+    let bad = |why: &str| ConfigError::new(key, format!("`{value}` {why}"));
+    let url = url::Url::parse(value).map_err(|_| bad("is not an absolute URL"))?;
+    let loopback = matches!(url.host_str(), Some("127.0.0.1" | "localhost" | "[::1]"));
+    match url.scheme() {
+        "https" => {}
+        "http" if loopback => {}
+        _ => {
+            return Err(bad(
+                "must use https (http is allowed for loopback hosts only)",
+            ));
+        }
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err(bad("must not have a query or fragment"));
+    }
+    Ok(())
+}
+
+/// Applies `WRIT_SECTION__KEY=value` overrides. The value is read as a TOML value when it
+/// parses as one (numbers, booleans, arrays), otherwise as a string.
+fn apply_env(
+    root: &mut toml::Table,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<(), ConfigError> {
+    for (name, raw) in env {
+        let Some(rest) = name.strip_prefix("WRIT_") else {
+            continue;
+        };
+        if !rest.contains("__") {
+            continue;
+        }
+        let path: Vec<String> = rest.split("__").map(|p| p.to_ascii_lowercase()).collect();
+        let key = path.join(".");
+        if path.iter().any(String::is_empty) {
+            return Err(ConfigError::new(
+                key,
+                format!("environment variable `{name}` has an empty key segment"),
+            ));
+        }
+        let value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+            .unwrap_or_else(|| toml::Value::String(raw.clone()));
+        let mut table = &mut *root;
+        let (last, parents) = match path.split_last() {
+            Some(x) => x,
+            None => continue,
+        };
+        for p in parents {
+            let entry = table
+                .entry(p.clone())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            table = match entry {
+                toml::Value::Table(t) => t,
+                _ => {
+                    return Err(ConfigError::new(
+                        key,
+                        format!(
+                            "environment variable `{name}` nests under a value that is not a table"
+                        ),
+                    ));
+                }
+            };
+        }
+        table.insert(last.clone(), value);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = r#"
+[server]
+issuer = "https://writ.example.org"
+[tokens]
+signing_keys = ["k.pem"]
+[policy]
+dir = "p"
+"#;
+
+    fn load(extra: &str) -> Result<Config, ConfigError> {
+        Config::from_toml_with_env(&format!("{BASE}{extra}"), Vec::new())
+    }
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = load("").unwrap();
+        assert_eq!(c.tokens.default_ttl, Duration::from_secs(300));
+        assert_eq!(c.tasks.max_tokens, 50);
+        assert_eq!(c.store.backend, StoreBackend::Memory);
+        assert_eq!(c.server.listen, "127.0.0.1:8080");
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let e = load("[store]\nbackend = \"memory\"\nurll = \"x\"\n").unwrap_err();
+        assert_eq!(e.key, "store.urll");
+        assert!(e.message.contains("unknown field"), "{e}");
+        let e = load("[bogus]\nx = 1\n").unwrap_err();
+        assert!(e.message.contains("bogus"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let cases = [
+            ("[tasks]\nmax_duration = \"soon\"\n", "tasks.max_duration"),
+            ("[tasks]\nmax_tokens = 0\n", "tasks.max_tokens"),
+            ("[store]\nbackend = \"redis\"\n", "store.url"),
+            ("[store]\nbackend = \"etcd\"\n", "store.backend"),
+            (
+                "[admin]\ntoken_sha256 = [\"abc\"]\n",
+                "admin.token_sha256[0]",
+            ),
+            (
+                "[[spiffe.trust_domains]]\nname = \"Bad Domain\"\nbundle_file = \"b\"\naudience = \"writ\"\n",
+                "spiffe.trust_domains[0].name",
+            ),
+            (
+                "[[oidc.issuers]]\nissuer = \"http://evil.example\"\naudience = \"writ\"\n",
+                "oidc.issuers[0].issuer",
+            ),
+            (
+                "[introspection]\nprincipals = [\"nobody\"]\n",
+                "introspection.principals[0]",
+            ),
+            (
+                "[trips]\ndenials = { count = 5, window = \"1m\" }\n",
+                "trips.quarantine",
+            ),
+        ];
+        for (extra, key) in cases {
+            let e = load(extra).unwrap_err();
+            assert_eq!(e.key, key, "{extra} -> {e}");
+        }
+        let e = Config::from_toml_with_env(
+            &BASE.replace("https://writ.example.org", "ftp://x"),
+            Vec::new(),
+        )
+        .unwrap_err();
+        assert_eq!(e.key, "server.issuer");
+        let e = Config::from_toml_with_env(&format!("{BASE}[tokens]\n"), Vec::new()).unwrap_err();
+        assert_eq!(e.key, "<file>");
+    }
+
+    #[test]
+    fn ttl_ordering_is_checked() {
+        let text = BASE.replace(
+            "[tokens]\n",
+            "[tokens]\ndefault_ttl = \"20m\"\nmax_ttl = \"15m\"\n",
+        );
+        let e = Config::from_toml_with_env(&text, Vec::new()).unwrap_err();
+        assert_eq!(e.key, "tokens.default_ttl");
+    }
+
+    #[test]
+    fn env_overrides_nest_and_type() {
+        let env = vec![
+            ("WRIT_STORE__BACKEND".to_string(), "redis".to_string()),
+            (
+                "WRIT_STORE__URL".to_string(),
+                "redis://127.0.0.1:7000/0".to_string(),
+            ),
+            ("WRIT_TASKS__MAX_TOKENS".to_string(), "7".to_string()),
+            ("WRIT_UNRELATED".to_string(), "x".to_string()),
+        ];
+        let c = Config::from_toml_with_env(BASE, env).unwrap();
+        assert_eq!(c.store.backend, StoreBackend::Redis);
+        assert_eq!(c.store.url.as_deref(), Some("redis://127.0.0.1:7000/0"));
+        assert_eq!(c.tasks.max_tokens, 7);
+        let e = Config::from_toml_with_env(BASE, vec![("WRIT_STORE__NOPE".into(), "1".into())])
+            .unwrap_err();
+        assert_eq!(e.key, "store.nope");
+    }
+}

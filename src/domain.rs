@@ -1,0 +1,333 @@
+//! Newtypes that parse: wire strings become these at the edge, and the rest of Writ only
+//! handles values that are already known to be well formed.
+
+use std::fmt;
+use std::sync::atomic::{AtomicI64, Ordering};
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+use ring::rand::SecureRandom;
+use serde::{Deserialize, Serialize};
+
+/// Most scopes one request may name.
+pub const MAX_SCOPES: usize = 32;
+/// Longest scope token.
+pub const MAX_SCOPE_LEN: usize = 128;
+/// Most audiences one request may name.
+pub const MAX_AUDIENCES: usize = 8;
+/// Longest audience (SPEC §4.1).
+pub const MAX_AUDIENCE_LEN: usize = 255;
+/// Longest SPIFFE ID accepted (SPIFFE ID §2.3).
+pub const MAX_SPIFFE_ID_LEN: usize = 2048;
+/// Longest task purpose (SPEC §4.1: 1 KiB).
+pub const MAX_PURPOSE_LEN: usize = 1024;
+
+/// Parses a SPIFFE ID strictly: the spiffe crate checks characters, segments and lengths,
+/// and the input must already be in canonical form (lowercase scheme and trust domain), so
+/// that `spiffe://Example.org/x` is refused rather than silently rewritten.
+pub fn parse_spiffe_id(s: &str) -> Option<spiffe::SpiffeId> {
+    // SPIFFE ID §2.3: implementations must support 2048 bytes; Writ accepts no more.
+    if s.len() > MAX_SPIFFE_ID_LEN {
+        return None;
+    }
+    let id = spiffe::SpiffeId::new(s).ok()?;
+    (id.to_string() == s).then_some(id)
+}
+
+/// The normalised identity of a caller: a SPIFFE ID or `<issuer>#<sub>` for OIDC.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Subject(String);
+
+impl Subject {
+    pub fn spiffe(id: &spiffe::SpiffeId) -> Self {
+        Subject(id.to_string())
+    }
+    pub fn oidc(issuer: &str, sub: &str) -> Self {
+        Subject(format!("{issuer}#{sub}"))
+    }
+    /// A subject read back from our own store or our own token.
+    pub fn from_trusted(s: String) -> Self {
+        Subject(s)
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+    /// True when `pattern` is this subject, or a prefix ending in `/*` that covers it.
+    pub fn matches(&self, pattern: &str) -> bool {
+        match pattern.strip_suffix("/*") {
+            Some(prefix) => self
+                .0
+                .strip_prefix(prefix)
+                .is_some_and(|rest| rest.starts_with('/')),
+            None => self.0 == pattern,
+        }
+    }
+}
+
+impl fmt::Display for Subject {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+fn random_b64(bytes: usize) -> String {
+    let mut buf = vec![0u8; bytes];
+    // The system RNG failing is not something a broker can work around; fall back to an
+    // all-zero id would be unsafe, so the caller gets a distinguishable value instead.
+    if ring::rand::SystemRandom::new().fill(&mut buf).is_err() {
+        buf.clear();
+    }
+    B64.encode(buf)
+}
+
+/// A task id (`txn`): `tsk_` and 128 random bits.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct TaskId(String);
+
+impl TaskId {
+    pub fn generate() -> Self {
+        TaskId(format!("tsk_{}", random_b64(16)))
+    }
+    /// Parses a caller-supplied task id; `None` when it cannot be one of ours.
+    pub fn parse(s: &str) -> Option<Self> {
+        let rest = s.strip_prefix("tsk_")?;
+        (rest.len() == 22 && rest.bytes().all(is_b64url)).then(|| TaskId(s.to_string()))
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for TaskId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+fn is_b64url(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b == b'-' || b == b'_'
+}
+
+/// A token id (`jti`): 128 random bits.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct TokenId(String);
+
+impl TokenId {
+    pub fn generate() -> Self {
+        TokenId(random_b64(16))
+    }
+    pub fn from_trusted(s: String) -> Self {
+        TokenId(s)
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for TokenId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// One OAuth scope token (RFC 6749 §3.3).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Scope(String);
+
+impl Scope {
+    pub fn parse(s: &str) -> Option<Self> {
+        let ok = !s.is_empty()
+            && s.len() <= MAX_SCOPE_LEN
+            && s.bytes()
+                .all(|b| b == 0x21 || (0x23..=0x5b).contains(&b) || (0x5d..=0x7e).contains(&b));
+        ok.then(|| Scope(s.to_string()))
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// Parses a space-separated scope parameter: every token valid, duplicates folded, order of
+/// first appearance kept. `None` for an empty or malformed parameter.
+pub fn parse_scopes(param: &str) -> Option<Vec<Scope>> {
+    let mut out: Vec<Scope> = Vec::new();
+    for part in param.split(' ') {
+        let scope = Scope::parse(part)?;
+        if !out.contains(&scope) {
+            out.push(scope);
+        }
+    }
+    (!out.is_empty() && out.len() <= MAX_SCOPES).then_some(out)
+}
+
+/// Joins scopes into the space-separated wire form.
+pub fn join_scopes(scopes: &[Scope]) -> String {
+    let mut s = String::new();
+    for (i, sc) in scopes.iter().enumerate() {
+        if i > 0 {
+            s.push(' ');
+        }
+        s.push_str(sc.as_str());
+    }
+    s
+}
+
+/// A resource server a token is for: an absolute URI without fragment (RFC 8707) or a SPIFFE
+/// ID, at most 255 bytes.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Audience(String);
+
+impl Audience {
+    pub fn parse(s: &str) -> Option<Self> {
+        if s.is_empty()
+            || s.len() > MAX_AUDIENCE_LEN
+            || s.contains('#')
+            || s.bytes().any(|b| b <= 0x20 || b >= 0x7f)
+        {
+            return None;
+        }
+        if parse_spiffe_id(s).is_some() {
+            return Some(Audience(s.to_string()));
+        }
+        if s.to_ascii_lowercase().starts_with("spiffe:") {
+            return None;
+        }
+        let url = url::Url::parse(s).ok()?;
+        if url.cannot_be_a_base() && !matches!(url.scheme(), "urn") {
+            return None;
+        }
+        if matches!(url.scheme(), "http" | "https") && url.host_str().is_none_or(str::is_empty) {
+            return None;
+        }
+        Some(Audience(s.to_string()))
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// Unix time in seconds.
+pub trait Clock: Send + Sync + fmt::Debug {
+    fn now(&self) -> i64;
+}
+
+#[derive(Debug, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> i64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0)
+    }
+}
+
+/// A clock that only moves when told: tests cross TTLs by advancing it.
+#[derive(Debug)]
+pub struct ManualClock(AtomicI64);
+
+impl ManualClock {
+    pub fn new(start: i64) -> Self {
+        ManualClock(AtomicI64::new(start))
+    }
+    pub fn advance(&self, secs: i64) {
+        self.0.fetch_add(secs, Ordering::SeqCst);
+    }
+    pub fn set(&self, t: i64) {
+        self.0.store(t, Ordering::SeqCst);
+    }
+}
+
+impl Clock for ManualClock {
+    fn now(&self) -> i64 {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// Hex SHA-256, used wherever a secret must be named without being kept (admin tokens,
+/// tokens in the decision log).
+pub fn sha256_hex(data: &[u8]) -> String {
+    hex::encode(ring::digest::digest(&ring::digest::SHA256, data))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scopes_parse_strictly() {
+        let s = parse_scopes("repo:read repo:write repo:read").unwrap();
+        assert_eq!(join_scopes(&s), "repo:read repo:write");
+        assert!(parse_scopes("").is_none());
+        assert!(parse_scopes(" repo:read").is_none());
+        assert!(parse_scopes("repo:read  x").is_none());
+        assert!(parse_scopes("a\"b").is_none());
+        assert!(parse_scopes("a\\b").is_none());
+        assert!(parse_scopes("x ".repeat(33).trim_end()).is_some_and(|v| v.len() == 1));
+        let many: Vec<String> = (0..33).map(|i| format!("s{i}")).collect();
+        assert!(parse_scopes(&many.join(" ")).is_none());
+    }
+
+    #[test]
+    fn audiences_are_absolute_uris_or_spiffe_ids() {
+        assert!(Audience::parse("https://api.example.org").is_some());
+        assert!(Audience::parse("https://api.example.org/v1?x=1").is_some());
+        assert!(Audience::parse("spiffe://example.org/svc/api").is_some());
+        assert!(Audience::parse("urn:example:api").is_some());
+        assert!(Audience::parse("api").is_none());
+        assert!(Audience::parse("/relative").is_none());
+        assert!(Audience::parse("https://api.example.org/#frag").is_none());
+        assert!(Audience::parse("spiffe://Example.org/x").is_none());
+        assert!(Audience::parse("https://a b").is_none());
+        assert!(Audience::parse(&format!("https://a.org/{}", "x".repeat(250))).is_none());
+        assert!(Audience::parse("").is_none());
+    }
+
+    #[test]
+    fn spiffe_ids_parse_strictly() {
+        assert!(parse_spiffe_id("spiffe://example.org/agent/demo").is_some());
+        assert!(parse_spiffe_id("spiffe://example.org").is_some());
+        for bad in [
+            "spiffe://Example.org/a",
+            "SPIFFE://example.org/a",
+            "spiffe://example.org/a/../b",
+            "spiffe://example.org/./a",
+            "spiffe://example.org//a",
+            "spiffe://example.org/a/",
+            "spiffe://example.org/a%20b",
+            "spiffe://example.org/a?x=1",
+            "spiffe://example.org/a#f",
+            "spiffe://example.org:8443/a",
+            "spiffe://user@example.org/a",
+            "https://example.org/a",
+            "spiffe:///a",
+        ] {
+            assert!(parse_spiffe_id(bad).is_none(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn subject_patterns() {
+        let s = Subject::from_trusted("spiffe://example.org/agent/demo".into());
+        assert!(s.matches("spiffe://example.org/agent/demo"));
+        assert!(s.matches("spiffe://example.org/agent/*"));
+        assert!(s.matches("spiffe://example.org/*"));
+        assert!(!s.matches("spiffe://example.org/age/*"));
+        assert!(!s.matches("spiffe://example.org/agent/demo/*"));
+    }
+
+    #[test]
+    fn ids_are_random_and_parse_back() {
+        let a = TaskId::generate();
+        assert_ne!(a, TaskId::generate());
+        assert_eq!(TaskId::parse(a.as_str()), Some(a));
+        assert!(TaskId::parse("tsk_short").is_none());
+        assert_eq!(TokenId::generate().as_str().len(), 22);
+    }
+}

@@ -1,0 +1,30 @@
+//! Writ: a short-lived, task-scoped credential broker.
+//!
+//! A workload presents its identity (SPIFFE JWT-SVID or OIDC ID token), asks for a token for
+//! one task (RFC 8693), and gets a narrowly scoped JWT whose every scope policy allowed.
+
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
+)]
+
+pub mod app;
+pub mod audit;
+pub mod auth;
+pub mod broker;
+pub mod cache;
+pub mod cli;
+pub mod client;
+pub mod config;
+pub mod dev;
+pub mod domain;
+pub mod error;
+pub mod exchange;
+pub mod http;
+pub mod identity;
+pub mod metrics;
+pub mod policy;
+pub mod revoke;
+pub mod store;
+pub mod token;
+pub mod trips;
