@@ -1,0 +1,171 @@
+//! SPIFFE trust bundles (JWKS with `use` = `jwt-svid` / `x509-svid`, plus `spiffe_sequence`
+//! and `spiffe_refresh_hint`), read from files and re-read when the files change.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use arc_swap::ArcSwap;
+use jsonwebtoken::jwk::{Jwk, KeyAlgorithm};
+use jsonwebtoken::{Algorithm, DecodingKey};
+use serde::Deserialize;
+
+/// Largest bundle file read.
+pub const MAX_BUNDLE_BYTES: u64 = 1024 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BundleError {
+    #[error("cannot read bundle `{path}`: {reason}")]
+    Read { path: String, reason: String },
+    #[error("bundle `{path}` is not a SPIFFE bundle: {reason}")]
+    Parse { path: String, reason: String },
+}
+
+/// One JWT-SVID verification key.
+#[derive(Clone)]
+pub struct JwtAuthority {
+    pub key: DecodingKey,
+    /// The JWK's `alg`, when it names one: the token's header must then match it.
+    pub alg: Option<Algorithm>,
+}
+
+/// The JWT authorities of one trust domain, by `kid`.
+#[derive(Clone, Default)]
+pub struct JwtBundle {
+    pub authorities: HashMap<String, JwtAuthority>,
+    pub sequence: Option<u64>,
+}
+
+#[derive(Deserialize)]
+struct RawBundle {
+    keys: Vec<serde_json::Value>,
+    #[serde(default)]
+    spiffe_sequence: Option<u64>,
+}
+
+/// Parses the JWT part of a SPIFFE bundle. Keys for other uses (x509-svid) are skipped;
+/// a `jwt-svid` key without `kid` or with a key type Writ cannot verify is an error, since a
+/// silently dropped authority would be hard to diagnose.
+pub fn parse_jwt_bundle(text: &[u8], name: &str) -> Result<JwtBundle, BundleError> {
+    let perr = |reason: String| BundleError::Parse {
+        path: name.to_string(),
+        reason,
+    };
+    let raw: RawBundle = serde_json::from_slice(text).map_err(|e| perr(e.to_string()))?;
+    let mut authorities = HashMap::new();
+    for (i, value) in raw.keys.into_iter().enumerate() {
+        let use_ = value.get("use").and_then(|u| u.as_str()).unwrap_or("");
+        if use_ != "jwt-svid" {
+            continue;
+        }
+        let jwk: Jwk =
+            serde_json::from_value(value).map_err(|e| perr(format!("keys[{i}]: {e}")))?;
+        let kid = jwk
+            .common
+            .key_id
+            .clone()
+            .filter(|k| !k.is_empty())
+            .ok_or_else(|| perr(format!("keys[{i}]: a jwt-svid key needs a `kid`")))?;
+        let key = DecodingKey::from_jwk(&jwk).map_err(|e| perr(format!("keys[{i}]: {e}")))?;
+        if matches!(key.family(), jsonwebtoken::AlgorithmFamily::Hmac) {
+            return Err(perr(format!("keys[{i}]: symmetric keys are not allowed")));
+        }
+        let alg = match jwk.common.key_algorithm {
+            None => None,
+            Some(ka) => {
+                Some(key_alg(ka).ok_or_else(|| perr(format!("keys[{i}]: unsupported `alg`")))?)
+            }
+        };
+        authorities.insert(kid, JwtAuthority { key, alg });
+    }
+    Ok(JwtBundle {
+        authorities,
+        sequence: raw.spiffe_sequence,
+    })
+}
+
+fn key_alg(ka: KeyAlgorithm) -> Option<Algorithm> {
+    Some(match ka {
+        KeyAlgorithm::RS256 => Algorithm::RS256,
+        KeyAlgorithm::RS384 => Algorithm::RS384,
+        KeyAlgorithm::RS512 => Algorithm::RS512,
+        KeyAlgorithm::PS256 => Algorithm::PS256,
+        KeyAlgorithm::PS384 => Algorithm::PS384,
+        KeyAlgorithm::PS512 => Algorithm::PS512,
+        KeyAlgorithm::ES256 => Algorithm::ES256,
+        KeyAlgorithm::ES384 => Algorithm::ES384,
+        _ => return None,
+    })
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct FileStamp {
+    modified: Option<SystemTime>,
+    len: u64,
+}
+
+fn stamp(path: &Path) -> Option<FileStamp> {
+    let md = std::fs::metadata(path).ok()?;
+    Some(FileStamp {
+        modified: md.modified().ok(),
+        len: md.len(),
+    })
+}
+
+fn read_bounded(path: &Path) -> Result<Vec<u8>, BundleError> {
+    let rerr = |reason: String| BundleError::Read {
+        path: path.display().to_string(),
+        reason,
+    };
+    let md = std::fs::metadata(path).map_err(|e| rerr(e.to_string()))?;
+    if md.len() > MAX_BUNDLE_BYTES {
+        return Err(rerr(format!("larger than {MAX_BUNDLE_BYTES} bytes")));
+    }
+    std::fs::read(path).map_err(|e| rerr(e.to_string()))
+}
+
+/// A bundle backed by a file, swapped atomically when the file changes and still parses.
+pub struct FileBundle {
+    path: PathBuf,
+    current: ArcSwap<JwtBundle>,
+    stamp: parking_lot::Mutex<Option<FileStamp>>,
+}
+
+impl FileBundle {
+    pub fn load(path: &Path) -> Result<Self, BundleError> {
+        let st = stamp(path);
+        let text = read_bounded(path)?;
+        let bundle = parse_jwt_bundle(&text, &path.display().to_string())?;
+        Ok(FileBundle {
+            path: path.to_path_buf(),
+            current: ArcSwap::from_pointee(bundle),
+            stamp: parking_lot::Mutex::new(st),
+        })
+    }
+
+    pub fn current(&self) -> arc_swap::Guard<Arc<JwtBundle>> {
+        self.current.load()
+    }
+
+    /// Re-reads the file when its size or modification time changed. A file that no longer
+    /// parses keeps the previous bundle serving and reports the error once per change.
+    pub fn reload_if_changed(&self) -> Result<bool, BundleError> {
+        let now = stamp(&self.path);
+        let mut last = self.stamp.lock();
+        if *last == now {
+            return Ok(false);
+        }
+        *last = now;
+        drop(last);
+        let text = read_bounded(&self.path)?;
+        let bundle = parse_jwt_bundle(&text, &self.path.display().to_string())?;
+        self.current.store(Arc::new(bundle));
+        Ok(true)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}

@@ -1,0 +1,211 @@
+//! Verifies what a caller presents and turns it into a [`Subject`] with attributes.
+
+pub mod bundles;
+pub mod oidc;
+pub mod spiffe;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use serde_json::{Map, Value};
+
+use crate::config::Config;
+use crate::config::ConfigError;
+use crate::domain::Subject;
+
+/// Largest subject token accepted, checked before any parsing or crypto.
+pub const MAX_SUBJECT_TOKEN_BYTES: usize = 16 * 1024;
+/// Clock skew tolerated on `exp`, `nbf` and `iat`.
+pub const MAX_SKEW_SECS: i64 = 60;
+
+/// How the caller proved who it is (the policy context's `source`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    JwtSvid,
+    X509Svid,
+    Oidc,
+    TaskToken,
+}
+
+impl Source {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::JwtSvid => "jwt-svid",
+            Source::X509Svid => "x509-svid",
+            Source::Oidc => "oidc",
+            Source::TaskToken => "task-token",
+        }
+    }
+}
+
+/// What kind of identity, with the attributes policies may test.
+#[derive(Debug, Clone)]
+pub enum IdentityKind {
+    Spiffe {
+        spiffe_id: ::spiffe::SpiffeId,
+    },
+    Oidc {
+        issuer: String,
+        sub: String,
+        claims: Map<String, Value>,
+    },
+}
+
+/// A verified workload identity.
+#[derive(Debug, Clone)]
+pub struct VerifiedIdentity {
+    pub subject: Subject,
+    pub source: Source,
+    pub kind: IdentityKind,
+    /// When the presented credential expires (unix seconds).
+    pub expires_at: i64,
+}
+
+impl VerifiedIdentity {
+    /// The trust domain (SPIFFE) or issuer (OIDC) the subject belongs to.
+    pub fn issuer(&self) -> String {
+        match &self.kind {
+            IdentityKind::Spiffe { spiffe_id } => spiffe_id.trust_domain_name().to_string(),
+            IdentityKind::Oidc { issuer, .. } => issuer.clone(),
+        }
+    }
+}
+
+/// Why a presented token was refused. The caller only learns that it was refused; the
+/// detail goes to the log.
+#[non_exhaustive]
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    #[error("token is larger than {MAX_SUBJECT_TOKEN_BYTES} bytes")]
+    TooLarge,
+    #[error("token is not a well-formed JWT")]
+    Malformed,
+    #[error("token algorithm is not allowed")]
+    UnsupportedAlg,
+    #[error("token header has no `kid`")]
+    MissingKid,
+    #[error("token `kid` is not a key of its issuer")]
+    UnknownKey,
+    #[error("token signature does not verify")]
+    BadSignature,
+    #[error("token has expired")]
+    Expired,
+    #[error("token is not yet valid")]
+    NotYetValid,
+    #[error("token audience does not include the configured audience")]
+    WrongAudience,
+    #[error("token lacks the `{0}` claim")]
+    MissingClaim(&'static str),
+    #[error("token `sub` is not a valid SPIFFE ID")]
+    InvalidSpiffeId,
+    #[error("token trust domain is not configured")]
+    UntrustedDomain,
+    #[error("token issuer is not trusted")]
+    UntrustedIssuer,
+    #[error("oidc: {0}")]
+    Oidc(#[from] oidc::OidcError),
+}
+
+impl IdentityError {
+    /// True when the failure is the broker's (or an issuer's) infrastructure, not the token:
+    /// the exchange then answers 503 instead of refusing the caller.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, IdentityError::Oidc(e) if e.is_unavailable())
+    }
+}
+
+impl From<crate::token::jwt::JwtFormatError> for IdentityError {
+    fn from(e: crate::token::jwt::JwtFormatError) -> Self {
+        match e {
+            crate::token::jwt::JwtFormatError::TooLarge => IdentityError::TooLarge,
+            crate::token::jwt::JwtFormatError::Malformed => IdentityError::Malformed,
+        }
+    }
+}
+
+/// All configured workload identity verifiers.
+pub struct IdentityVerifier {
+    pub svid: spiffe::JwtSvidVerifier,
+    pub oidc: oidc::OidcVerifier,
+}
+
+impl IdentityVerifier {
+    pub fn from_config(config: &Config) -> Result<Self, ConfigError> {
+        let mut domains = HashMap::new();
+        for (i, td) in config.spiffe.trust_domains.iter().enumerate() {
+            let key = format!("spiffe.trust_domains[{i}].bundle_file");
+            let path = td
+                .bundle_file
+                .as_ref()
+                .ok_or_else(|| ConfigError::new(&key, "a trust domain needs a bundle source"))?;
+            let bundle = bundles::FileBundle::load(path)
+                .map_err(|e| ConfigError::new(&key, e.to_string()))?;
+            domains.insert(
+                td.name.clone(),
+                spiffe::TrustDomain {
+                    audience: td.audience.clone(),
+                    bundle: Arc::new(bundle),
+                },
+            );
+        }
+        let issuers = config
+            .oidc
+            .issuers
+            .iter()
+            .map(|i| oidc::OidcIssuerConfig {
+                issuer: i.issuer.clone(),
+                audience: i.audience.clone(),
+                jwks_uri: i.jwks_uri.clone(),
+            })
+            .collect();
+        let oidc = oidc::OidcVerifier::new(issuers, oidc::OidcOptions::default())
+            .map_err(|e| ConfigError::new("oidc.issuers", e.to_string()))?;
+        Ok(IdentityVerifier {
+            svid: spiffe::JwtSvidVerifier::new(domains),
+            oidc,
+        })
+    }
+
+    /// Verifies a workload identity token (`jwt` or `id_token` type).
+    pub async fn verify(
+        &self,
+        token: &str,
+        id_token_only: bool,
+        now: i64,
+    ) -> Result<VerifiedIdentity, IdentityError> {
+        let jwt = crate::token::jwt::ParsedJwt::parse(token, MAX_SUBJECT_TOKEN_BYTES)?;
+        if jwt
+            .str_claim("iss")
+            .is_some_and(|i| self.oidc.knows_issuer(i))
+        {
+            let id = self.oidc.verify_parsed(&jwt, now).await?;
+            return Ok(VerifiedIdentity {
+                subject: Subject::oidc(&id.issuer, &id.sub),
+                source: Source::Oidc,
+                expires_at: id.exp,
+                kind: IdentityKind::Oidc {
+                    issuer: id.issuer,
+                    sub: id.sub,
+                    claims: id.claims,
+                },
+            });
+        }
+        let sub = jwt.str_claim("sub").unwrap_or("");
+        if !id_token_only && sub.starts_with("spiffe://") {
+            let id = self.svid.verify_parsed(&jwt, now)?;
+            return Ok(VerifiedIdentity {
+                subject: Subject::spiffe(&id.spiffe_id),
+                source: Source::JwtSvid,
+                expires_at: id.exp,
+                kind: IdentityKind::Spiffe {
+                    spiffe_id: id.spiffe_id,
+                },
+            });
+        }
+        if sub.to_ascii_lowercase().starts_with("spiffe:") {
+            // Mixed-case or otherwise malformed SPIFFE IDs are refused as such.
+            return Err(IdentityError::InvalidSpiffeId);
+        }
+        Err(IdentityError::UntrustedIssuer)
+    }
+}
