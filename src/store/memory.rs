@@ -1,0 +1,354 @@
+//! The embedded store: single node, for `writ dev` and single-replica use.
+//!
+//! Tasks live in shards, each behind its own lock, so that a resize of one shard's table
+//! never stalls every request; tasks are forgotten once nothing they issued can still be
+//! valid (their deadline has passed by more than the grace period).
+
+use std::collections::{HashMap, VecDeque};
+use std::hash::BuildHasher;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use parking_lot::Mutex;
+
+use super::{
+    BlockRecord, FeedCursor, FeedEvent, MintOutcome, Store, StoreError, TaskFilter, TaskRecord,
+    TaskState, TokenEntry,
+};
+use crate::domain::{Subject, TaskId};
+
+const SHARDS: usize = 32;
+/// How long a task is kept after its deadline (its tokens expire by then).
+const RETAIN_AFTER_DEADLINE: i64 = 24 * 3600;
+/// A shard is swept for expired tasks every this many inserts.
+const SWEEP_EVERY: u32 = 4096;
+
+#[derive(Debug)]
+struct Entry {
+    task: TaskRecord,
+    tokens: Vec<TokenEntry>,
+    children: Vec<TaskId>,
+}
+
+/// The local revocation feed: sequence-numbered events, trimmed once they stop mattering.
+#[derive(Debug, Default)]
+struct Feed {
+    events: VecDeque<(u64, FeedEvent)>,
+    next: u64,
+    blocks: Vec<BlockRecord>,
+}
+
+#[derive(Debug, Default)]
+struct Shard {
+    tasks: HashMap<TaskId, Entry>,
+    inserts: u32,
+}
+
+#[derive(Debug)]
+pub struct MemoryStore {
+    shards: Vec<Mutex<Shard>>,
+    hasher: std::collections::hash_map::RandomState,
+    feed: Mutex<Feed>,
+    notify: tokio::sync::Notify,
+    counters: Mutex<HashMap<String, VecDeque<i64>>>,
+    flags: Mutex<HashMap<String, std::time::Instant>>,
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        MemoryStore {
+            shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
+            hasher: std::collections::hash_map::RandomState::new(),
+            feed: Mutex::new(Feed::default()),
+            notify: tokio::sync::Notify::new(),
+            counters: Mutex::new(HashMap::new()),
+            flags: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+fn parse_cursor(c: &FeedCursor) -> u64 {
+    c.0.parse().unwrap_or(0)
+}
+
+impl MemoryStore {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn shard(&self, id: &TaskId) -> &Mutex<Shard> {
+        &self.shards[(self.hasher.hash_one(id) as usize) % SHARDS]
+    }
+
+    /// Number of tasks held (tests).
+    pub fn len(&self) -> usize {
+        self.shards.iter().map(|s| s.lock().tasks.len()).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[async_trait]
+impl Store for MemoryStore {
+    async fn ping(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    async fn create_task(&self, task: &TaskRecord, first: &TokenEntry) -> Result<(), StoreError> {
+        let mut shard = self.shard(&task.id).lock();
+        shard.inserts = shard.inserts.wrapping_add(1);
+        if shard.inserts.is_multiple_of(SWEEP_EVERY) {
+            let horizon = task.created_at - RETAIN_AFTER_DEADLINE;
+            shard.tasks.retain(|_, e| e.task.deadline > horizon);
+        }
+        let mut task = task.clone();
+        task.tokens_issued = 1;
+        let parent = task.parent.clone();
+        let id = task.id.clone();
+        shard.tasks.insert(
+            task.id.clone(),
+            Entry {
+                task,
+                tokens: vec![first.clone()],
+                children: Vec::new(),
+            },
+        );
+        drop(shard);
+        if let Some(p) = parent
+            && let Some(e) = self.shard(&p).lock().tasks.get_mut(&p)
+        {
+            e.children.push(id);
+        }
+        Ok(())
+    }
+
+    async fn get_task(&self, id: &TaskId) -> Result<Option<TaskRecord>, StoreError> {
+        Ok(self.shard(id).lock().tasks.get(id).map(|e| e.task.clone()))
+    }
+
+    async fn mint_into_task(
+        &self,
+        id: &TaskId,
+        owner: &Subject,
+        token: &TokenEntry,
+        max_tokens: u32,
+        now: i64,
+    ) -> Result<MintOutcome, StoreError> {
+        let mut shard = self.shard(id).lock();
+        let Some(entry) = shard.tasks.get_mut(id) else {
+            return Ok(MintOutcome::NotFound);
+        };
+        if &entry.task.owner != owner {
+            return Ok(MintOutcome::NotOwner);
+        }
+        if !entry.task.is_open_at(now) {
+            return Ok(MintOutcome::Closed(entry.task.clone()));
+        }
+        if entry.task.tokens_issued >= max_tokens {
+            return Ok(MintOutcome::OverBudget(entry.task.clone()));
+        }
+        entry.task.tokens_issued += 1;
+        entry.tokens.push(token.clone());
+        Ok(MintOutcome::Minted(entry.task.clone()))
+    }
+
+    async fn close_task(
+        &self,
+        id: &TaskId,
+        state: TaskState,
+        reason: &str,
+        now: i64,
+    ) -> Result<Option<TaskRecord>, StoreError> {
+        let mut shard = self.shard(id).lock();
+        let Some(entry) = shard.tasks.get_mut(id) else {
+            return Ok(None);
+        };
+        if entry.task.state == TaskState::Open {
+            entry.task.state = state;
+            entry.task.ended_at = Some(now);
+            entry.task.end_reason = Some(reason.to_string());
+        }
+        Ok(Some(entry.task.clone()))
+    }
+
+    async fn task_tokens(&self, id: &TaskId) -> Result<Vec<TokenEntry>, StoreError> {
+        Ok(self
+            .shard(id)
+            .lock()
+            .tasks
+            .get(id)
+            .map(|e| e.tokens.clone())
+            .unwrap_or_default())
+    }
+
+    async fn task_children(&self, id: &TaskId) -> Result<Vec<TaskId>, StoreError> {
+        Ok(self
+            .shard(id)
+            .lock()
+            .tasks
+            .get(id)
+            .map(|e| e.children.clone())
+            .unwrap_or_default())
+    }
+
+    async fn list_tasks(&self, filter: &TaskFilter) -> Result<Vec<TaskRecord>, StoreError> {
+        let mut out = Vec::new();
+        for shard in &self.shards {
+            let shard = shard.lock();
+            out.extend(
+                shard
+                    .tasks
+                    .values()
+                    .filter(|e| filter.matches(&e.task))
+                    .map(|e| e.task.clone()),
+            );
+        }
+        out.sort_by(|a, b| {
+            b.created_at
+                .cmp(&a.created_at)
+                .then_with(|| a.id.as_str().cmp(b.id.as_str()))
+        });
+        out.truncate(filter.limit);
+        Ok(out)
+    }
+
+    async fn publish(&self, event: &FeedEvent, now: i64) -> Result<(), StoreError> {
+        {
+            let mut feed = self.feed.lock();
+            match event {
+                FeedEvent::Block { record } => {
+                    feed.blocks.retain(|b| b.id != record.id);
+                    feed.blocks.push(record.clone());
+                }
+                FeedEvent::Lift { id, at } => {
+                    for b in feed.blocks.iter_mut().filter(|b| &b.id == id) {
+                        b.lifted_at.get_or_insert(*at);
+                    }
+                }
+                _ => {}
+            }
+            feed.blocks.retain(|b| b.relevant_at(now));
+            feed.events
+                .retain(|(_, e)| e.until().is_none_or(|u| u >= now));
+            feed.next += 1;
+            let seq = feed.next;
+            feed.events.push_back((seq, event.clone()));
+        }
+        self.notify.notify_waiters();
+        Ok(())
+    }
+
+    async fn feed_snapshot(&self, now: i64) -> Result<(Vec<FeedEvent>, FeedCursor), StoreError> {
+        let feed = self.feed.lock();
+        let mut events: Vec<FeedEvent> = feed
+            .blocks
+            .iter()
+            .filter(|b| b.relevant_at(now))
+            .map(|b| FeedEvent::Block { record: b.clone() })
+            .collect();
+        events.extend(
+            feed.events
+                .iter()
+                .filter(|(_, e)| e.until().is_none_or(|u| u >= now))
+                .map(|(_, e)| e.clone()),
+        );
+        Ok((events, FeedCursor(feed.next.to_string())))
+    }
+
+    async fn read_feed(
+        &self,
+        after: &FeedCursor,
+        wait: Duration,
+    ) -> Result<(Vec<FeedEvent>, FeedCursor), StoreError> {
+        let after = parse_cursor(after);
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let notified = self.notify.notified();
+            {
+                let feed = self.feed.lock();
+                let events: Vec<FeedEvent> = feed
+                    .events
+                    .iter()
+                    .filter(|(s, _)| *s > after)
+                    .map(|(_, e)| e.clone())
+                    .collect();
+                if !events.is_empty() || tokio::time::Instant::now() >= deadline {
+                    return Ok((events, FeedCursor(feed.next.max(after).to_string())));
+                }
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                let feed = self.feed.lock();
+                return Ok((Vec::new(), FeedCursor(feed.next.max(after).to_string())));
+            }
+        }
+    }
+
+    async fn list_blocks(&self) -> Result<Vec<BlockRecord>, StoreError> {
+        Ok(self.feed.lock().blocks.clone())
+    }
+
+    async fn hit(
+        &self,
+        key: &str,
+        now: i64,
+        window: Duration,
+        cap: u64,
+    ) -> Result<u64, StoreError> {
+        let horizon = now - window.as_secs() as i64;
+        let mut counters = self.counters.lock();
+        if counters.len() > 10_000 {
+            counters.retain(|_, q| q.back().is_some_and(|t| *t > horizon));
+        }
+        let q = counters.entry(key.to_string()).or_default();
+        while q.front().is_some_and(|t| *t <= horizon) {
+            q.pop_front();
+        }
+        if (q.len() as u64) < cap {
+            q.push_back(now);
+            Ok(q.len() as u64)
+        } else {
+            Ok(cap + 1)
+        }
+    }
+
+    async fn claim(&self, name: &str, ttl: Duration) -> Result<bool, StoreError> {
+        let mut flags = self.flags.lock();
+        let now = std::time::Instant::now();
+        if flags.get(name).is_some_and(|until| *until > now) {
+            return Ok(false);
+        }
+        flags.insert(name.to_string(), now + ttl);
+        Ok(true)
+    }
+
+    async fn set_flag(&self, name: &str, ttl: Duration) -> Result<(), StoreError> {
+        self.flags
+            .lock()
+            .insert(name.to_string(), std::time::Instant::now() + ttl);
+        Ok(())
+    }
+
+    async fn count_open_tasks(&self, now: i64) -> Result<u64, StoreError> {
+        Ok(self
+            .shards
+            .iter()
+            .map(|s| {
+                s.lock()
+                    .tasks
+                    .values()
+                    .filter(|e| e.task.is_open_at(now))
+                    .count() as u64
+            })
+            .sum())
+    }
+
+    async fn flag(&self, name: &str) -> Result<bool, StoreError> {
+        Ok(self
+            .flags
+            .lock()
+            .get(name)
+            .is_some_and(|until| *until > std::time::Instant::now()))
+    }
+}

@@ -1,0 +1,271 @@
+//! Shared state behind one trait: the embedded memory store and Redis implement the same
+//! contract, and one contract test suite runs against both.
+
+pub mod memory;
+pub mod redis;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+use crate::domain::{Subject, TaskId};
+
+#[non_exhaustive]
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    #[error("store returned corrupt data: {0}")]
+    Corrupt(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskState {
+    Open,
+    Ended,
+    Revoked,
+}
+
+impl TaskState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskState::Open => "open",
+            TaskState::Ended => "ended",
+            TaskState::Revoked => "revoked",
+        }
+    }
+}
+
+/// One task as stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskRecord {
+    pub id: TaskId,
+    pub owner: Subject,
+    /// The owner's trust domain (SPIFFE) or issuer (OIDC).
+    pub issuer: String,
+    pub purpose: String,
+    pub created_at: i64,
+    pub deadline: i64,
+    pub state: TaskState,
+    #[serde(default)]
+    pub ended_at: Option<i64>,
+    #[serde(default)]
+    pub end_reason: Option<String>,
+    pub policy_version: String,
+    /// The scopes first granted: later mints may not exceed them.
+    pub scopes: Vec<String>,
+    pub audience: Vec<String>,
+    pub tokens_issued: u32,
+    #[serde(default)]
+    pub parent: Option<TaskId>,
+    #[serde(default)]
+    pub depth: u32,
+    /// How the owner authenticated (`jwt-svid`, `oidc`, `task-token`).
+    #[serde(default)]
+    pub source: String,
+    /// The owner's OIDC claims that policy may test, kept to decide the task again when the
+    /// policy changes.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub claims: std::collections::BTreeMap<String, String>,
+}
+
+impl TaskRecord {
+    pub fn is_open_at(&self, now: i64) -> bool {
+        self.state == TaskState::Open && now < self.deadline
+    }
+}
+
+/// A token as indexed under its task.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenEntry {
+    pub jti: String,
+    pub exp: i64,
+}
+
+/// What a standing revocation selects (SPEC §4.3).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BlockSelector {
+    /// A subject, or a prefix ending in `/*`.
+    Subject(String),
+    /// A trust domain name or an OIDC issuer.
+    Issuer(String),
+    All(bool),
+}
+
+/// A subject, issuer or `all` revocation: it invalidates every token issued at or before
+/// `created_at` for its selector until `until` (by then they have all expired), and refuses
+/// new exchanges for the selector until it is lifted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockRecord {
+    pub id: String,
+    pub selector: BlockSelector,
+    pub reason: String,
+    pub actor: String,
+    pub created_at: i64,
+    pub until: i64,
+    #[serde(default)]
+    pub lifted_at: Option<i64>,
+    /// `revocation` (an admin's, standing until lifted) or `quarantine` (a trip's, ending
+    /// at `expires_at` unless lifted sooner).
+    #[serde(default)]
+    pub kind: BlockKind,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<i64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum BlockKind {
+    #[default]
+    Revocation,
+    Quarantine,
+}
+
+impl BlockRecord {
+    /// Refusing new exchanges at `now`.
+    pub fn active_at(&self, now: i64) -> bool {
+        self.lifted_at.is_none() && self.expires_at.is_none_or(|e| now < e)
+    }
+
+    /// Still worth keeping at `now`: active, or still cutting off tokens issued before it.
+    pub fn relevant_at(&self, now: i64) -> bool {
+        self.active_at(now) || self.until >= now
+    }
+}
+
+/// One revocation on the feed every replica follows. Each carries `until`: after it, what it
+/// revokes has expired anyway and the event can be forgotten.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum FeedEvent {
+    Token { jti: String, until: i64 },
+    Task { task_id: String, until: i64 },
+    Block { record: BlockRecord },
+    Lift { id: String, at: i64 },
+}
+
+impl FeedEvent {
+    /// When the event stops mattering on the feed. A standing block is also kept in the
+    /// store's list of blocks until it is lifted and its cut-off has passed; a lift matters
+    /// as long as the block it lifts.
+    pub fn until(&self) -> Option<i64> {
+        match self {
+            FeedEvent::Token { until, .. } | FeedEvent::Task { until, .. } => Some(*until),
+            FeedEvent::Block { record } => Some(record.until.max(record.expires_at.unwrap_or(0))),
+            FeedEvent::Lift { .. } => None,
+        }
+    }
+}
+
+/// Where a reader of the feed is.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct FeedCursor(pub String);
+
+/// Filters for listing tasks.
+#[derive(Debug, Clone, Default)]
+pub struct TaskFilter {
+    /// A subject, or a prefix ending in `/*`.
+    pub subject: Option<String>,
+    pub state: Option<TaskState>,
+    pub limit: usize,
+}
+
+impl TaskFilter {
+    pub fn matches(&self, t: &TaskRecord) -> bool {
+        self.subject.as_deref().is_none_or(|p| t.owner.matches(p))
+            && self.state.is_none_or(|s| t.state == s)
+    }
+}
+
+/// What happened to a request to mint one more token into a task.
+#[derive(Debug, Clone, PartialEq)]
+pub enum MintOutcome {
+    Minted(TaskRecord),
+    NotFound,
+    NotOwner,
+    Closed(TaskRecord),
+    OverBudget(TaskRecord),
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + std::fmt::Debug {
+    /// Reachability, for `/readyz` and for failing closed.
+    async fn ping(&self) -> Result<(), StoreError>;
+
+    /// Records a new task with its first token. The task id is fresh (128 random bits).
+    async fn create_task(&self, task: &TaskRecord, first: &TokenEntry) -> Result<(), StoreError>;
+
+    async fn get_task(&self, id: &TaskId) -> Result<Option<TaskRecord>, StoreError>;
+
+    /// Atomically: the task exists, `owner` owns it, it is open at `now`, and fewer than
+    /// `max_tokens` were minted; then counts one more token and indexes `token`.
+    async fn mint_into_task(
+        &self,
+        id: &TaskId,
+        owner: &Subject,
+        token: &TokenEntry,
+        max_tokens: u32,
+        now: i64,
+    ) -> Result<MintOutcome, StoreError>;
+
+    /// Ends an open task (state `Ended` or `Revoked`); returns the record as it now is, or
+    /// `None` when there is no such task. Ending a closed task changes nothing.
+    async fn close_task(
+        &self,
+        id: &TaskId,
+        state: TaskState,
+        reason: &str,
+        now: i64,
+    ) -> Result<Option<TaskRecord>, StoreError>;
+
+    /// The tokens indexed under a task.
+    async fn task_tokens(&self, id: &TaskId) -> Result<Vec<TokenEntry>, StoreError>;
+
+    /// Tasks opened by delegation from `id`.
+    async fn task_children(&self, id: &TaskId) -> Result<Vec<TaskId>, StoreError>;
+
+    /// Tasks matching `filter` (open tasks first when no state is given), at most
+    /// `filter.limit`.
+    async fn list_tasks(&self, filter: &TaskFilter) -> Result<Vec<TaskRecord>, StoreError>;
+
+    /// Appends an event to the revocation feed; blocks and lifts are also kept in the
+    /// standing list, which outlives the feed's retention.
+    async fn publish(&self, event: &FeedEvent, now: i64) -> Result<(), StoreError>;
+
+    /// Everything a replica needs to rebuild its revocation cache: the standing blocks and the
+    /// retained events, and the cursor to follow the feed from.
+    async fn feed_snapshot(&self, now: i64) -> Result<(Vec<FeedEvent>, FeedCursor), StoreError>;
+
+    /// Events after `after`, waiting up to `wait` for one to arrive.
+    async fn read_feed(
+        &self,
+        after: &FeedCursor,
+        wait: Duration,
+    ) -> Result<(Vec<FeedEvent>, FeedCursor), StoreError>;
+
+    /// Standing and lifted-but-still-cutting-off blocks.
+    async fn list_blocks(&self) -> Result<Vec<BlockRecord>, StoreError>;
+
+    /// Counts one event under `key` at `now` and returns how many fall in the sliding window
+    /// `(now - window, now]`. At most `cap` events are kept per key (a count above `cap` is
+    /// reported as `cap + 1`), so memory stays bounded however fast a caller goes. Counters
+    /// expire by themselves once their window has passed.
+    async fn hit(&self, key: &str, now: i64, window: Duration, cap: u64)
+    -> Result<u64, StoreError>;
+
+    /// Takes a named claim for `ttl` unless someone holds it; true when this caller got it.
+    async fn claim(&self, name: &str, ttl: Duration) -> Result<bool, StoreError>;
+
+    /// Sets a named flag for `ttl`.
+    async fn set_flag(&self, name: &str, ttl: Duration) -> Result<(), StoreError>;
+
+    /// True when the flag is set.
+    async fn flag(&self, name: &str) -> Result<bool, StoreError>;
+
+    /// Open tasks at `now` (Redis: tasks whose deadline has not passed, ended or not; an
+    /// upper bound that costs one command).
+    async fn count_open_tasks(&self, now: i64) -> Result<u64, StoreError>;
+}
