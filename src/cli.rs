@@ -1,0 +1,486 @@
+//! The `writ` command line.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+
+use crate::app::{Application, shutdown_signal};
+use crate::audit::Verification;
+use crate::config::Config;
+use crate::dev::{self, DevFiles};
+use crate::token::keys::{self, KeyAlg};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "writ",
+    version,
+    about = "Short-lived, task-scoped credential broker"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the broker.
+    Serve {
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// A self-contained broker for trying Writ (memory store, generated keys, dev trust domain).
+    Dev(DevArgs),
+    /// Configuration commands.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+    /// Policy commands.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
+    /// Signing key commands.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+    /// Client side of the token exchange.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+    /// Task commands.
+    Task {
+        #[command(subcommand)]
+        command: TaskCommand,
+    },
+    /// Emergency revocation (security teams).
+    Revoke(RevokeArgs),
+    /// List or lift standing revocations.
+    Revocations {
+        #[command(subcommand)]
+        command: RevocationsCommand,
+    },
+    /// List or lift quarantines (subjects a trip refused for a while).
+    Quarantines {
+        #[command(subcommand)]
+        command: RevocationsCommand,
+    },
+    /// Decision log commands.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+}
+
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct DevArgs {
+    #[command(subcommand)]
+    pub command: Option<DevCommand>,
+    /// Address to listen on.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8080")]
+    pub listen: String,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DevCommand {
+    /// Mint a JWT-SVID from the dev trust domain key (dev only).
+    Svid {
+        #[arg(long, value_name = "ID")]
+        spiffe_id: String,
+        #[arg(long, value_name = "A", default_value = dev::DEV_AUDIENCE)]
+        audience: String,
+        #[arg(long, value_name = "D", default_value = "1h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Load and validate a config, its keys, bundles and policies.
+    Check {
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// Check keys and values only: read no key, bundle or policy file and connect to no
+        /// store (for configs rendered away from their files, e.g. by the Helm chart).
+        #[arg(long)]
+        syntax_only: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PolicyCommand {
+    /// Validate Cedar policies against the Writ schema.
+    Check { dir: PathBuf },
+    /// Run policy test cases (request -> expected decision).
+    Test { dir: PathBuf, cases: PathBuf },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Write a new PKCS#8 PEM signing key.
+    Generate {
+        #[arg(long, value_enum)]
+        alg: KeyAlg,
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Exchange a workload identity token for a task token; prints the token response JSON.
+    Exchange {
+        #[arg(long, value_name = "URL")]
+        broker: String,
+        /// File holding the subject token, or `-` for standard input.
+        #[arg(long, value_name = "FILE|-")]
+        subject_token: String,
+        /// The subject token's type URI (default: JWT).
+        #[arg(long, value_name = "URI")]
+        subject_token_type: Option<String>,
+        #[arg(long, value_name = "S")]
+        scope: String,
+        #[arg(long, value_name = "A")]
+        audience: Vec<String>,
+        #[arg(long, value_name = "P")]
+        purpose: Option<String>,
+        #[arg(long, value_name = "D", value_parser = humantime::parse_duration)]
+        ttl: Option<Duration>,
+        /// Mint into an open task instead of opening a new one.
+        #[arg(long, value_name = "T")]
+        task_id: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TaskCommand {
+    /// End the task that the token belongs to; all its tokens are revoked.
+    End {
+        #[arg(long, value_name = "URL")]
+        broker: String,
+        /// File holding a token of the task, or `-` for standard input.
+        #[arg(long, value_name = "FILE|-")]
+        token: String,
+    },
+    /// List tasks (admin).
+    List {
+        #[arg(long, value_name = "URL")]
+        broker: String,
+        #[arg(long, value_name = "FILE|-")]
+        admin_token: String,
+        /// A subject, or a prefix ending in `/*`.
+        #[arg(long)]
+        subject: Option<String>,
+        /// open, ended or revoked.
+        #[arg(long)]
+        state: Option<String>,
+    },
+}
+
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("selector").required(true).args(["jti", "task", "subject", "issuer", "all"])))]
+pub struct RevokeArgs {
+    #[arg(long, value_name = "URL")]
+    pub broker: String,
+    #[arg(long, value_name = "FILE|-")]
+    pub admin_token: String,
+    #[arg(long, value_name = "J")]
+    pub jti: Option<String>,
+    #[arg(long, value_name = "T")]
+    pub task: Option<String>,
+    /// A subject, or a prefix ending in `/*`.
+    #[arg(long, value_name = "PATTERN")]
+    pub subject: Option<String>,
+    /// A trust domain or an OIDC issuer.
+    #[arg(long, value_name = "I")]
+    pub issuer: Option<String>,
+    /// Every token and every exchange (the kill switch).
+    #[arg(long)]
+    pub all: bool,
+    #[arg(long, value_name = "R")]
+    pub reason: String,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RevocationsCommand {
+    /// List standing (and recently lifted) revocations.
+    List {
+        #[arg(long, value_name = "URL")]
+        broker: String,
+        #[arg(long, value_name = "FILE|-")]
+        admin_token: String,
+    },
+    /// Lift a standing revocation: new exchanges are allowed again.
+    Lift {
+        id: String,
+        #[arg(long, value_name = "URL")]
+        broker: String,
+        #[arg(long, value_name = "FILE|-")]
+        admin_token: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Verify the decision log's hash chain; report the first broken record.
+    Verify { file: PathBuf },
+}
+
+/// Runs a parsed command. Errors are printed by the caller, with a non-zero exit.
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve { config } => {
+            let config = Config::load(&config)?;
+            let app = Application::build(config).await?;
+            tracing::info!(addr = %app.local_addr(), "writ listening");
+            app.run_until(shutdown_signal()).await
+        }
+        Command::Dev(args) => match args.command {
+            Some(DevCommand::Svid {
+                spiffe_id,
+                audience,
+                ttl,
+            }) => {
+                let files = DevFiles::new(dev::DEV_DIR);
+                println!("{}", dev::mint_svid(&files, &spiffe_id, &audience, ttl)?);
+                Ok(())
+            }
+            None => run_dev(&args.listen).await,
+        },
+        Command::Config {
+            command:
+                ConfigCommand::Check {
+                    config,
+                    syntax_only,
+                },
+        } => {
+            let cfg = Config::load(&config)?;
+            if syntax_only {
+                println!("config ok (keys and values; files and store not checked)");
+                return Ok(());
+            }
+            let broker = crate::broker::Broker::build(cfg).await?;
+            println!(
+                "config ok: {} signing key(s), policy version {}",
+                broker.tokens.keys().all().len(),
+                broker.policy.current().version()
+            );
+            Ok(())
+        }
+        Command::Policy { command } => match command {
+            PolicyCommand::Check { dir } => {
+                let set = crate::policy::PolicySet::load_dir(&dir)?;
+                println!(
+                    "{} policies ok, version {}",
+                    set.policy_count(),
+                    set.version()
+                );
+                Ok(())
+            }
+            PolicyCommand::Test { dir, cases } => {
+                let set = crate::policy::PolicySet::load_dir(&dir)?;
+                let report = crate::policy::run_cases(&set, &cases)?;
+                for f in &report.failures {
+                    println!("FAIL {f}");
+                }
+                println!(
+                    "{} passed, {} failed",
+                    report.passed,
+                    report.total - report.passed
+                );
+                if report.passed != report.total {
+                    anyhow::bail!(
+                        "{} policy test case(s) failed",
+                        report.total - report.passed
+                    );
+                }
+                Ok(())
+            }
+        },
+        Command::Keys {
+            command: KeysCommand::Generate { alg, out },
+        } => {
+            keys::generate_file(alg, &out)?;
+            let key = keys::SigningKey::load(&out)?;
+            println!(
+                "wrote {} key {} (kid {})",
+                alg.name(),
+                out.display(),
+                key.kid
+            );
+            Ok(())
+        }
+        Command::Token {
+            command:
+                TokenCommand::Exchange {
+                    broker,
+                    subject_token,
+                    subject_token_type,
+                    scope,
+                    audience,
+                    purpose,
+                    ttl,
+                    task_id,
+                },
+        } => {
+            let token = crate::client::read_secret(&subject_token)
+                .with_context(|| format!("reading the subject token from `{subject_token}`"))?;
+            let client = crate::client::Client::new(&broker)?;
+            let resp = client
+                .exchange(&crate::client::ExchangeParams {
+                    subject_token: token,
+                    subject_token_type,
+                    scope,
+                    audience,
+                    purpose,
+                    ttl,
+                    task_id,
+                })
+                .await?;
+            println!("{}", serde_json::to_string_pretty(&resp)?);
+            Ok(())
+        }
+        Command::Task { command } => {
+            let out = match command {
+                TaskCommand::End { broker, token } => {
+                    let token = secret(&token)?;
+                    crate::client::Client::new(&broker)?
+                        .end_task(&token)
+                        .await?
+                }
+                TaskCommand::List {
+                    broker,
+                    admin_token,
+                    subject,
+                    state,
+                } => {
+                    let admin = secret(&admin_token)?;
+                    crate::client::Client::new(&broker)?
+                        .list_tasks(&admin, subject.as_deref(), state.as_deref())
+                        .await?
+                }
+            };
+            println!("{}", serde_json::to_string_pretty(&out)?);
+            Ok(())
+        }
+        Command::Revoke(args) => {
+            let admin = secret(&args.admin_token)?;
+            let selector = if let Some(j) = args.jti {
+                serde_json::json!({"jti": j})
+            } else if let Some(t) = args.task {
+                serde_json::json!({"task_id": t})
+            } else if let Some(s) = args.subject {
+                serde_json::json!({"subject": s})
+            } else if let Some(i) = args.issuer {
+                serde_json::json!({"issuer": i})
+            } else {
+                serde_json::json!({"all": true})
+            };
+            let out = crate::client::Client::new(&args.broker)?
+                .revoke(&admin, selector, &args.reason)
+                .await?;
+            println!("{}", serde_json::to_string_pretty(&out)?);
+            Ok(())
+        }
+        Command::Revocations { command } => {
+            let out = match command {
+                RevocationsCommand::List {
+                    broker,
+                    admin_token,
+                } => {
+                    let admin = secret(&admin_token)?;
+                    crate::client::Client::new(&broker)?
+                        .list_revocations(&admin)
+                        .await?
+                }
+                RevocationsCommand::Lift {
+                    id,
+                    broker,
+                    admin_token,
+                } => {
+                    let admin = secret(&admin_token)?;
+                    crate::client::Client::new(&broker)?
+                        .lift_revocation(&admin, &id)
+                        .await?
+                }
+            };
+            println!("{}", serde_json::to_string_pretty(&out)?);
+            Ok(())
+        }
+        Command::Quarantines { command } => {
+            let out = match command {
+                RevocationsCommand::List {
+                    broker,
+                    admin_token,
+                } => {
+                    let admin = secret(&admin_token)?;
+                    crate::client::Client::new(&broker)?
+                        .list_quarantines(&admin)
+                        .await?
+                }
+                RevocationsCommand::Lift {
+                    id,
+                    broker,
+                    admin_token,
+                } => {
+                    let admin = secret(&admin_token)?;
+                    crate::client::Client::new(&broker)?
+                        .lift_quarantine(&admin, &id)
+                        .await?
+                }
+            };
+            println!("{}", serde_json::to_string_pretty(&out)?);
+            Ok(())
+        }
+        Command::Audit {
+            command: AuditCommand::Verify { file },
+        } => {
+            match crate::audit::verify_file(&file)
+                .with_context(|| format!("reading `{}`", file.display()))?
+            {
+                Verification::Intact { records } => {
+                    println!("ok: {records} records, chain intact");
+                    Ok(())
+                }
+                Verification::Broken { line, reason } => {
+                    anyhow::bail!("broken at line {line}: {reason}")
+                }
+            }
+        }
+    }
+}
+
+fn secret(source: &str) -> anyhow::Result<String> {
+    crate::client::read_secret(source).with_context(|| format!("reading a secret from `{source}`"))
+}
+
+async fn run_dev(listen: &str) -> anyhow::Result<()> {
+    let files = DevFiles::new(dev::DEV_DIR);
+    let admin = dev::prepare(&files, listen)?;
+    let config = Config::load(&files.config())?;
+    let app = Application::build(config).await?;
+    let base = format!("http://{}", app.local_addr());
+    let svid = dev::mint_svid(
+        &files,
+        dev::DEMO_SPIFFE_ID,
+        dev::DEV_AUDIENCE,
+        Duration::from_secs(3600),
+    )?;
+    keys::write_private(&files.demo_svid(), svid.as_bytes())?;
+    // A closed stdout (a reader that went away) must not take the broker down.
+    {
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "{}", dev::banner(&files, &base, &admin, &svid))
+            .and_then(|_| out.flush());
+    }
+    let broker: Arc<crate::broker::Broker> = app.broker();
+    let _ = broker;
+    app.run_until(shutdown_signal()).await
+}

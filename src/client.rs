@@ -1,0 +1,224 @@
+//! The HTTP client behind the CLI's client commands.
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::exchange::{GRANT_TYPE, TYPE_JWT};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot reach the broker: {0}")]
+    Transport(String),
+    #[error("the broker refused ({status}): {body}")]
+    Refused { status: u16, body: String },
+    #[error("the broker answered with something that is not JSON")]
+    NotJson,
+    #[error("the token is not a Writ task token (no `txn` claim)")]
+    NotATaskToken,
+}
+
+/// An error with its causes, for a person reading a terminal.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+pub struct Client {
+    base: String,
+    http: reqwest::Client,
+}
+
+/// What `writ token exchange` asks for.
+#[derive(Debug, Default, Clone)]
+pub struct ExchangeParams {
+    pub subject_token: String,
+    pub subject_token_type: Option<String>,
+    pub scope: String,
+    pub audience: Vec<String>,
+    pub purpose: Option<String>,
+    pub ttl: Option<Duration>,
+    pub task_id: Option<String>,
+}
+
+impl Client {
+    pub fn new(base: &str) -> Result<Self, ClientError> {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(15))
+            .build()
+            .map_err(|e| ClientError::Transport(e.to_string()))?;
+        Ok(Client {
+            base: base.trim_end_matches('/').to_string(),
+            http,
+        })
+    }
+
+    pub async fn exchange(&self, p: &ExchangeParams) -> Result<Value, ClientError> {
+        let mut form: Vec<(&str, String)> = vec![
+            ("grant_type", GRANT_TYPE.to_string()),
+            ("subject_token", p.subject_token.clone()),
+            (
+                "subject_token_type",
+                p.subject_token_type
+                    .clone()
+                    .unwrap_or_else(|| TYPE_JWT.to_string()),
+            ),
+            ("scope", p.scope.clone()),
+        ];
+        for a in &p.audience {
+            form.push(("audience", a.clone()));
+        }
+        if let Some(purpose) = &p.purpose {
+            form.push(("task_purpose", purpose.clone()));
+        }
+        if let Some(ttl) = p.ttl {
+            form.push(("expires_in", ttl.as_secs().to_string()));
+        }
+        if let Some(t) = &p.task_id {
+            form.push(("task_id", t.clone()));
+        }
+        let resp = self
+            .http
+            .post(format!("{}/oauth2/token", self.base))
+            .form(&form)
+            .send()
+            .await
+            .map_err(|e| ClientError::Transport(chain(&e)))?;
+        Self::json(resp).await
+    }
+
+    async fn send(&self, req: reqwest::RequestBuilder) -> Result<Value, ClientError> {
+        let resp = req
+            .send()
+            .await
+            .map_err(|e| ClientError::Transport(chain(&e)))?;
+        Self::json(resp).await
+    }
+
+    /// Ends the task a token belongs to (the token is the credential).
+    pub async fn end_task(&self, token: &str) -> Result<Value, ClientError> {
+        let task = task_of(token).ok_or(ClientError::NotATaskToken)?;
+        self.send(
+            self.http
+                .post(format!("{}/v1/tasks/{task}/end", self.base))
+                .bearer_auth(token),
+        )
+        .await
+    }
+
+    pub async fn list_tasks(
+        &self,
+        admin: &str,
+        subject: Option<&str>,
+        state: Option<&str>,
+    ) -> Result<Value, ClientError> {
+        let mut q: Vec<(&str, &str)> = Vec::new();
+        if let Some(s) = subject {
+            q.push(("subject", s));
+        }
+        if let Some(s) = state {
+            q.push(("state", s));
+        }
+        self.send(
+            self.http
+                .get(format!("{}/admin/v1/tasks", self.base))
+                .query(&q)
+                .bearer_auth(admin),
+        )
+        .await
+    }
+
+    pub async fn revoke(
+        &self,
+        admin: &str,
+        selector: Value,
+        reason: &str,
+    ) -> Result<Value, ClientError> {
+        let body = serde_json::json!({"selector": selector, "reason": reason});
+        self.send(
+            self.http
+                .post(format!("{}/admin/v1/revocations", self.base))
+                .json(&body)
+                .bearer_auth(admin),
+        )
+        .await
+    }
+
+    pub async fn list_revocations(&self, admin: &str) -> Result<Value, ClientError> {
+        self.send(
+            self.http
+                .get(format!("{}/admin/v1/revocations", self.base))
+                .bearer_auth(admin),
+        )
+        .await
+    }
+
+    pub async fn list_quarantines(&self, admin: &str) -> Result<Value, ClientError> {
+        self.send(
+            self.http
+                .get(format!("{}/admin/v1/quarantines", self.base))
+                .bearer_auth(admin),
+        )
+        .await
+    }
+
+    pub async fn lift_quarantine(&self, admin: &str, id: &str) -> Result<Value, ClientError> {
+        self.send(
+            self.http
+                .delete(format!("{}/admin/v1/quarantines/{id}", self.base))
+                .bearer_auth(admin),
+        )
+        .await
+    }
+
+    pub async fn lift_revocation(&self, admin: &str, id: &str) -> Result<Value, ClientError> {
+        self.send(
+            self.http
+                .delete(format!("{}/admin/v1/revocations/{id}", self.base))
+                .bearer_auth(admin),
+        )
+        .await
+    }
+
+    async fn json(resp: reqwest::Response) -> Result<Value, ClientError> {
+        let status = resp.status();
+        let text = resp
+            .text()
+            .await
+            .map_err(|e| ClientError::Transport(e.to_string()))?;
+        if !status.is_success() {
+            return Err(ClientError::Refused {
+                status: status.as_u16(),
+                body: text,
+            });
+        }
+        serde_json::from_str(&text).map_err(|_| ClientError::NotJson)
+    }
+}
+
+/// The task id (`txn`) of a task token, read without verifying it (the broker verifies).
+pub fn task_of(token: &str) -> Option<String> {
+    use base64::Engine;
+    let payload = token.split('.').nth(1)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload)
+        .ok()?;
+    let v: Value = serde_json::from_slice(&bytes).ok()?;
+    v.get("txn")?.as_str().map(str::to_string)
+}
+
+/// Reads a secret from a file or standard input (`-`), trimmed of surrounding white space.
+pub fn read_secret(source: &str) -> std::io::Result<String> {
+    let text = if source == "-" {
+        std::io::read_to_string(std::io::stdin())?
+    } else {
+        std::fs::read_to_string(source)?
+    };
+    Ok(text.trim().to_string())
+}

@@ -1,0 +1,284 @@
+//! The admin API for security teams: revocations and task listings.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::{ConnectInfo, Path, Query, State};
+use axum::http::{HeaderMap, header};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::error::no_store;
+use super::tasks::task_json;
+use crate::auth::Role;
+use crate::broker::Broker;
+use crate::domain::{MAX_PURPOSE_LEN, TaskId};
+use crate::error::{BrokerError, ErrorCode};
+use crate::revoke::Selector;
+use crate::store::{BlockSelector, TaskFilter, TaskState};
+
+fn authorization(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+}
+
+fn ok_json(v: Value) -> Response {
+    let mut resp = Json(v).into_response();
+    no_store(&mut resp);
+    resp
+}
+
+/// Parses `{"selector": {...}, "reason": R}` strictly.
+pub fn parse_revocation(body: &[u8]) -> Result<(Selector, String), BrokerError> {
+    let v: Value = serde_json::from_slice(body)
+        .map_err(|_| BrokerError::invalid_request("the body must be a JSON object"))?;
+    let obj = v
+        .as_object()
+        .ok_or_else(|| BrokerError::invalid_request("the body must be a JSON object"))?;
+    if let Some(k) = obj.keys().find(|k| *k != "selector" && *k != "reason") {
+        return Err(BrokerError::invalid_request(format!(
+            "unknown field `{}`",
+            k.chars().take(64).collect::<String>()
+        )));
+    }
+    let reason = obj
+        .get("reason")
+        .and_then(Value::as_str)
+        .map(str::trim)
+        .filter(|r| !r.is_empty())
+        .ok_or_else(|| {
+            BrokerError::invalid_request("`reason` is required and must not be empty")
+        })?;
+    if reason.len() > MAX_PURPOSE_LEN {
+        return Err(BrokerError::invalid_request(
+            "`reason` is longer than 1024 bytes",
+        ));
+    }
+    let sel = obj
+        .get("selector")
+        .and_then(Value::as_object)
+        .ok_or_else(|| {
+            BrokerError::invalid_request("`selector` is required and must be an object")
+        })?;
+    if sel.len() != 1 {
+        return Err(BrokerError::invalid_request(
+            "`selector` must have exactly one of `jti`, `task_id`, `subject`, `issuer`, `all`",
+        ));
+    }
+    let (kind, value) = sel
+        .iter()
+        .next()
+        .ok_or_else(|| BrokerError::invalid_request("empty selector"))?;
+    let text = |what: &str| {
+        value
+            .as_str()
+            .filter(|s| !s.is_empty() && s.len() <= 2048)
+            .map(str::to_string)
+            .ok_or_else(|| {
+                BrokerError::invalid_request(format!(
+                    "`selector.{what}` must be a non-empty string"
+                ))
+            })
+    };
+    let selector =
+        match kind.as_str() {
+            "jti" => Selector::Jti(text("jti")?),
+            "task_id" => Selector::Task(TaskId::parse(&text("task_id")?).ok_or_else(|| {
+                BrokerError::invalid_request("`selector.task_id` is not a task id")
+            })?),
+            "subject" => {
+                let p = text("subject")?;
+                let base = p.strip_suffix("/*").unwrap_or(&p);
+                let ok = crate::domain::parse_spiffe_id(base).is_some()
+                    || (base.contains('#') && !base.ends_with('#'));
+                if !ok {
+                    return Err(BrokerError::invalid_request(
+                        "`selector.subject` must be a subject or a subject prefix ending in `/*`",
+                    ));
+                }
+                Selector::Block(BlockSelector::Subject(p))
+            }
+            "issuer" => Selector::Block(BlockSelector::Issuer(text("issuer")?)),
+            "all" => {
+                if value.as_bool() != Some(true) {
+                    return Err(BrokerError::invalid_request("`selector.all` must be true"));
+                }
+                Selector::Block(BlockSelector::All(true))
+            }
+            other => {
+                return Err(BrokerError::invalid_request(format!(
+                    "unknown selector `{}`",
+                    other.chars().take(64).collect::<String>()
+                )));
+            }
+        };
+    Ok((selector, reason.to_string()))
+}
+
+pub async fn create_revocation(
+    State(broker): State<Arc<Broker>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let ip = Some(peer.ip().to_string());
+    let result = async {
+        let caller = broker
+            .authorize(authorization(&headers), Role::Admin, ip.clone())
+            .await?;
+        let bytes = axum::body::to_bytes(body, super::oauth::MAX_BODY_BYTES)
+            .await
+            .map_err(|_| {
+                BrokerError::new(
+                    ErrorCode::PayloadTooLarge,
+                    "the body is larger than 65536 bytes",
+                )
+            })?;
+        let (selector, reason) = parse_revocation(&bytes)?;
+        broker
+            .admin_revoke(selector, &reason, &caller.name(), ip.clone())
+            .await
+    }
+    .await;
+    match result {
+        Ok(r) => ok_json(json!(r)),
+        Err(e) => e.into_response(),
+    }
+}
+
+pub async fn list_revocations(
+    State(broker): State<Arc<Broker>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Response {
+    let result = async {
+        broker
+            .authorize(
+                authorization(&headers),
+                Role::Admin,
+                Some(peer.ip().to_string()),
+            )
+            .await?;
+        broker
+            .store
+            .list_blocks()
+            .await
+            .map_err(|_| BrokerError::unavailable())
+    }
+    .await;
+    match result {
+        Ok(blocks) => ok_json(json!({"revocations": blocks
+            .into_iter()
+            .filter(|b| b.kind == crate::store::BlockKind::Revocation)
+            .collect::<Vec<_>>()})),
+        Err(e) => e.into_response(),
+    }
+}
+
+pub async fn list_quarantines(
+    State(broker): State<Arc<Broker>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Response {
+    let result = async {
+        broker
+            .authorize(
+                authorization(&headers),
+                Role::Admin,
+                Some(peer.ip().to_string()),
+            )
+            .await?;
+        broker
+            .store
+            .list_blocks()
+            .await
+            .map_err(|_| BrokerError::unavailable())
+    }
+    .await;
+    let now = broker.now();
+    match result {
+        Ok(blocks) => ok_json(json!({"quarantines": blocks
+            .into_iter()
+            .filter(|b| b.kind == crate::store::BlockKind::Quarantine && b.active_at(now))
+            .collect::<Vec<_>>()})),
+        Err(e) => e.into_response(),
+    }
+}
+
+pub async fn lift_revocation(
+    State(broker): State<Arc<Broker>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let ip = Some(peer.ip().to_string());
+    let result = async {
+        let caller = broker
+            .authorize(authorization(&headers), Role::Admin, ip.clone())
+            .await?;
+        broker.lift_revocation(&id, &caller.name(), ip).await
+    }
+    .await;
+    match result {
+        Ok(r) => ok_json(json!(r)),
+        Err(e) => e.into_response(),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskQuery {
+    subject: Option<String>,
+    state: Option<String>,
+    limit: Option<usize>,
+}
+
+pub async fn list_tasks(
+    State(broker): State<Arc<Broker>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    query: Result<Query<TaskQuery>, axum::extract::rejection::QueryRejection>,
+    headers: HeaderMap,
+) -> Response {
+    let result = async {
+        broker
+            .authorize(
+                authorization(&headers),
+                Role::Admin,
+                Some(peer.ip().to_string()),
+            )
+            .await?;
+        let Query(q) = query.map_err(|_| {
+            BrokerError::invalid_request("query parameters are `subject`, `state` and `limit`")
+        })?;
+        let state = match q.state.as_deref().filter(|s| !s.is_empty()) {
+            None => None,
+            Some("open") => Some(TaskState::Open),
+            Some("ended") => Some(TaskState::Ended),
+            Some("revoked") => Some(TaskState::Revoked),
+            Some(_) => {
+                return Err(BrokerError::invalid_request(
+                    "`state` is one of open, ended, revoked",
+                ));
+            }
+        };
+        let filter = TaskFilter {
+            subject: q.subject.filter(|s| !s.is_empty()),
+            state,
+            limit: q.limit.unwrap_or(100).clamp(1, 1000),
+        };
+        broker
+            .store
+            .list_tasks(&filter)
+            .await
+            .map_err(|_| BrokerError::unavailable())
+    }
+    .await;
+    match result {
+        Ok(tasks) => ok_json(json!({"tasks": tasks.iter().map(task_json).collect::<Vec<_>>()})),
+        Err(e) => e.into_response(),
+    }
+}

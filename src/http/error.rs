@@ -1,0 +1,35 @@
+//! Errors as OAuth JSON (RFC 6749 §5.2), with `Cache-Control: no-store`.
+
+use axum::Json;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use crate::error::BrokerError;
+
+impl IntoResponse for BrokerError {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.code.status()).unwrap_or(StatusCode::BAD_REQUEST);
+        let mut resp = (
+            status,
+            Json(json!({"error": self.code.as_str(), "error_description": self.description})),
+        )
+            .into_response();
+        no_store(&mut resp);
+        if status == StatusCode::UNAUTHORIZED {
+            resp.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer error=\"invalid_token\""),
+            );
+        }
+        resp
+    }
+}
+
+/// Marks a response as not cacheable (every response that carries or concerns a token).
+pub fn no_store(resp: &mut Response) {
+    resp.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp.headers_mut()
+        .insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
+}
