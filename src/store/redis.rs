@@ -1,0 +1,761 @@
+//! The Redis store: standalone or Cluster, behind the same contract as the memory store.
+//!
+//! Keys (prefix `writ:` by default). A task's keys share the hash tag `{<task id>}`, so they
+//! live on one cluster slot and the mint script can touch them atomically:
+//!
+//! | key | type | what |
+//! |---|---|---|
+//! | `writ:{tsk_…}:r` | string | what never changes of the record (compact JSON), a newline, then `<jti> <exp>;` per token, appended |
+//! | `writ:{tsk_…}:h` | hash | `o` (owner digest), `s` (state), `d` (deadline), `n` (tokens minted), `e` (ended at), `r` (end reason, cut to 60 bytes) |
+//! | `writ:{tsk_…}:children` | set | tasks delegated from it |
+//! | `writ:{idx}:tasks` | sorted set | task ids by deadline, for listings |
+//! | `writ:{feed}:stream` | stream | revocation events (`e` = JSON), trimmed by age |
+//! | `writ:{feed}:blocks` | hash | standing blocks by id |
+//!
+//! Every task key expires 15 minutes after the task's deadline (its tokens expire by the
+//! deadline), so memory stays bounded by live tasks. The mutable hash holds only short
+//! values so that Redis keeps it in its compact (listpack) encoding: about 0.9 KiB per open
+//! task in all (`scripts/bench.sh` measures it).
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use redis::aio::{
+    ConnectionLike, ConnectionManager, ConnectionManagerConfig, MultiplexedConnection,
+};
+use redis::cluster_async::ClusterConnection;
+use redis::{AsyncConnectionConfig, Cmd, Pipeline, RedisFuture, Script, Value};
+
+use super::{
+    BlockRecord, FeedCursor, FeedEvent, MintOutcome, Store, StoreError, TaskFilter, TaskRecord,
+    TaskState, TokenEntry,
+};
+use crate::domain::{Subject, TaskId};
+
+/// How long task keys outlive the task's deadline.
+pub const RETAIN_AFTER_DEADLINE: i64 = 15 * 60;
+const TIMEOUT: Duration = Duration::from_secs(2);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// One connection kind or the other.
+#[derive(Clone)]
+enum Conn {
+    Single(ConnectionManager),
+    Feed(MultiplexedConnection),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Feed(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        p: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(p, offset, count),
+            Conn::Feed(c) => c.req_packed_commands(p, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(p, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Feed(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+enum Target {
+    Single(redis::Client),
+    Cluster(Box<redis::cluster::ClusterClient>),
+}
+
+pub struct RedisStore {
+    conn: Conn,
+    target: Target,
+    /// The connection that blocks on XREAD: never shared with requests.
+    feed: tokio::sync::Mutex<Option<Conn>>,
+    prefix: String,
+    /// How long feed entries are kept: longer than any token or task lives.
+    horizon_secs: i64,
+    mint: Script,
+    close: Script,
+    lift: Script,
+    hit: Script,
+}
+
+impl std::fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("prefix", &self.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+fn unavailable(e: redis::RedisError) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+const MINT_LUA: &str = r"
+local f = redis.call('HMGET', KEYS[1], 'o', 's', 'd', 'n')
+if not f[1] then return 'not_found' end
+if f[1] ~= ARGV[1] then return 'not_owner' end
+if f[2] ~= 'open' or tonumber(ARGV[3]) >= tonumber(f[3]) then return 'closed' end
+if tonumber(f[4]) >= tonumber(ARGV[4]) then return 'over_budget' end
+redis.call('HINCRBY', KEYS[1], 'n', 1)
+redis.call('APPEND', KEYS[2], ARGV[2])
+return 'minted'
+";
+
+/// What never changes of a task, with short names: it is most of a task's memory.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Rec {
+    i: TaskId,
+    o: Subject,
+    p: String,
+    c: i64,
+    d: i64,
+    v: String,
+    sc: Vec<String>,
+    a: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pa: Option<TaskId>,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    dp: u32,
+    #[serde(default)]
+    so: String,
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    cl: std::collections::BTreeMap<String, String>,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+/// A short digest of the owner, compared by the mint script.
+fn owner_digest(owner: &Subject) -> String {
+    crate::domain::sha256_hex(owner.as_str().as_bytes())[..32].to_string()
+}
+
+/// Hash values stay short (compact encoding); the full reason is in the decision log.
+fn short(reason: &str) -> &str {
+    let mut end = reason.len().min(60);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    &reason[..end]
+}
+
+const HIT_LUA: &str = r"
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[2])
+local n = redis.call('ZCARD', KEYS[1])
+if n < tonumber(ARGV[3]) then
+  redis.call('ZADD', KEYS[1], ARGV[1], ARGV[4])
+  n = n + 1
+else
+  n = tonumber(ARGV[3]) + 1
+end
+redis.call('EXPIRE', KEYS[1], ARGV[5])
+return n
+";
+
+const CLOSE_LUA: &str = r"
+local state = redis.call('HGET', KEYS[1], 's')
+if not state then return 0 end
+if state == 'open' then
+  redis.call('HSET', KEYS[1], 's', ARGV[1], 'e', ARGV[2], 'r', ARGV[3])
+end
+return 1
+";
+
+const LIFT_LUA: &str = r"
+local raw = redis.call('HGET', KEYS[1], ARGV[1])
+if not raw then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('XADD', KEYS[2], 'MINID', '~', ARGV[4], '*', 'e', ARGV[3])
+return 1
+";
+
+impl RedisStore {
+    /// Connects to a standalone server (`url`) or a cluster (`nodes`).
+    pub async fn connect(
+        url: Option<&str>,
+        nodes: &[String],
+        key_prefix: Option<&str>,
+        horizon: Duration,
+    ) -> Result<Self, StoreError> {
+        let (conn, target) = if nodes.is_empty() {
+            let url = url.ok_or_else(|| StoreError::Unavailable("no Redis URL".into()))?;
+            let client = redis::Client::open(url).map_err(unavailable)?;
+            let config = ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(CONNECT_TIMEOUT))
+                .set_response_timeout(Some(TIMEOUT))
+                .set_number_of_retries(1)
+                .set_max_delay(Duration::from_millis(500));
+            // Lazy: a broker starts (not ready) while Redis is down, and connects when it can.
+            let manager = ConnectionManager::new_lazy_with_config(client.clone(), config)
+                .map_err(unavailable)?;
+            (Conn::Single(manager), Target::Single(client))
+        } else {
+            let client = redis::cluster::ClusterClientBuilder::new(nodes.to_vec())
+                .connection_timeout(CONNECT_TIMEOUT)
+                .response_timeout(TIMEOUT)
+                .retries(2)
+                .build()
+                .map_err(unavailable)?;
+            let conn = client.get_async_connection().await.map_err(unavailable)?;
+            (Conn::Cluster(conn), Target::Cluster(Box::new(client)))
+        };
+        Ok(RedisStore {
+            conn,
+            target,
+            feed: tokio::sync::Mutex::new(None),
+            prefix: key_prefix.unwrap_or("writ:").to_string(),
+            horizon_secs: horizon.as_secs() as i64 + 60,
+            mint: Script::new(MINT_LUA),
+            close: Script::new(CLOSE_LUA),
+            lift: Script::new(LIFT_LUA),
+            hit: Script::new(HIT_LUA),
+        })
+    }
+
+    fn k_task(&self, id: &str) -> String {
+        format!("{}{{{id}}}:h", self.prefix)
+    }
+    /// The record and, after it, the token index.
+    fn k_tokens(&self, id: &str) -> String {
+        format!("{}{{{id}}}:r", self.prefix)
+    }
+    fn k_children(&self, id: &str) -> String {
+        format!("{}{{{id}}}:children", self.prefix)
+    }
+    fn k_index(&self) -> String {
+        format!("{}{{idx}}:tasks", self.prefix)
+    }
+    fn k_stream(&self) -> String {
+        format!("{}{{feed}}:stream", self.prefix)
+    }
+    fn k_blocks(&self) -> String {
+        format!("{}{{feed}}:blocks", self.prefix)
+    }
+
+    fn conn(&self) -> Conn {
+        self.conn.clone()
+    }
+
+    async fn feed_conn(&self) -> Result<Conn, StoreError> {
+        let mut slot = self.feed.lock().await;
+        if let Some(c) = slot.as_ref() {
+            return Ok(c.clone());
+        }
+        // Blocking reads need a response timeout longer than the block.
+        let c = match &self.target {
+            Target::Single(client) => {
+                let cfg = AsyncConnectionConfig::new()
+                    .set_connection_timeout(Some(CONNECT_TIMEOUT))
+                    .set_response_timeout(Some(TIMEOUT));
+                Conn::Feed(
+                    client
+                        .get_multiplexed_async_connection_with_config(&cfg)
+                        .await
+                        .map_err(unavailable)?,
+                )
+            }
+            Target::Cluster(client) => {
+                Conn::Cluster(client.get_async_connection().await.map_err(unavailable)?)
+            }
+        };
+        *slot = Some(c.clone());
+        Ok(c)
+    }
+
+    fn min_stream_id(&self, now: i64) -> String {
+        format!("{}-0", (now - self.horizon_secs).max(0) * 1000)
+    }
+
+    fn record_from(
+        &self,
+        rec: Option<String>,
+        fields: HashMap<String, String>,
+    ) -> Result<Option<TaskRecord>, StoreError> {
+        let (Some(rec), false) = (rec, fields.is_empty()) else {
+            return Ok(None);
+        };
+        let r: Rec = serde_json::from_str(&rec)
+            .map_err(|e| StoreError::Corrupt(format!("task record: {e}")))?;
+        let mut task = TaskRecord {
+            id: r.i,
+            issuer: crate::revoke::issuer_of(r.o.as_str()).to_string(),
+            owner: r.o,
+            purpose: r.p,
+            created_at: r.c,
+            deadline: r.d,
+            state: TaskState::Open,
+            ended_at: None,
+            end_reason: None,
+            policy_version: r.v,
+            scopes: r.sc,
+            audience: r.a,
+            tokens_issued: 1,
+            parent: r.pa,
+            depth: r.dp,
+            source: r.so,
+            claims: r.cl,
+        };
+        task.state = match fields.get("s").map(String::as_str) {
+            Some("open") | None => TaskState::Open,
+            Some("ended") => TaskState::Ended,
+            Some("revoked") => TaskState::Revoked,
+            Some(other) => return Err(StoreError::Corrupt(format!("task state `{other}`"))),
+        };
+        if let Some(n) = fields.get("n").and_then(|n| n.parse().ok()) {
+            task.tokens_issued = n;
+        }
+        task.ended_at = fields.get("e").and_then(|v| v.parse().ok());
+        task.end_reason = fields.get("r").cloned();
+        Ok(Some(task))
+    }
+}
+
+fn parse_event(id: &redis::streams::StreamId) -> Option<FeedEvent> {
+    let raw: String = id.get("e")?;
+    serde_json::from_str(&raw).ok()
+}
+
+#[async_trait]
+impl Store for RedisStore {
+    async fn ping(&self) -> Result<(), StoreError> {
+        let _: String = redis::cmd("PING")
+            .query_async(&mut self.conn())
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn create_task(&self, task: &TaskRecord, first: &TokenEntry) -> Result<(), StoreError> {
+        let id = task.id.as_str();
+        let ttl = (task.deadline - task.created_at + RETAIN_AFTER_DEADLINE).max(60);
+        let rec = serde_json::to_string(&Rec {
+            i: task.id.clone(),
+            o: task.owner.clone(),
+            p: task.purpose.clone(),
+            c: task.created_at,
+            d: task.deadline,
+            v: task.policy_version.clone(),
+            sc: task.scopes.clone(),
+            a: task.audience.clone(),
+            pa: task.parent.clone(),
+            dp: task.depth,
+            so: task.source.clone(),
+            cl: task.claims.clone(),
+        })
+        .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let mut p = redis::pipe();
+        p.atomic()
+            .cmd("SET")
+            .arg(self.k_tokens(id))
+            .arg(format!("{rec}\n{} {};", first.jti, first.exp))
+            .arg("EX")
+            .arg(ttl)
+            .ignore()
+            .hset_multiple(
+                self.k_task(id),
+                &[
+                    ("o", owner_digest(&task.owner).as_str()),
+                    ("s", "open"),
+                    ("d", &task.deadline.to_string()),
+                    ("n", "1"),
+                ],
+            )
+            .ignore()
+            .expire(self.k_task(id), ttl)
+            .ignore();
+        let mut conn = self.conn();
+        p.query_async::<()>(&mut conn).await.map_err(unavailable)?;
+        // The listing index lives on another slot: not part of the atomic write.
+        let mut idx = redis::pipe();
+        idx.zadd(self.k_index(), id, task.deadline).ignore();
+        if first.jti.as_bytes().first().is_some_and(|b| b % 64 == 0) {
+            idx.zrembyscore(
+                self.k_index(),
+                "-inf",
+                task.created_at - RETAIN_AFTER_DEADLINE,
+            )
+            .ignore();
+        }
+        idx.query_async::<()>(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        if let Some(parent) = &task.parent {
+            let mut c = redis::pipe();
+            c.sadd(self.k_children(parent.as_str()), id)
+                .ignore()
+                .expire(self.k_children(parent.as_str()), ttl)
+                .ignore();
+            c.query_async::<()>(&mut conn).await.map_err(unavailable)?;
+        }
+        Ok(())
+    }
+
+    async fn get_task(&self, id: &TaskId) -> Result<Option<TaskRecord>, StoreError> {
+        let mut p = redis::pipe();
+        p.get(self.k_tokens(id.as_str()))
+            .hgetall(self.k_task(id.as_str()));
+        let (rec, fields): (Option<String>, HashMap<String, String>) =
+            p.query_async(&mut self.conn()).await.map_err(unavailable)?;
+        let rec = rec.map(|r| {
+            r.split_once('\n')
+                .map_or(r.clone(), |(json, _)| json.to_string())
+        });
+        self.record_from(rec, fields)
+    }
+
+    async fn mint_into_task(
+        &self,
+        id: &TaskId,
+        owner: &Subject,
+        token: &TokenEntry,
+        max_tokens: u32,
+        now: i64,
+    ) -> Result<MintOutcome, StoreError> {
+        let status: String = self
+            .mint
+            .key(self.k_task(id.as_str()))
+            .key(self.k_tokens(id.as_str()))
+            .arg(owner_digest(owner))
+            .arg(format!("{} {};", token.jti, token.exp))
+            .arg(now)
+            .arg(max_tokens)
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(unavailable)?;
+        let task = || async {
+            self.get_task(id)
+                .await?
+                .ok_or_else(|| StoreError::Corrupt("task vanished while minting".into()))
+        };
+        Ok(match status.as_str() {
+            "not_found" => MintOutcome::NotFound,
+            "not_owner" => MintOutcome::NotOwner,
+            "closed" => MintOutcome::Closed(task().await?),
+            "over_budget" => MintOutcome::OverBudget(task().await?),
+            "minted" => MintOutcome::Minted(task().await?),
+            other => return Err(StoreError::Corrupt(format!("mint answered `{other}`"))),
+        })
+    }
+
+    async fn close_task(
+        &self,
+        id: &TaskId,
+        state: TaskState,
+        reason: &str,
+        now: i64,
+    ) -> Result<Option<TaskRecord>, StoreError> {
+        let found: i64 = self
+            .close
+            .key(self.k_task(id.as_str()))
+            .arg(state.as_str())
+            .arg(now)
+            .arg(short(reason))
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(unavailable)?;
+        if found == 0 {
+            return Ok(None);
+        }
+        self.get_task(id).await
+    }
+
+    async fn task_tokens(&self, id: &TaskId) -> Result<Vec<TokenEntry>, StoreError> {
+        let raw: Option<String> = redis::cmd("GET")
+            .arg(self.k_tokens(id.as_str()))
+            .query_async(&mut self.conn())
+            .await
+            .map_err(unavailable)?;
+        let raw = raw.unwrap_or_default();
+        let tokens = raw.split_once('\n').map_or("", |(_, t)| t);
+        Ok(tokens
+            .split(';')
+            .filter_map(|r| {
+                let (jti, exp) = r.split_once(' ')?;
+                Some(TokenEntry {
+                    jti: jti.to_string(),
+                    exp: exp.parse().ok()?,
+                })
+            })
+            .collect())
+    }
+
+    async fn task_children(&self, id: &TaskId) -> Result<Vec<TaskId>, StoreError> {
+        let raw: Vec<String> = redis::cmd("SMEMBERS")
+            .arg(self.k_children(id.as_str()))
+            .query_async(&mut self.conn())
+            .await
+            .map_err(unavailable)?;
+        Ok(raw.iter().filter_map(|s| TaskId::parse(s)).collect())
+    }
+
+    async fn list_tasks(&self, filter: &TaskFilter) -> Result<Vec<TaskRecord>, StoreError> {
+        const PAGE: isize = 500;
+        let mut out = Vec::new();
+        let mut start: isize = 0;
+        let mut conn = self.conn();
+        loop {
+            let ids: Vec<String> = redis::cmd("ZREVRANGE")
+                .arg(self.k_index())
+                .arg(start)
+                .arg(start + PAGE - 1)
+                .query_async(&mut conn)
+                .await
+                .map_err(unavailable)?;
+            if ids.is_empty() {
+                break;
+            }
+            let fetches = ids
+                .iter()
+                .filter_map(|s| TaskId::parse(s))
+                .map(|id| async move { self.get_task(&id).await });
+            for task in futures_util::future::join_all(fetches).await {
+                if let Some(t) = task?
+                    && filter.matches(&t)
+                {
+                    out.push(t);
+                }
+            }
+            if out.len() >= filter.limit {
+                break;
+            }
+            start += PAGE;
+        }
+        out.sort_by(|a, b| {
+            b.created_at
+                .cmp(&a.created_at)
+                .then_with(|| a.id.as_str().cmp(b.id.as_str()))
+        });
+        out.truncate(filter.limit);
+        Ok(out)
+    }
+
+    async fn publish(&self, event: &FeedEvent, now: i64) -> Result<(), StoreError> {
+        let json = serde_json::to_string(event).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let mut conn = self.conn();
+        match event {
+            FeedEvent::Lift { id, at } => {
+                let raw: Option<String> = redis::cmd("HGET")
+                    .arg(self.k_blocks())
+                    .arg(id)
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(unavailable)?;
+                let Some(raw) = raw else { return Ok(()) };
+                let mut record: BlockRecord =
+                    serde_json::from_str(&raw).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                record.lifted_at.get_or_insert(*at);
+                let updated = serde_json::to_string(&record)
+                    .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                let _: i64 = self
+                    .lift
+                    .key(self.k_blocks())
+                    .key(self.k_stream())
+                    .arg(id)
+                    .arg(updated)
+                    .arg(&json)
+                    .arg(self.min_stream_id(now))
+                    .invoke_async(&mut conn)
+                    .await
+                    .map_err(unavailable)?;
+            }
+            _ => {
+                let mut p = redis::pipe();
+                p.atomic();
+                if let FeedEvent::Block { record } = event {
+                    let rec = serde_json::to_string(record)
+                        .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                    p.hset(self.k_blocks(), &record.id, rec).ignore();
+                }
+                p.cmd("XADD")
+                    .arg(self.k_stream())
+                    .arg("MINID")
+                    .arg("~")
+                    .arg(self.min_stream_id(now))
+                    .arg("*")
+                    .arg("e")
+                    .arg(&json)
+                    .ignore();
+                p.query_async::<()>(&mut conn).await.map_err(unavailable)?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn feed_snapshot(&self, now: i64) -> Result<(Vec<FeedEvent>, FeedCursor), StoreError> {
+        let mut conn = self.conn();
+        let mut events: Vec<FeedEvent> = self
+            .list_blocks()
+            .await?
+            .into_iter()
+            .filter(|b| b.relevant_at(now))
+            .map(|record| FeedEvent::Block { record })
+            .collect();
+        let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+            .arg(self.k_stream())
+            .arg(self.min_stream_id(now))
+            .arg("+")
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        let cursor = reply
+            .ids
+            .last()
+            .map(|i| i.id.clone())
+            .unwrap_or_else(|| "0-0".to_string());
+        events.extend(
+            reply
+                .ids
+                .iter()
+                .filter_map(parse_event)
+                .filter(|e| e.until().is_none_or(|u| u >= now)),
+        );
+        Ok((events, FeedCursor(cursor)))
+    }
+
+    async fn read_feed(
+        &self,
+        after: &FeedCursor,
+        wait: Duration,
+    ) -> Result<(Vec<FeedEvent>, FeedCursor), StoreError> {
+        let mut conn = self.feed_conn().await?;
+        let from = if after.0.is_empty() {
+            "$".to_string()
+        } else {
+            after.0.clone()
+        };
+        let reply: Result<Option<redis::streams::StreamReadReply>, _> = redis::cmd("XREAD")
+            .arg("BLOCK")
+            .arg(wait.as_millis() as u64)
+            .arg("COUNT")
+            .arg(1000)
+            .arg("STREAMS")
+            .arg(self.k_stream())
+            .arg(&from)
+            .query_async(&mut conn)
+            .await;
+        let reply = match reply {
+            Ok(r) => r,
+            Err(e) => {
+                // Drop the blocking connection; the next read opens a new one.
+                *self.feed.lock().await = None;
+                return Err(unavailable(e));
+            }
+        };
+        let mut events = Vec::new();
+        let mut cursor = from;
+        if let Some(reply) = reply {
+            for key in reply.keys {
+                for id in key.ids {
+                    if let Some(e) = parse_event(&id) {
+                        events.push(e);
+                    }
+                    cursor = id.id;
+                }
+            }
+        }
+        Ok((events, FeedCursor(cursor)))
+    }
+
+    async fn hit(
+        &self,
+        key: &str,
+        now: i64,
+        window: Duration,
+        cap: u64,
+    ) -> Result<u64, StoreError> {
+        let member = format!("{now}:{}", &TaskId::generate().as_str()[4..]);
+        let count: u64 = self
+            .hit
+            .key(format!("{}{{c:{key}}}", self.prefix))
+            .arg(now)
+            .arg(now - window.as_secs() as i64)
+            .arg(cap)
+            .arg(member)
+            .arg(window.as_secs() + 1)
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(unavailable)?;
+        Ok(count)
+    }
+
+    async fn claim(&self, name: &str, ttl: Duration) -> Result<bool, StoreError> {
+        let got: Option<String> = redis::cmd("SET")
+            .arg(format!("{}{{f:{name}}}", self.prefix))
+            .arg("1")
+            .arg("NX")
+            .arg("PX")
+            .arg(ttl.as_millis() as u64)
+            .query_async(&mut self.conn())
+            .await
+            .map_err(unavailable)?;
+        Ok(got.is_some())
+    }
+
+    async fn set_flag(&self, name: &str, ttl: Duration) -> Result<(), StoreError> {
+        let _: () = redis::cmd("SET")
+            .arg(format!("{}{{f:{name}}}", self.prefix))
+            .arg("1")
+            .arg("PX")
+            .arg(ttl.as_millis() as u64)
+            .query_async(&mut self.conn())
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn count_open_tasks(&self, now: i64) -> Result<u64, StoreError> {
+        redis::cmd("ZCOUNT")
+            .arg(self.k_index())
+            .arg(format!("({now}"))
+            .arg("+inf")
+            .query_async(&mut self.conn())
+            .await
+            .map_err(unavailable)
+    }
+
+    async fn flag(&self, name: &str) -> Result<bool, StoreError> {
+        let n: i64 = redis::cmd("EXISTS")
+            .arg(format!("{}{{f:{name}}}", self.prefix))
+            .query_async(&mut self.conn())
+            .await
+            .map_err(unavailable)?;
+        Ok(n == 1)
+    }
+
+    async fn list_blocks(&self) -> Result<Vec<BlockRecord>, StoreError> {
+        let raw: HashMap<String, String> = redis::cmd("HGETALL")
+            .arg(self.k_blocks())
+            .query_async(&mut self.conn())
+            .await
+            .map_err(unavailable)?;
+        let mut out: Vec<BlockRecord> = raw
+            .values()
+            .filter_map(|v| serde_json::from_str(v).ok())
+            .collect();
+        out.sort_by(|a, b| {
+            a.created_at
+                .cmp(&b.created_at)
+                .then_with(|| a.id.cmp(&b.id))
+        });
+        Ok(out)
+    }
+}
