@@ -1,0 +1,321 @@
+//! Trips: rules that watch behaviour at runtime and revoke (SPEC §5.1). Counters are kept in
+//! the store, so every replica counts the same requests; quarantines travel on the
+//! revocation feed, so every replica refuses a quarantined subject at once.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::audit::{self, Event};
+use crate::broker::Broker;
+use crate::domain::{Subject, TaskId};
+use crate::error::{BrokerError, ErrorCode};
+use crate::exchange::principal_of_task;
+use crate::policy::{PolicyAction, PolicyContext};
+use crate::store::{BlockKind, BlockRecord, BlockSelector, FeedEvent, TaskFilter, TaskState};
+
+/// Rule names, as they appear in trip records and `writ_trips_total{rule}`.
+pub const DENIALS: &str = "denials";
+pub const EXCHANGE_RATE: &str = "exchange_rate";
+pub const MAX_SCOPES: &str = "max_scopes_per_task";
+pub const ESCALATION: &str = "escalation";
+pub const TASK_BUDGET: &str = "task_budget";
+pub const POLICY_CHANGED: &str = "policy_changed";
+
+/// What a re-evaluation did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Reevaluation {
+    pub evaluated: usize,
+    pub revoked: usize,
+    /// False when another replica did (or is doing) the work for this version.
+    pub ran_here: bool,
+}
+
+impl Broker {
+    /// Counts one exchange attempt of `subject`. Beyond `trips.exchange_rate` the request is
+    /// refused, and the first request beyond it trips the rule.
+    pub(crate) async fn count_exchange(
+        &self,
+        subject: &Subject,
+        source_ip: Option<&str>,
+    ) -> Result<(), BrokerError> {
+        let Some(rate) = self.config.trips.as_ref().and_then(|t| t.exchange_rate) else {
+            return Ok(());
+        };
+        let n = self
+            .store
+            .hit(
+                &format!("rate:{subject}"),
+                self.now(),
+                rate.window,
+                u64::from(rate.count) + 1,
+            )
+            .await
+            .map_err(|e| self.store_failed(e))?;
+        if n <= u64::from(rate.count) {
+            return Ok(());
+        }
+        if n == u64::from(rate.count) + 1 {
+            let evidence =
+                json!({"exchanges": n, "limit": rate.count, "window_secs": rate.window.as_secs()});
+            self.trip(EXCHANGE_RATE, Some(subject), evidence, true, source_ip)
+                .await?;
+        }
+        Err(BrokerError::new(
+            ErrorCode::InvalidGrant,
+            format!(
+                "more than {} exchanges within {}",
+                rate.count,
+                humantime::format_duration(rate.window)
+            ),
+        ))
+    }
+
+    /// Counts one policy denial of an authenticated subject; the `count`-th within the window
+    /// trips the rule: the subject's open tasks are revoked and it is quarantined.
+    pub(crate) async fn count_denial(
+        &self,
+        subject: &Subject,
+        evidence: Value,
+        source_ip: Option<&str>,
+    ) -> Result<(), BrokerError> {
+        let Some(d) = self.config.trips.as_ref().and_then(|t| t.denials) else {
+            return Ok(());
+        };
+        let n = self
+            .store
+            .hit(
+                &format!("denials:{subject}"),
+                self.now(),
+                d.window,
+                u64::from(d.count) + 1,
+            )
+            .await
+            .map_err(|e| self.store_failed(e))?;
+        if n == u64::from(d.count) {
+            let evidence = json!({"denials": n, "limit": d.count, "window_secs": d.window.as_secs(), "last": evidence});
+            self.trip(DENIALS, Some(subject), evidence, true, source_ip)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Fires a rule: revokes the subject's open tasks and quarantines it when `punish`, writes
+    /// the `trip` record and counts it.
+    pub(crate) async fn trip(
+        &self,
+        rule: &'static str,
+        subject: Option<&Subject>,
+        evidence: Value,
+        punish: bool,
+        source_ip: Option<&str>,
+    ) -> Result<(), BrokerError> {
+        let now = self.now();
+        let mut revoked_tasks = Vec::new();
+        let mut revoked_tokens = 0;
+        let mut quarantine = Value::Null;
+        if let (Some(subject), true) = (subject, punish) {
+            let open = self
+                .store
+                .list_tasks(&TaskFilter {
+                    subject: Some(subject.to_string()),
+                    state: Some(TaskState::Open),
+                    limit: usize::MAX,
+                })
+                .await
+                .map_err(|e| self.store_failed(e))?;
+            for task in open.iter().filter(|t| &t.owner == subject) {
+                let (closed, tokens) = self
+                    .close_task_tree(&task.id, TaskState::Revoked, &format!("trip:{rule}"))
+                    .await?;
+                revoked_tasks.extend(closed.into_iter().map(|t| t.id.to_string()));
+                revoked_tokens += tokens;
+            }
+            if let Some(q) = self.config.trips.as_ref().and_then(|t| t.quarantine) {
+                let record = BlockRecord {
+                    id: format!("qtn_{}", &TaskId::generate().as_str()[4..]),
+                    selector: BlockSelector::Subject(subject.to_string()),
+                    reason: format!("trip:{rule}"),
+                    actor: "writ".into(),
+                    created_at: now,
+                    until: now + self.limits.max_ttl as i64,
+                    lifted_at: None,
+                    kind: BlockKind::Quarantine,
+                    expires_at: Some(now + q.as_secs() as i64),
+                };
+                quarantine = json!({"id": record.id, "until": now + q.as_secs() as i64});
+                self.publish(&FeedEvent::Block { record }, now).await?;
+            }
+        }
+        self.metrics.inc("writ_trips_total", &[("rule", rule)]);
+        tracing::warn!(rule, subject = subject.map(|s| s.as_str()), "trip");
+        self.append(
+            Event::Trip,
+            audit::Entry {
+                decision: Some("deny"),
+                subject: subject.map(|s| s.to_string()),
+                reason: format!("trip: {rule}"),
+                source_ip: source_ip.map(str::to_string),
+                detail: Some(json!({
+                    "rule": rule,
+                    "evidence": evidence,
+                    "revoked_tasks": revoked_tasks,
+                    "revoked_tokens": revoked_tokens,
+                    "quarantine": quarantine,
+                })),
+                ..audit::Entry::default()
+            },
+        )?;
+        Ok(())
+    }
+
+    /// Decides every open task again under the policy set in force; tasks whose granted
+    /// scopes are no longer all permitted are revoked with reason `policy_changed`. With a
+    /// shared store one replica does the work per version: the others wait for it, and take
+    /// over if it dies before finishing (its claim expires).
+    pub async fn reevaluate_open_tasks(
+        &self,
+        old_version: &str,
+    ) -> Result<Reevaluation, BrokerError> {
+        let set = self.policy.current();
+        let new_version = set.version().to_string();
+        let done = format!("reeval-done:{new_version}");
+        for _ in 0..120 {
+            if self
+                .store
+                .flag(&done)
+                .await
+                .map_err(|e| self.store_failed(e))?
+            {
+                return Ok(Reevaluation::default());
+            }
+            if self
+                .store
+                .claim(&format!("reeval:{new_version}"), Duration::from_secs(30))
+                .await
+                .map_err(|e| self.store_failed(e))?
+            {
+                let report = self.reevaluate_here(old_version, &new_version).await?;
+                self.store
+                    .set_flag(&done, Duration::from_secs(24 * 3600))
+                    .await
+                    .map_err(|e| self.store_failed(e))?;
+                return Ok(report);
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        Err(BrokerError::unavailable())
+    }
+
+    async fn reevaluate_here(
+        &self,
+        old_version: &str,
+        new_version: &str,
+    ) -> Result<Reevaluation, BrokerError> {
+        let set = self.policy.current();
+        let now = self.now();
+        let open = self
+            .store
+            .list_tasks(&TaskFilter {
+                subject: None,
+                state: Some(TaskState::Open),
+                limit: usize::MAX,
+            })
+            .await
+            .map_err(|e| self.store_failed(e))?;
+        let mut report = Reevaluation {
+            ran_here: true,
+            ..Reevaluation::default()
+        };
+        // Decide every task first (CPU only), then revoke the losers concurrently: each
+        // revocation is a few store round trips.
+        let mut losers: Vec<(crate::store::TaskRecord, Vec<String>)> = Vec::new();
+        for task in open
+            .iter()
+            .filter(|t| t.is_open_at(now) && t.policy_version != new_version)
+        {
+            report.evaluated += 1;
+            let action = if task.depth > 0 {
+                PolicyAction::Delegate
+            } else {
+                PolicyAction::Exchange
+            };
+            let ctx = PolicyContext {
+                audience: task.audience.clone(),
+                purpose: task.purpose.clone(),
+                ttl: self.limits.default_ttl,
+                source: if task.source.is_empty() {
+                    "jwt-svid".into()
+                } else {
+                    task.source.clone()
+                },
+                depth: task.depth,
+                now,
+            };
+            let denied: Vec<String> = set
+                .decide_all(&principal_of_task(task), action, &task.scopes, &ctx)
+                .into_iter()
+                .filter(|d| !d.allowed || d.approval_required)
+                .map(|d| d.scope)
+                .collect();
+            if !denied.is_empty() {
+                losers.push((task.clone(), denied));
+            }
+        }
+        use futures_util::StreamExt;
+        let mut pending = losers.into_iter();
+        let mut results = futures_util::stream::FuturesUnordered::new();
+        let revoke = |task: crate::store::TaskRecord, denied: Vec<String>| {
+            Box::pin(async move {
+                let r = self
+                    .close_task_tree(&task.id, TaskState::Revoked, POLICY_CHANGED)
+                    .await;
+                (task, denied, r)
+            })
+        };
+        for (task, denied) in pending.by_ref().take(32) {
+            results.push(revoke(task, denied));
+        }
+        while let Some((task, denied, r)) = results.next().await {
+            if let Some((t, d)) = pending.next() {
+                results.push(revoke(t, d));
+            }
+            let (closed, tokens) = r?;
+            if closed.is_empty() {
+                continue;
+            }
+            report.revoked += 1;
+            self.metrics
+                .inc("writ_trips_total", &[("rule", POLICY_CHANGED)]);
+            self.append(
+                Event::Trip,
+                audit::Entry {
+                    decision: Some("deny"),
+                    subject: Some(task.owner.to_string()),
+                    task_id: Some(task.id.to_string()),
+                    scopes_requested: task.scopes.clone(),
+                    policy_version: Some(new_version.to_string()),
+                    reason: format!("trip: {POLICY_CHANGED}"),
+                    detail: Some(json!({
+                        "rule": POLICY_CHANGED,
+                        "evidence": {
+                            "granted_under": task.policy_version,
+                            "previous_version": old_version,
+                            "new_version": new_version,
+                            "denied_scopes": denied,
+                        },
+                        "revoked_tasks": closed.iter().map(|t| t.id.to_string()).collect::<Vec<_>>(),
+                        "revoked_tokens": tokens,
+                    })),
+                    ..audit::Entry::default()
+                },
+            )?;
+        }
+        tracing::info!(
+            evaluated = report.evaluated,
+            revoked = report.revoked,
+            "open tasks re-evaluated"
+        );
+        Ok(report)
+    }
+}
