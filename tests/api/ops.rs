@@ -1,0 +1,186 @@
+//! JWKS, metadata, health and readiness.
+
+use crate::helpers::*;
+
+#[tokio::test]
+async fn jwks_publishes_every_configured_key() {
+    let app = spawn_app().await;
+    let (s, jwks) = app.get("/oauth2/jwks").await;
+    assert_eq!(s, 200);
+    let keys = jwks["keys"].as_array().unwrap();
+    assert_eq!(keys.len(), 1);
+    assert_eq!(keys[0]["kty"], "EC");
+    assert_eq!(keys[0]["crv"], "P-256");
+    assert_eq!(keys[0]["use"], "sig");
+    assert!(
+        keys[0].get("d").is_none(),
+        "private part must never be published"
+    );
+}
+
+#[tokio::test]
+async fn metadata_follows_rfc8414() {
+    let app = spawn_app().await;
+    let (s, m) = app.get("/.well-known/oauth-authorization-server").await;
+    assert_eq!(s, 200);
+    assert_eq!(m["issuer"], "https://writ.test");
+    assert_eq!(m["token_endpoint"], "https://writ.test/oauth2/token");
+    assert_eq!(m["jwks_uri"], "https://writ.test/oauth2/jwks");
+    assert_eq!(m["grant_types_supported"][0], GRANT);
+}
+
+#[tokio::test]
+async fn health_and_readiness() {
+    let app = spawn_app().await;
+    let (s, _) = app.get("/healthz").await;
+    assert_eq!(s, 200);
+    let (s, r) = app.get("/readyz").await;
+    assert_eq!(s, 200);
+    assert_eq!(r["checks"]["store"], "ok");
+    assert_eq!(
+        r["checks"]["policy_version"],
+        app.broker.policy.current().version()
+    );
+}
+
+#[tokio::test]
+async fn metrics_count_outcomes_and_report_state() {
+    let app = spawn_app().await;
+    let (token, _) = app.task_token(AGENT, "repo:read").await;
+    app.expect_error(&app.svid(AGENT), "repo:admin", &[], 400, "invalid_scope")
+        .await;
+    app.introspect(&token).await;
+    app.introspect("garbage").await;
+    let form = Some((
+        "application/x-www-form-urlencoded",
+        format!("token={token}"),
+    ));
+    app.call(reqwest::Method::POST, "/oauth2/revoke", None, form)
+        .await;
+    let text = app
+        .http
+        .get(format!("{}/metrics", app.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for line in [
+        "writ_exchanges_total{outcome=\"issued\"} 1",
+        "writ_exchanges_total{outcome=\"invalid_scope\"} 1",
+        "writ_introspections_total{outcome=\"active\"} 1",
+        "writ_introspections_total{outcome=\"inactive\"} 1",
+        "writ_revocations_total{kind=\"token\"} 1",
+        "writ_open_tasks 1",
+        "writ_revocation_feed_fresh 1",
+        "writ_http_requests_total{route=\"/oauth2/token\",status=\"200\"} 1",
+        "# TYPE writ_http_request_duration_seconds histogram",
+    ] {
+        assert!(text.contains(line), "missing `{line}` in:\n{text}");
+    }
+    let version = app.broker.policy.current().version().to_string();
+    assert!(text.contains(&format!(
+        "writ_policy_version_info{{version=\"{version}\"}} 1"
+    )));
+    let kid = app.broker.tokens.keys().active().kid.clone();
+    assert!(text.contains(&format!(
+        "writ_signing_key_info{{kid=\"{kid}\",alg=\"ES256\",active=\"true\"}} 1"
+    )));
+    assert!(!text.contains(&token), "no token in metrics");
+}
+
+#[tokio::test]
+async fn every_response_carries_a_request_id() {
+    let app = spawn_app().await;
+    let resp = app
+        .http
+        .get(format!("{}/healthz", app.base))
+        .send()
+        .await
+        .unwrap();
+    let made = resp.headers()["x-request-id"].to_str().unwrap().to_string();
+    assert!(!made.is_empty());
+    let resp = app
+        .http
+        .get(format!("{}/healthz", app.base))
+        .header("x-request-id", "abc-123")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.headers()["x-request-id"], "abc-123");
+    // A header that could forge log structure is replaced.
+    let resp = app
+        .http
+        .get(format!("{}/healthz", app.base))
+        .header("x-request-id", "a\"b{c}")
+        .send()
+        .await
+        .unwrap();
+    assert_ne!(resp.headers()["x-request-id"], "a\"b{c}");
+}
+
+#[tokio::test]
+async fn the_openapi_description_matches_the_routes_served() {
+    let app = spawn_app().await;
+    let (s, spec) = app.get("/openapi.json").await;
+    assert_eq!(s, 200);
+    assert_eq!(spec["openapi"], "3.1.0");
+    let mut described: Vec<(String, String)> = Vec::new();
+    for (path, ops) in spec["paths"].as_object().unwrap() {
+        for method in ops.as_object().unwrap().keys() {
+            described.push((method.to_uppercase(), path.clone()));
+        }
+    }
+    described.sort();
+    let mut routes: Vec<(String, String)> = writ::http::ROUTES
+        .iter()
+        .map(|(m, p)| (m.to_string(), p.to_string()))
+        .collect();
+    routes.sort();
+    assert_eq!(described, routes, "the description and the router disagree");
+    // Every described operation is served (no 404 or 405 for its method and path).
+    for (method, path) in &routes {
+        let url = format!(
+            "{}{}",
+            app.base,
+            path.replace("{task_id}", "tsk_AAAAAAAAAAAAAAAAAAAAAA")
+                .replace("{id}", "rev_x")
+        );
+        let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let status = app
+            .http
+            .request(m, &url)
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16();
+        assert!(
+            status != 405 && (status != 404 || path.contains('{')),
+            "{method} {path} -> {status}"
+        );
+    }
+    // Every error a handler can send is one of the described codes.
+    let codes: Vec<String> =
+        spec["components"]["schemas"]["OAuthError"]["properties"]["error"]["enum"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap().to_string())
+            .collect();
+    for code in [
+        "invalid_request",
+        "invalid_grant",
+        "invalid_scope",
+        "invalid_target",
+        "unsupported_grant_type",
+        "invalid_token",
+        "unsupported_token_type",
+        "access_denied",
+        "not_found",
+        "temporarily_unavailable",
+    ] {
+        assert!(codes.contains(&code.to_string()), "{code}");
+    }
+}

@@ -1,0 +1,222 @@
+"""Chart tests: render charts/writ with Helm's engine (helm-python-sdk), validate every
+manifest with kubernetes-validate --strict, scan with checkov, check that values.schema.json
+rejects bad values, and that the rendered writ.toml and policies pass Writ's own checks.
+
+Run by scripts/test.sh with the project's .venv. Prints `N passed, N failed`."""
+
+import copy
+import json
+import os
+import pathlib
+import re
+import subprocess
+import sys
+import tempfile
+
+import helm_python as helm
+import yaml
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+CHART = ROOT / "charts" / "writ"
+VENV_BIN = pathlib.Path(sys.executable).parent
+WRIT = os.environ.get("WRIT_BIN", str(ROOT / "target" / "debug" / "writ"))
+
+results = []
+
+
+def check(name):
+    def wrap(fn):
+        try:
+            fn()
+            results.append((name, None))
+            print(f"ok   {name}")
+        except Exception as e:  # noqa: BLE001 - report every failure and go on
+            results.append((name, e))
+            print(f"FAIL {name}: {type(e).__name__}: {e}")
+        return fn
+
+    return wrap
+
+
+def render(chart, values):
+    chart.validate_schema(values)
+    return chart.render(values, name="writ", namespace="writ", is_install=True)
+
+
+def manifests(rendered):
+    out = []
+    for path, text in rendered.items():
+        if not path.endswith(".yaml"):
+            continue
+        for doc in yaml.safe_load_all(text):
+            if doc:
+                out.append(doc)
+    return out
+
+
+def write_out(rendered, directory):
+    paths = []
+    for path, text in rendered.items():
+        if path.endswith(".yaml") and text.strip():
+            p = pathlib.Path(directory) / path.split("/")[-1]
+            p.write_text(text)
+            paths.append(str(p))
+    return paths
+
+
+def validate_strict(paths):
+    out = subprocess.run(
+        [str(VENV_BIN / "kubernetes-validate"), "--strict", *paths], capture_output=True, text=True
+    )
+    lines = (out.stdout + out.stderr).splitlines()
+    bad = [l for l in lines if l.startswith(("ERROR", "CRITICAL"))]
+    warn = [l for l in lines if l.startswith("WARN") and "ServiceMonitor" not in l]
+    assert out.returncode == 0 and not bad and not warn, "\n".join(lines)
+    assert any("passed" in l for l in lines), "\n".join(lines)
+
+
+def checkov(directory):
+    out = subprocess.run(
+        [str(VENV_BIN / "checkov"), "--framework", "kubernetes", "-d", directory, "--quiet", "--compact",
+         "--skip-download", "-o", "json"],
+        capture_output=True, text=True,
+    )
+    data = json.loads(out.stdout)
+    reports = data if isinstance(data, list) else [data]
+    failed = [c for r in reports for c in r.get("results", {}).get("failed_checks", [])]
+    assert not failed, [(c["check_id"], c["resource"]) for c in failed]
+    skipped = [c for r in reports for c in r.get("results", {}).get("skipped_checks", [])]
+    for s in skipped:
+        assert s.get("check_result", {}).get("suppress_comment"), f"skip without a reason: {s['check_id']}"
+
+
+def writ_checks(rendered):
+    cms = {d["metadata"]["name"]: d for d in manifests(rendered) if d["kind"] == "ConfigMap"}
+    toml = cms["writ-config"]["data"]["writ.toml"]
+    with tempfile.TemporaryDirectory() as d:
+        cfg = pathlib.Path(d) / "writ.toml"
+        cfg.write_text(toml)
+        out = subprocess.run([WRIT, "config", "check", "--syntax-only", "--config", str(cfg)], capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        pol = pathlib.Path(d) / "policies"
+        pol.mkdir()
+        for name, text in cms["writ-policies"]["data"].items():
+            (pol / name).write_text(text)
+        out = subprocess.run([WRIT, "policy", "check", str(pol)], capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+    return toml
+
+
+def deployment(rendered):
+    return next(d for d in manifests(rendered) if d["kind"] == "Deployment" and d["metadata"]["name"] == "writ")
+
+
+with helm.Chart.load(str(CHART)) as chart:
+    PROD = yaml.safe_load((CHART / "ci" / "production-values.yaml").read_text())
+
+    for label, values in [
+        ("default values", {}),
+        ("production values", PROD),
+        ("trial values with the single-node Redis", {"redis": {"url": "", "internal": {"enabled": True}}}),
+    ]:
+
+        @check(f"{label}: render, kubernetes-validate --strict, checkov, writ config/policy check")
+        def _(values=values):
+            rendered = render(chart, values)
+            with tempfile.TemporaryDirectory() as d:
+                validate_strict(write_out(rendered, d))
+                checkov(d)
+            writ_checks(rendered)
+
+    @check("default values: two hardened replicas with probes, limits and the PDB")
+    def _():
+        r = render(chart, {})
+        dep = deployment(r)
+        spec = dep["spec"]["template"]["spec"]
+        c = spec["containers"][0]
+        assert dep["spec"]["replicas"] == 2
+        assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
+        assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
+        sc = c["securityContext"]
+        assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False
+        assert sc["capabilities"]["drop"] == ["ALL"] and spec["securityContext"]["runAsNonRoot"] is True
+        assert c["resources"]["limits"]["memory"] and c["resources"]["requests"]["cpu"]
+        assert spec["automountServiceAccountToken"] is False
+        kinds = {d["kind"] for d in manifests(r)}
+        assert {"Deployment", "Service", "ConfigMap", "Secret", "PodDisruptionBudget", "NetworkPolicy", "ServiceAccount"} <= kinds
+        assert "HorizontalPodAutoscaler" not in kinds and "ServiceMonitor" not in kinds
+        toml = writ_checks(r)
+        assert 'backend = "redis"' in toml and 'url = "redis://redis:6379/0"' in toml
+
+    @check("production values: cluster store, HPA instead of replicas, ServiceMonitor, CSI, digest, bundles")
+    def _():
+        r = render(chart, PROD)
+        dep = deployment(r)
+        assert "replicas" not in dep["spec"]
+        c = dep["spec"]["template"]["spec"]["containers"][0]
+        assert c["image"].startswith("registry.example.org/platform/writ@sha256:")
+        toml = writ_checks(r)
+        assert 'backend = "redis-cluster"' in toml
+        assert 'signing_keys = ["/etc/writ/keys/writ-2.pem", "/etc/writ/keys/writ-1.pem"]' in toml
+        assert '[[oidc.issuers]]' in toml and 'bundle_file = "/etc/writ/bundles/platform.example.org.json"' in toml
+        kinds = {d["kind"] for d in manifests(r)}
+        assert {"HorizontalPodAutoscaler", "ServiceMonitor"} <= kinds
+        vols = {v["name"]: v for v in dep["spec"]["template"]["spec"]["volumes"]}
+        assert vols["spiffe-workload-api"]["csi"]["driver"] == "csi.spiffe.io"
+        assert vols["bundles"]["projected"]["sources"][0]["configMap"]["name"] == "spire-bundle-spiffe"
+        secrets = [d for d in manifests(r) if d["kind"] == "Secret"]
+        assert not secrets, "existing secrets are used, none created"
+
+    bad_values = {
+        "replicaCount 0": {"replicaCount": 0},
+        "image tag latest": {"image": {"repository": "writ", "tag": "latest", "pullPolicy": "Always"}},
+        "a duration that is not one": {"broker": {**copy.deepcopy(chart.values["broker"]), "tokens": {"defaultTtl": "five minutes", "maxTtl": "15m"}}},
+        "an unknown top-level key": {"replicas": 3},
+        "a store URL that is not redis": {"redis": {"url": "http://redis:6379", "internal": {"enabled": False}}},
+        "an admin digest that is not SHA-256": {"adminTokens": {"sha256": ["abc"]}},
+        "a policy file not ending in .cedar": {"policies": {"demo.txt": "permit (principal, action, resource);"}},
+        "an unknown Workload API mode": {"spiffe": {"workloadApi": {"mode": "socket"}}},
+        "an http OIDC issuer": {"oidc": {"issuers": [{"issuer": "http://issuer.example", "audience": "writ"}]}},
+        "a principal that is no subject": {"broker": {**copy.deepcopy(chart.values["broker"]), "adminPrincipals": ["root"]}},
+    }
+    for label, values in bad_values.items():
+
+        @check(f"values.schema.json rejects {label}")
+        def _(values=values):
+            try:
+                chart.validate_schema(values)
+            except helm.HelmError:
+                return
+            raise AssertionError("accepted")
+
+    @check("values.schema.json accepts good overrides (the rejections above are not vacuous)")
+    def _():
+        chart.validate_schema({"replicaCount": 3, "broker": {**copy.deepcopy(chart.values["broker"]), "adminPrincipals": ["spiffe://example.org/security/*"]}})
+
+    @check("a chart without a Redis or without signing keys fails with the value to set")
+    def _():
+        for values, needle in [
+            ({"redis": {"url": "", "internal": {"enabled": False}}}, "redis.url"),
+            ({"signingKeys": {"existingSecret": "", "files": ["writ-1.pem"]}}, "signingKeys.existingSecret"),
+        ]:
+            try:
+                chart.render(values, name="writ", namespace="writ")
+            except helm.HelmError as e:
+                assert needle in str(e), str(e)
+                continue
+            raise AssertionError(f"rendered without {needle}")
+
+    @check("the Dockerfile builds the chart's default image: non-root user 10001, writ entrypoint")
+    def _():
+        docker = (ROOT / "Dockerfile").read_text()
+        assert re.search(r"^USER 10001:10001$", docker, re.M)
+        assert 'ENTRYPOINT ["/usr/local/bin/writ"]' in docker
+        assert chart.values["image"]["repository"] == "writ"
+        assert chart.values["image"]["tag"] == yaml.safe_load((CHART / "Chart.yaml").read_text())["appVersion"]
+        dep = deployment(render(chart, {}))
+        c = dep["spec"]["template"]["spec"]["containers"][0]
+        assert c["securityContext"]["runAsUser"] == 10001 and c["args"][0] == "serve"
+
+failed = [r for r in results if r[1] is not None]
+print(f"{len(results) - len(failed)} passed, {len(failed)} failed")
+sys.exit(1 if failed else 0)

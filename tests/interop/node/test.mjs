@@ -1,0 +1,129 @@
+// Writ against independent JavaScript clients: oauth4webapi (discovery with the RFC 8414
+// issuer check, token exchange, introspection, revocation, and validateJwtAccessToken as an
+// RFC 9068 resource-server oracle) and jose (remote JWKS, jwtVerify with typ at+jwt).
+import { readFileSync } from 'node:fs'
+import * as oauth from 'oauth4webapi'
+import * as jose from 'jose'
+
+const BROKER = process.env.BROKER
+const WORK = process.env.WORK
+const KEY = await jose.importPKCS8(readFileSync(`${WORK}/td-key.pem`, 'utf8'), 'ES256')
+const KID = readFileSync(`${WORK}/td-kid`, 'utf8')
+const ADMIN = readFileSync(`${WORK}/admin-token`, 'utf8')
+const API = 'https://api.interop.test'
+const insecure = { [oauth.allowInsecureRequests]: true }
+// Writ's introspection callers authenticate with a bearer credential (an admin token or a
+// resource server's SVID): a ClientAuth that sets it.
+const bearer = (credential) => (_as, _client, _body, headers) => {
+  headers.set('authorization', `Bearer ${credential}`)
+}
+
+let passed = 0
+let failed = 0
+async function check(name, fn) {
+  try {
+    await fn()
+    passed++
+    console.log(`ok   node: ${name}`)
+  } catch (e) {
+    failed++
+    console.log(`FAIL node: ${name}: ${e?.name}: ${e?.message} ${e?.cause ? JSON.stringify(e.cause) : ''}`)
+  }
+}
+function assert(cond, msg) {
+  if (!cond) throw new Error(msg)
+}
+
+async function svid(sub) {
+  return new jose.SignJWT({ sub, aud: ['writ'] })
+    .setProtectedHeader({ alg: 'ES256', kid: KID, typ: 'JWT' })
+    .setIssuedAt()
+    .setExpirationTime('5m')
+    .sign(KEY)
+}
+
+const issuer = new URL(BROKER)
+let as
+const client = { client_id: 'interop-agent' }
+
+await check('discovery: RFC 8414 metadata whose issuer matches the URL', async () => {
+  const res = await oauth.discoveryRequest(issuer, { algorithm: 'oauth2', ...insecure })
+  as = await oauth.processDiscoveryResponse(issuer, res)
+  assert(as.token_endpoint === `${BROKER}/oauth2/token`, 'token_endpoint')
+  assert(as.jwks_uri && as.introspection_endpoint && as.revocation_endpoint, 'endpoints')
+})
+
+let token, taskId
+await check('token exchange with genericTokenEndpointRequest', async () => {
+  const res = await oauth.genericTokenEndpointRequest(as, client, oauth.None(),
+    'urn:ietf:params:oauth:grant-type:token-exchange', {
+      subject_token: await svid('spiffe://interop.test/agent/node'),
+      subject_token_type: 'urn:ietf:params:oauth:token-type:jwt',
+      scope: 'repo:read',
+      audience: API,
+    }, insecure)
+  const body = await oauth.processGenericTokenEndpointResponse(as, client, res)
+  assert(body.token_type === 'bearer', `token_type ${body.token_type}`)
+  assert(body.issued_token_type === 'urn:ietf:params:oauth:token-type:access_token', 'issued_token_type')
+  token = body.access_token
+  taskId = body.task_id
+})
+
+await check('validateJwtAccessToken accepts the task token (RFC 9068)', async () => {
+  const request = new Request(`${API}/repos`, { headers: { authorization: `Bearer ${token}` } })
+  const claims = await oauth.validateJwtAccessToken(as, request, API, insecure)
+  assert(claims.txn === taskId, 'txn')
+  assert(claims.client_id === 'spiffe://interop.test/agent/node', 'client_id')
+})
+
+await check('jose: createRemoteJWKSet + jwtVerify({typ: "at+jwt"})', async () => {
+  const JWKS = jose.createRemoteJWKSet(new URL(as.jwks_uri))
+  const { payload, protectedHeader } = await jose.jwtVerify(token, JWKS, { typ: 'at+jwt', issuer: BROKER, audience: API })
+  assert(protectedHeader.typ === 'at+jwt' && payload.scope === 'repo:read', 'claims')
+  let refused = false
+  try {
+    await jose.jwtVerify(token, JWKS, { typ: 'at+jwt', issuer: BROKER, audience: 'https://other.example' })
+  } catch {
+    refused = true
+  }
+  assert(refused, 'wrong audience accepted')
+})
+
+await check('introspection with a resource server SVID as credential: active', async () => {
+  const res = await oauth.introspectionRequest(as, client, bearer(await svid('spiffe://interop.test/resource/api')), token, insecure)
+  const body = await oauth.processIntrospectionResponse(as, client, res)
+  assert(body.active === true && body.txn === taskId && body.token_type === 'Bearer', JSON.stringify(body))
+})
+
+await check('introspection with the admin token: active', async () => {
+  const res = await oauth.introspectionRequest(as, client, bearer(ADMIN), token, insecure)
+  const body = await oauth.processIntrospectionResponse(as, client, res)
+  assert(body.active === true && body.txn === taskId, JSON.stringify(body))
+})
+
+await check('revocation (RFC 7009), then introspection answers exactly {active: false}', async () => {
+  const res = await oauth.revocationRequest(as, client, oauth.None(), token, insecure)
+  await oauth.processRevocationResponse(res)
+  const ires = await oauth.introspectionRequest(as, client, bearer(ADMIN), token, insecure)
+  const body = await oauth.processIntrospectionResponse(as, client, ires)
+  assert(body.active === false && Object.keys(body).length === 1, JSON.stringify(body))
+})
+
+await check('a token from another issuer fails validateJwtAccessToken', async () => {
+  const { privateKey } = await jose.generateKeyPair('ES256')
+  const forged = await new jose.SignJWT({ client_id: 'x', scope: 'repo:read', jti: 'j' })
+    .setProtectedHeader({ alg: 'ES256', typ: 'at+jwt', kid: 'nope' })
+    .setIssuer(BROKER).setSubject('x').setAudience(API).setIssuedAt().setExpirationTime('5m')
+    .sign(privateKey)
+  const request = new Request(`${API}/repos`, { headers: { authorization: `Bearer ${forged}` } })
+  let refused = false
+  try {
+    await oauth.validateJwtAccessToken(as, request, API, insecure)
+  } catch {
+    refused = true
+  }
+  assert(refused, 'forged token accepted')
+})
+
+console.log(`${passed} passed, ${failed} failed`)
+process.exit(failed ? 1 : 0)

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Runs the interop suites (Python: PyJWT/jwcrypto; Node: oauth4webapi/jose) against a real
+# `writ serve` on a loopback port. Installs the clients locally (.venv, node_modules).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+ROOT=$PWD
+WRIT=${WRIT_BIN:-$ROOT/target/debug/writ}
+
+[ -x .venv/bin/python ] || python3 -m venv .venv
+.venv/bin/python -c "import jwt, jwcrypto, schemathesis" 2>/dev/null || .venv/bin/pip install -q --disable-pip-version-check pyjwt jwcrypto cryptography schemathesis
+if [ ! -d tests/interop/node/node_modules/oidc-provider ]; then
+  (cd tests/interop/node && npm install --no-audit --no-fund --loglevel=error)
+fi
+
+work=$(mktemp -d)
+trap 'kill ${PID:-} 2>/dev/null || true; rm -rf "$work"' EXIT
+PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+"$WRIT" keys generate --alg ES256 --out "$work/signing.pem" >/dev/null
+OP_PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+.venv/bin/python tests/interop/setup_td.py "$work" "$PORT" "$ROOT" "$OP_PORT"
+"$WRIT" serve --config "$work/writ.toml" 2>"$work/serve.log" &
+PID=$!
+for _ in $(seq 1 200); do
+  python3 -c "import urllib.request,sys; urllib.request.urlopen('http://127.0.0.1:$PORT/readyz', timeout=1)" 2>/dev/null && break
+  sleep 0.05
+done
+export BROKER="http://127.0.0.1:$PORT" WORK="$work" OP_PORT
+status=0
+.venv/bin/python tests/interop/python/test_interop.py || status=1
+node tests/interop/node/test.mjs || status=1
+node tests/interop/node/oidc.mjs || status=1
+# A bounded schemathesis run against the served OpenAPI description: no 5xx, every status
+# code and content type as described, every response valid against its schema.
+.venv/bin/schemathesis run "$BROKER/openapi.json" -H "Authorization: Bearer $(cat "$work/admin-token")" \
+  --checks not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance \
+  --max-examples 50 --seed 20261123 --workers 2 --no-color || status=1
+"$WRIT" audit verify "$work/decisions.jsonl"
+exit $status

@@ -1,0 +1,408 @@
+//! One store contract, run against the memory store, a real redis-server and a real 3-node
+//! Redis Cluster, both started here on free loopback ports.
+
+#[path = "support/redis.rs"]
+mod redis_support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis_support::{RedisCluster, RedisServer};
+use writ::domain::{Subject, TaskId};
+use writ::store::memory::MemoryStore;
+use writ::store::redis::RedisStore;
+use writ::store::{
+    BlockRecord, BlockSelector, FeedCursor, FeedEvent, MintOutcome, Store, TaskFilter, TaskRecord,
+    TaskState, TokenEntry,
+};
+
+const NOW: i64 = 1_800_000_000;
+
+fn task(owner: &str, created: i64) -> TaskRecord {
+    TaskRecord {
+        id: TaskId::generate(),
+        owner: Subject::from_trusted(owner.into()),
+        issuer: "example.org".into(),
+        purpose: "p".into(),
+        created_at: created,
+        deadline: created + 3600,
+        state: TaskState::Open,
+        ended_at: None,
+        end_reason: None,
+        policy_version: "v".repeat(64),
+        scopes: vec!["repo:read".into()],
+        audience: vec!["https://api".into()],
+        tokens_issued: 1,
+        parent: None,
+        depth: 0,
+        source: "jwt-svid".into(),
+        claims: Default::default(),
+    }
+}
+
+fn tok(jti: &str, exp: i64) -> TokenEntry {
+    TokenEntry {
+        jti: jti.into(),
+        exp,
+    }
+}
+
+async fn run_contract(make: &dyn Fn() -> futures_util::future::BoxFuture<'static, Arc<dyn Store>>) {
+    tasks_roundtrip(make().await).await;
+    minting(make().await).await;
+    concurrent_mints_respect_the_budget(make().await).await;
+    closing(make().await).await;
+    children_and_listing(make().await).await;
+    feed(make().await).await;
+    counters_and_claims(make().await).await;
+}
+
+async fn counters_and_claims(s: Arc<dyn Store>) {
+    let w = Duration::from_secs(60);
+    for i in 1..=5 {
+        assert_eq!(s.hit("denials:a", NOW + i, w, 100).await.unwrap(), i as u64);
+    }
+    assert_eq!(
+        s.hit("denials:b", NOW + 5, w, 100).await.unwrap(),
+        1,
+        "keys are separate"
+    );
+    // Sliding: at NOW+62 the hits at NOW+1 and NOW+2 have left the window.
+    assert_eq!(s.hit("denials:a", NOW + 62, w, 100).await.unwrap(), 4);
+    // Capped: beyond the cap the count stays at cap + 1 and nothing more is kept.
+    for _ in 0..10 {
+        s.hit("rate:c", NOW, w, 3).await.unwrap();
+    }
+    assert_eq!(s.hit("rate:c", NOW, w, 3).await.unwrap(), 4);
+    assert_eq!(
+        s.hit("rate:c", NOW + 61, w, 3).await.unwrap(),
+        1,
+        "the window slid past them all"
+    );
+    assert!(s.claim("reeval:v1", Duration::from_secs(5)).await.unwrap());
+    assert!(!s.claim("reeval:v1", Duration::from_secs(5)).await.unwrap());
+    assert!(
+        s.claim("reeval:v2", Duration::from_millis(100))
+            .await
+            .unwrap()
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        s.claim("reeval:v2", Duration::from_secs(5)).await.unwrap(),
+        "an expired claim can be taken again"
+    );
+    assert!(!s.flag("done:v1").await.unwrap());
+    s.set_flag("done:v1", Duration::from_secs(5)).await.unwrap();
+    assert!(s.flag("done:v1").await.unwrap());
+}
+
+async fn tasks_roundtrip(s: Arc<dyn Store>) {
+    s.ping().await.unwrap();
+    let t = task("spiffe://example.org/a", NOW);
+    s.create_task(&t, &tok("j1", NOW + 300)).await.unwrap();
+    let got = s.get_task(&t.id).await.unwrap().unwrap();
+    assert_eq!(got, t);
+    assert!(s.get_task(&TaskId::generate()).await.unwrap().is_none());
+    assert_eq!(
+        s.task_tokens(&t.id).await.unwrap(),
+        vec![tok("j1", NOW + 300)]
+    );
+}
+
+async fn minting(s: Arc<dyn Store>) {
+    let owner = Subject::from_trusted("spiffe://example.org/a".into());
+    let t = task(owner.as_str(), NOW);
+    s.create_task(&t, &tok("j1", NOW + 300)).await.unwrap();
+    match s
+        .mint_into_task(&t.id, &owner, &tok("j2", NOW + 300), 3, NOW + 1)
+        .await
+        .unwrap()
+    {
+        MintOutcome::Minted(r) => assert_eq!(r.tokens_issued, 2),
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(
+        s.mint_into_task(&t.id, &owner, &tok("j3", NOW), 3, NOW)
+            .await
+            .unwrap(),
+        MintOutcome::Minted(_)
+    ));
+    assert!(matches!(
+        s.mint_into_task(&t.id, &owner, &tok("j4", NOW), 3, NOW).await.unwrap(),
+        MintOutcome::OverBudget(r) if r.tokens_issued == 3
+    ));
+    let other = Subject::from_trusted("spiffe://example.org/b".into());
+    assert_eq!(
+        s.mint_into_task(&t.id, &other, &tok("x", NOW), 9, NOW)
+            .await
+            .unwrap(),
+        MintOutcome::NotOwner
+    );
+    assert_eq!(
+        s.mint_into_task(&TaskId::generate(), &owner, &tok("x", NOW), 9, NOW)
+            .await
+            .unwrap(),
+        MintOutcome::NotFound
+    );
+    // Past the deadline the task is closed.
+    assert!(matches!(
+        s.mint_into_task(&t.id, &owner, &tok("x", NOW), 9, t.deadline)
+            .await
+            .unwrap(),
+        MintOutcome::Closed(_)
+    ));
+    let jtis: Vec<String> = s
+        .task_tokens(&t.id)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.jti)
+        .collect();
+    assert_eq!(jtis, vec!["j1", "j2", "j3"]);
+}
+
+async fn concurrent_mints_respect_the_budget(s: Arc<dyn Store>) {
+    let owner = Subject::from_trusted("spiffe://example.org/a".into());
+    let t = task(owner.as_str(), NOW);
+    s.create_task(&t, &tok("j0", NOW + 300)).await.unwrap();
+    let mut handles = Vec::new();
+    for i in 0..30 {
+        let (s, id, owner) = (s.clone(), t.id.clone(), owner.clone());
+        handles.push(tokio::spawn(async move {
+            s.mint_into_task(&id, &owner, &tok(&format!("c{i}"), NOW + 300), 10, NOW)
+                .await
+                .unwrap()
+        }));
+    }
+    let mut minted = 0;
+    for h in handles {
+        if matches!(h.await.unwrap(), MintOutcome::Minted(_)) {
+            minted += 1;
+        }
+    }
+    assert_eq!(minted, 9, "exactly the budget (10, one already minted)");
+    assert_eq!(s.get_task(&t.id).await.unwrap().unwrap().tokens_issued, 10);
+}
+
+async fn closing(s: Arc<dyn Store>) {
+    let t = task("spiffe://example.org/a", NOW);
+    s.create_task(&t, &tok("j", NOW + 300)).await.unwrap();
+    let closed = s
+        .close_task(&t.id, TaskState::Ended, "done", NOW + 5)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (closed.state, closed.ended_at, closed.end_reason.as_deref()),
+        (TaskState::Ended, Some(NOW + 5), Some("done"))
+    );
+    // Closing again changes nothing.
+    let again = s
+        .close_task(&t.id, TaskState::Revoked, "later", NOW + 9)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (again.state, again.ended_at),
+        (TaskState::Ended, Some(NOW + 5))
+    );
+    assert!(
+        s.close_task(&TaskId::generate(), TaskState::Ended, "x", NOW)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let owner = Subject::from_trusted("spiffe://example.org/a".into());
+    assert!(matches!(
+        s.mint_into_task(&t.id, &owner, &tok("k", NOW), 9, NOW)
+            .await
+            .unwrap(),
+        MintOutcome::Closed(_)
+    ));
+}
+
+async fn children_and_listing(s: Arc<dyn Store>) {
+    let parent = task("spiffe://example.org/agent/a", NOW);
+    s.create_task(&parent, &tok("p", NOW + 300)).await.unwrap();
+    let mut child = task("spiffe://example.org/agent/a", NOW + 1);
+    child.parent = Some(parent.id.clone());
+    child.depth = 1;
+    s.create_task(&child, &tok("c", NOW + 300)).await.unwrap();
+    assert_eq!(
+        s.task_children(&parent.id).await.unwrap(),
+        vec![child.id.clone()]
+    );
+    let other = task("spiffe://example.org/ci/b", NOW + 2);
+    s.create_task(&other, &tok("o", NOW + 300)).await.unwrap();
+    s.close_task(&other.id, TaskState::Revoked, "x", NOW + 3)
+        .await
+        .unwrap();
+
+    let all = s
+        .list_tasks(&TaskFilter {
+            limit: 100,
+            ..TaskFilter::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(all.len(), 3);
+    assert_eq!(all[0].id, other.id, "newest first");
+    let agents = s
+        .list_tasks(&TaskFilter {
+            subject: Some("spiffe://example.org/agent/*".into()),
+            limit: 100,
+            ..TaskFilter::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(agents.len(), 2);
+    let revoked = s
+        .list_tasks(&TaskFilter {
+            state: Some(TaskState::Revoked),
+            limit: 100,
+            ..TaskFilter::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        revoked.iter().map(|t| t.id.clone()).collect::<Vec<_>>(),
+        vec![other.id.clone()]
+    );
+    let one = s
+        .list_tasks(&TaskFilter {
+            limit: 1,
+            ..TaskFilter::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(one.len(), 1);
+}
+
+async fn feed(s: Arc<dyn Store>) {
+    // Stream ids follow the server's clock, so the feed runs on real time.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let (events, cursor) = s.feed_snapshot(now).await.unwrap();
+    assert!(events.is_empty());
+    let block = BlockRecord {
+        id: "rev_1".into(),
+        selector: BlockSelector::Subject("spiffe://example.org/agent/*".into()),
+        reason: "r".into(),
+        actor: "admin".into(),
+        created_at: now,
+        until: now + 900,
+        lifted_at: None,
+        kind: Default::default(),
+        expires_at: None,
+    };
+    let e1 = FeedEvent::Token {
+        jti: "j".into(),
+        until: now + 300,
+    };
+    let e2 = FeedEvent::Block {
+        record: block.clone(),
+    };
+    let e3 = FeedEvent::Task {
+        task_id: "tsk_x".into(),
+        until: now + 3600,
+    };
+    s.publish(&e1, now).await.unwrap();
+    s.publish(&e2, now).await.unwrap();
+    let (got, c2) = s
+        .read_feed(&cursor, Duration::from_millis(500))
+        .await
+        .unwrap();
+    assert_eq!(got, vec![e1.clone(), e2.clone()]);
+    // Nothing new: the read waits, then returns empty at the same place.
+    let started = std::time::Instant::now();
+    let (got, c3) = s.read_feed(&c2, Duration::from_millis(300)).await.unwrap();
+    assert!(got.is_empty());
+    assert!(started.elapsed() >= Duration::from_millis(200));
+    // A reader waiting when an event arrives gets it promptly.
+    let reader = {
+        let (s, c) = (s.clone(), c3.clone());
+        tokio::spawn(async move { s.read_feed(&c, Duration::from_secs(5)).await.unwrap() })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let started = std::time::Instant::now();
+    s.publish(&e3, now).await.unwrap();
+    let (got, c4) = reader.await.unwrap();
+    assert_eq!(got, vec![e3.clone()]);
+    assert!(started.elapsed() < Duration::from_secs(2));
+    // Lift: the block is kept (lifted) while it still cuts off old tokens.
+    s.publish(
+        &FeedEvent::Lift {
+            id: "rev_1".into(),
+            at: now + 10,
+        },
+        now + 10,
+    )
+    .await
+    .unwrap();
+    let blocks = s.list_blocks().await.unwrap();
+    assert_eq!(blocks.len(), 1);
+    assert_eq!(blocks[0].lifted_at, Some(now + 10));
+    let (got, _) = s.read_feed(&c4, Duration::from_millis(500)).await.unwrap();
+    assert_eq!(
+        got,
+        vec![FeedEvent::Lift {
+            id: "rev_1".into(),
+            at: now + 10
+        }]
+    );
+    // A snapshot holds the blocks and the events that still matter.
+    let (snap, _) = s.feed_snapshot(now + 20).await.unwrap();
+    assert!(snap.contains(&e1) && snap.contains(&e3));
+    assert!(snap.iter().any(|e| matches!(e, FeedEvent::Block { record } if record.id == "rev_1" && record.lifted_at.is_some())));
+    // Later, what has expired is gone from the snapshot.
+    let (snap, _) = s.feed_snapshot(now + 1000).await.unwrap();
+    assert!(!snap.contains(&e1));
+    assert!(snap.contains(&e3));
+    assert!(!snap.iter().any(|e| matches!(e, FeedEvent::Block { .. })));
+    let _ = FeedCursor::default();
+}
+
+#[tokio::test]
+async fn memory_store_meets_the_contract() {
+    run_contract(&|| Box::pin(async { Arc::new(MemoryStore::new()) as Arc<dyn Store> })).await;
+}
+
+fn prefix() -> String {
+    format!("t{}:", &TaskId::generate().as_str()[4..12])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_store_meets_the_contract() {
+    let server = RedisServer::start();
+    let url = server.url();
+    run_contract(&move || {
+        let url = url.clone();
+        Box::pin(async move {
+            Arc::new(
+                RedisStore::connect(Some(&url), &[], Some(&prefix()), Duration::from_secs(3600))
+                    .await
+                    .unwrap(),
+            ) as Arc<dyn Store>
+        })
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_cluster_store_meets_the_contract() {
+    let cluster = RedisCluster::start();
+    let nodes = cluster.urls();
+    run_contract(&move || {
+        let nodes = nodes.clone();
+        Box::pin(async move {
+            Arc::new(
+                RedisStore::connect(None, &nodes, Some(&prefix()), Duration::from_secs(3600))
+                    .await
+                    .unwrap(),
+            ) as Arc<dyn Store>
+        })
+    })
+    .await;
+}
