@@ -158,6 +158,11 @@ pub fn parse_scopes(param: &str) -> Option<Vec<Scope>> {
     for part in param.split(' ') {
         let scope = Scope::parse(part)?;
         if !out.contains(&scope) {
+            // Stop at the cap: the duplicate check is a scan, and a 64 KiB parameter would
+            // otherwise make it quadratic in attacker-chosen input.
+            if out.len() == MAX_SCOPES {
+                return None;
+            }
             out.push(scope);
         }
     }

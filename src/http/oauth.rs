@@ -1,5 +1,6 @@
 //! OAuth endpoints: token exchange, JWKS, authorization server metadata.
 
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -56,8 +57,11 @@ pub struct Form {
 
 impl Form {
     pub fn new(pairs: Vec<(String, String)>, repeatable: &[&str]) -> Result<Self, BrokerError> {
-        for (i, (name, _)) in pairs.iter().enumerate() {
-            if !repeatable.contains(&name.as_str()) && pairs[..i].iter().any(|(n, _)| n == name) {
+        // A set, not a scan of the earlier pairs: a 64 KiB body holds tens of thousands of
+        // parameters, and a quadratic check would let one request burn a core for a second.
+        let mut seen: HashSet<&str> = HashSet::with_capacity(pairs.len().min(64));
+        for (name, _) in &pairs {
+            if !repeatable.contains(&name.as_str()) && !seen.insert(name.as_str()) {
                 return Err(BrokerError::invalid_request(format!(
                     "parameter `{}` is repeated",
                     clip(name)
