@@ -20,6 +20,8 @@ pub mod dev;
 pub mod domain;
 pub mod error;
 pub mod exchange;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod http;
 pub mod identity;
 pub mod metrics;
