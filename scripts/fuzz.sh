@@ -4,7 +4,6 @@
 # Findings land in fuzz/artifacts/<target>/; fix them and copy the input to
 # fuzz/regressions/<target>/ so tests/fuzz_regressions.rs keeps it fixed.
 set -euo pipefail
-exec </dev/null
 cd "$(dirname "$0")/.."
 
 secs="${1:-60}"

@@ -3,9 +3,19 @@
 # the store tests), checks formatting and lints, then runs the whole suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# Nothing here reads a terminal: cargo probes rustc with `rustc -`, which would otherwise read
-# whatever the caller left on stdin (a CI log, say) as Rust source.
-exec </dev/null
+# cargo probes the compiler with `rustc -` and /dev/null as its stdin. Where /dev/null is a
+# plain file (a container built without the device), whatever was written to it, such as the
+# warnings of a dependency's build-script probe, would be read back as Rust source and the
+# probe fails. Put the device back when we can, and otherwise empty the file before each cargo
+# step.
+if [ ! -c /dev/null ]; then
+  echo "note: /dev/null is not a character device here; restoring it"
+  if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+  if $SUDO mknod -m 666 /dev/null.writ c 1 3 2>/dev/null; then
+    $SUDO mv -f /dev/null.writ /dev/null 2>/dev/null || $SUDO rm -f /dev/null.writ
+  fi
+fi
+clear_devnull() { if [ -f /dev/null ] && [ -w /dev/null ]; then : >/dev/null; fi; }
 
 need_apt=()
 command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
@@ -17,12 +27,15 @@ if [ ${#need_apt[@]} -gt 0 ]; then
 fi
 
 echo "== cargo fmt --check"
+clear_devnull
 cargo fmt --all -- --check
 
 echo "== cargo clippy"
+clear_devnull
 cargo clippy --all-targets --locked -- -D warnings
 
 echo "== cargo test"
+clear_devnull
 cargo test --all-targets --locked
 
 echo "== chart tests (Helm engine, kubernetes-validate --strict, checkov)"
@@ -31,11 +44,14 @@ if [ ! -x .venv-chart/bin/checkov ] || ! .venv-chart/bin/python -c "import helm_
   python3 -m venv .venv-chart
   .venv-chart/bin/pip install -q --disable-pip-version-check helm-python-sdk kubernetes-validate checkov
 fi
+clear_devnull
 cargo build --quiet --locked --bin writ
 WRIT_BIN=target/debug/writ .venv-chart/bin/python tests/chart/test_chart.py
 
 echo "== interop: PyJWT/jwcrypto, oauth4webapi/jose, oidc-provider; schemathesis on /openapi.json"
+clear_devnull
 WRIT_BIN=target/debug/writ bash tests/interop/run.sh
 
 echo "== writ policy test (sample policies)"
+clear_devnull
 cargo run --quiet --locked -- policy test config/policies config/policies/cases.json
