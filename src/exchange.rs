@@ -178,28 +178,24 @@ impl Broker {
                 .and_then(|t| t.max_scopes_per_task)
             && requested.len() > max as usize
         {
-            let mut e = base_entry();
-            e.decision = Some("deny");
-            e.reason = format!(
-                "{} scopes requested; a task may hold at most {max}",
-                requested.len()
-            );
-            self.append(Event::Exchange, e)?;
-            let evidence = json!({"scopes": requested, "limit": max});
-            self.trip(
-                crate::trips::MAX_SCOPES,
-                Some(&caller.subject),
-                evidence.clone(),
-                false,
-                req.source_ip.as_deref(),
-            )
-            .await?;
-            self.count_denial(&caller.subject, evidence, req.source_ip.as_deref())
-                .await?;
-            return Err(BrokerError::new(
-                ErrorCode::InvalidScope,
-                format!("a task may hold at most {max} distinct scopes"),
-            ));
+            let refusal = ScopeTrip {
+                rule: crate::trips::MAX_SCOPES,
+                policy_version: None,
+                reason: format!(
+                    "{} scopes requested; a task may hold at most {max}",
+                    requested.len()
+                ),
+                evidence: json!({"scopes": requested, "limit": max}),
+                description: format!("a task may hold at most {max} distinct scopes"),
+            };
+            return Err(self
+                .refuse_scopes(
+                    base_entry(),
+                    &caller.subject,
+                    req.source_ip.as_deref(),
+                    refusal,
+                )
+                .await);
         }
 
         // A delegated token can never carry more than its parent task was granted.
@@ -209,29 +205,24 @@ impl Broker {
                 .filter(|s| !parent.scopes.contains(s))
                 .collect();
             if !outside.is_empty() {
-                let mut e = base_entry();
-                e.decision = Some("deny");
-                e.policy_version = Some(parent.policy_version.clone());
-                e.reason = format!(
-                    "delegation escalation: {} not granted to the parent task",
-                    join_list(&outside)
-                );
-                self.append(Event::Exchange, e)?;
-                let evidence = json!({"parent_task": parent.id, "outside": outside});
-                self.trip(
-                    crate::trips::ESCALATION,
-                    Some(&caller.subject),
-                    evidence.clone(),
-                    false,
-                    req.source_ip.as_deref(),
-                )
-                .await?;
-                self.count_denial(&caller.subject, evidence, req.source_ip.as_deref())
-                    .await?;
-                return Err(BrokerError::new(
-                    ErrorCode::InvalidScope,
-                    "a delegated task may not exceed its parent's scopes",
-                ));
+                let refusal = ScopeTrip {
+                    rule: crate::trips::ESCALATION,
+                    policy_version: Some(parent.policy_version.clone()),
+                    reason: format!(
+                        "delegation escalation: {} not granted to the parent task",
+                        join_list(&outside)
+                    ),
+                    evidence: json!({"parent_task": parent.id, "outside": outside}),
+                    description: "a delegated task may not exceed its parent's scopes".into(),
+                };
+                return Err(self
+                    .refuse_scopes(
+                        base_entry(),
+                        &caller.subject,
+                        req.source_ip.as_deref(),
+                        refusal,
+                    )
+                    .await);
             }
         }
 
@@ -260,30 +251,24 @@ impl Broker {
                     .filter(|s| !task.scopes.contains(s))
                     .collect();
                 if !outside.is_empty() {
-                    let mut e = base_entry();
-                    e.decision = Some("deny");
-                    e.policy_version = Some(self.policy.current().version().to_string());
-                    e.reason = format!(
-                        "escalation: {} outside the task's first grant",
-                        join_list(&outside)
-                    );
-                    self.append(Event::Exchange, e)?;
-                    let evidence =
-                        json!({"task_id": task.id, "granted": task.scopes, "outside": outside});
-                    self.trip(
-                        crate::trips::ESCALATION,
-                        Some(&caller.subject),
-                        evidence.clone(),
-                        false,
-                        req.source_ip.as_deref(),
-                    )
-                    .await?;
-                    self.count_denial(&caller.subject, evidence, req.source_ip.as_deref())
-                        .await?;
-                    return Err(BrokerError::new(
-                        ErrorCode::InvalidScope,
-                        "requested scope is outside what the task was granted",
-                    ));
+                    let refusal = ScopeTrip {
+                        rule: crate::trips::ESCALATION,
+                        policy_version: Some(self.policy.current().version().to_string()),
+                        reason: format!(
+                            "escalation: {} outside the task's first grant",
+                            join_list(&outside)
+                        ),
+                        evidence: json!({"task_id": task.id, "granted": task.scopes, "outside": outside}),
+                        description: "requested scope is outside what the task was granted".into(),
+                    };
+                    return Err(self
+                        .refuse_scopes(
+                            base_entry(),
+                            &caller.subject,
+                            req.source_ip.as_deref(),
+                            refusal,
+                        )
+                        .await);
                 }
                 Some(task)
             }
@@ -592,6 +577,36 @@ impl Broker {
         }
     }
 
+    /// A scope refusal that is also a trip: logged as a deny, reported to its trip rule,
+    /// counted as a denial, and answered with `invalid_scope` (or with whatever failed first).
+    async fn refuse_scopes(
+        &self,
+        mut e: audit::Entry,
+        subject: &Subject,
+        ip: Option<&str>,
+        refusal: ScopeTrip,
+    ) -> BrokerError {
+        e.decision = Some("deny");
+        e.policy_version = refusal.policy_version;
+        e.reason = refusal.reason;
+        let steps = async {
+            self.append(Event::Exchange, e)?;
+            self.trip(
+                refusal.rule,
+                Some(subject),
+                refusal.evidence.clone(),
+                false,
+                ip,
+            )
+            .await?;
+            self.count_denial(subject, refusal.evidence, ip).await
+        };
+        match steps.await {
+            Ok(()) => BrokerError::new(ErrorCode::InvalidScope, refusal.description),
+            Err(err) => err,
+        }
+    }
+
     fn grant_refused(&self, mut e: audit::Entry, reason: &str) -> BrokerError {
         e.decision = Some("deny");
         e.reason = reason.to_string();
@@ -619,6 +634,15 @@ impl Broker {
             BrokerError::unavailable()
         })
     }
+}
+
+/// What `refuse_scopes` records and answers.
+struct ScopeTrip {
+    rule: &'static str,
+    policy_version: Option<String>,
+    reason: String,
+    evidence: serde_json::Value,
+    description: String,
 }
 
 fn join_list(v: &[&String]) -> String {
