@@ -11,6 +11,7 @@ use crate::app::{Application, shutdown_signal};
 use crate::audit::Verification;
 use crate::config::Config;
 use crate::dev::{self, DevFiles};
+use crate::store::BlockKind;
 use crate::token::keys::{self, KeyAlg};
 
 #[derive(Debug, Parser)]
@@ -63,12 +64,12 @@ pub enum Command {
     /// List or lift standing revocations.
     Revocations {
         #[command(subcommand)]
-        command: RevocationsCommand,
+        command: BlocksCommand,
     },
     /// List or lift quarantines (subjects a trip refused for a while).
     Quarantines {
         #[command(subcommand)]
-        command: RevocationsCommand,
+        command: BlocksCommand,
     },
     /// Decision log commands.
     Audit {
@@ -208,15 +209,15 @@ pub struct RevokeArgs {
 }
 
 #[derive(Debug, Subcommand)]
-pub enum RevocationsCommand {
-    /// List standing (and recently lifted) revocations.
+pub enum BlocksCommand {
+    /// List the standing ones (revocations also while recently lifted).
     List {
         #[arg(long, value_name = "URL")]
         broker: String,
         #[arg(long, value_name = "FILE|-")]
         admin_token: String,
     },
-    /// Lift a standing revocation: new exchanges are allowed again.
+    /// Lift one by its id: the subjects it refused may exchange again.
     Lift {
         id: String,
         #[arg(long, value_name = "URL")]
@@ -230,6 +231,33 @@ pub enum RevocationsCommand {
 pub enum AuditCommand {
     /// Verify the decision log's hash chain; report the first broken record.
     Verify { file: PathBuf },
+}
+
+/// `writ revocations …` and `writ quarantines …`: list or lift blocks of one kind.
+async fn blocks_command(kind: BlockKind, command: BlocksCommand) -> anyhow::Result<()> {
+    let out = match command {
+        BlocksCommand::List {
+            broker,
+            admin_token,
+        } => {
+            let admin = secret(&admin_token)?;
+            crate::client::Client::new(&broker)?
+                .list_blocks(&admin, kind)
+                .await?
+        }
+        BlocksCommand::Lift {
+            id,
+            broker,
+            admin_token,
+        } => {
+            let admin = secret(&admin_token)?;
+            crate::client::Client::new(&broker)?
+                .lift_block(&admin, kind, &id)
+                .await?
+        }
+    };
+    println!("{}", serde_json::to_string_pretty(&out)?);
+    Ok(())
 }
 
 /// Runs a parsed command. Errors are printed by the caller, with a non-zero exit.
@@ -388,56 +416,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}", serde_json::to_string_pretty(&out)?);
             Ok(())
         }
-        Command::Revocations { command } => {
-            let out = match command {
-                RevocationsCommand::List {
-                    broker,
-                    admin_token,
-                } => {
-                    let admin = secret(&admin_token)?;
-                    crate::client::Client::new(&broker)?
-                        .list_revocations(&admin)
-                        .await?
-                }
-                RevocationsCommand::Lift {
-                    id,
-                    broker,
-                    admin_token,
-                } => {
-                    let admin = secret(&admin_token)?;
-                    crate::client::Client::new(&broker)?
-                        .lift_revocation(&admin, &id)
-                        .await?
-                }
-            };
-            println!("{}", serde_json::to_string_pretty(&out)?);
-            Ok(())
-        }
-        Command::Quarantines { command } => {
-            let out = match command {
-                RevocationsCommand::List {
-                    broker,
-                    admin_token,
-                } => {
-                    let admin = secret(&admin_token)?;
-                    crate::client::Client::new(&broker)?
-                        .list_quarantines(&admin)
-                        .await?
-                }
-                RevocationsCommand::Lift {
-                    id,
-                    broker,
-                    admin_token,
-                } => {
-                    let admin = secret(&admin_token)?;
-                    crate::client::Client::new(&broker)?
-                        .lift_quarantine(&admin, &id)
-                        .await?
-                }
-            };
-            println!("{}", serde_json::to_string_pretty(&out)?);
-            Ok(())
-        }
+        Command::Revocations { command } => blocks_command(BlockKind::Revocation, command).await,
+        Command::Quarantines { command } => blocks_command(BlockKind::Quarantine, command).await,
         Command::Audit {
             command: AuditCommand::Verify { file },
         } => {

@@ -5,6 +5,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::exchange::{GRANT_TYPE, TYPE_JWT};
+use crate::store::BlockKind;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -150,40 +151,31 @@ impl Client {
         .await
     }
 
-    pub async fn list_revocations(&self, admin: &str) -> Result<Value, ClientError> {
-        self.send(
-            self.http
-                .get(format!("{}/admin/v1/revocations", self.base))
-                .bearer_auth(admin),
-        )
-        .await
+    /// Lists the standing blocks of one kind (`GET /admin/v1/{revocations|quarantines}`).
+    pub async fn list_blocks(&self, admin: &str, kind: BlockKind) -> Result<Value, ClientError> {
+        let url = self.admin_url(&[kind.collection()])?;
+        self.send(self.http.get(url).bearer_auth(admin)).await
     }
 
-    pub async fn list_quarantines(&self, admin: &str) -> Result<Value, ClientError> {
-        self.send(
-            self.http
-                .get(format!("{}/admin/v1/quarantines", self.base))
-                .bearer_auth(admin),
-        )
-        .await
+    /// Lifts one block by id (`DELETE /admin/v1/{revocations|quarantines}/{id}`); the id is
+    /// sent as one percent-encoded path segment, whatever it holds.
+    pub async fn lift_block(
+        &self,
+        admin: &str,
+        kind: BlockKind,
+        id: &str,
+    ) -> Result<Value, ClientError> {
+        let url = self.admin_url(&[kind.collection(), id])?;
+        self.send(self.http.delete(url).bearer_auth(admin)).await
     }
 
-    pub async fn lift_quarantine(&self, admin: &str, id: &str) -> Result<Value, ClientError> {
-        self.send(
-            self.http
-                .delete(format!("{}/admin/v1/quarantines/{id}", self.base))
-                .bearer_auth(admin),
-        )
-        .await
-    }
-
-    pub async fn lift_revocation(&self, admin: &str, id: &str) -> Result<Value, ClientError> {
-        self.send(
-            self.http
-                .delete(format!("{}/admin/v1/revocations/{id}", self.base))
-                .bearer_auth(admin),
-        )
-        .await
+    fn admin_url(&self, segments: &[&str]) -> Result<reqwest::Url, ClientError> {
+        let mut url = reqwest::Url::parse(&format!("{}/admin/v1", self.base))
+            .map_err(|e| ClientError::Transport(format!("`{}`: {e}", self.base)))?;
+        url.path_segments_mut()
+            .map_err(|_| ClientError::Transport(format!("`{}` is not a base URL", self.base)))?
+            .extend(segments);
+        Ok(url)
     }
 
     async fn json(resp: reqwest::Response) -> Result<Value, ClientError> {

@@ -414,6 +414,32 @@ fn task_end_revoke_and_listings_from_the_command_line() {
     assert!(ok, "{err}");
     exchange("repo:read");
 
+    // Quarantines: none standing; an unknown id (sent as one encoded path segment) is 404.
+    let (ok, stdout, err) = run(writ().current_dir(d).args([
+        "quarantines",
+        "list",
+        "--broker",
+        &dev.url,
+        "--admin-token",
+        admin,
+    ]));
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(v, serde_json::json!({"quarantines": []}));
+    let (ok, _, err) = run(writ().current_dir(d).args([
+        "quarantines",
+        "lift",
+        "no/such id",
+        "--broker",
+        &dev.url,
+        "--admin-token",
+        admin,
+    ]));
+    assert!(
+        !ok && err.contains("(404)") && err.contains("not_found"),
+        "{err}"
+    );
+
     // No selector, two selectors, a wrong admin token.
     let (ok, _, err) = run(writ().current_dir(d).args([
         "revoke",

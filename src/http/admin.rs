@@ -3,34 +3,21 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use axum::Json;
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Path, Query, State};
-use axum::http::{HeaderMap, header};
+use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::error::no_store;
+use super::error::{authorization, json_no_store};
 use super::tasks::task_json;
 use crate::auth::Role;
 use crate::broker::Broker;
 use crate::domain::{MAX_PURPOSE_LEN, TaskId};
 use crate::error::{BrokerError, ErrorCode};
 use crate::revoke::Selector;
-use crate::store::{BlockSelector, TaskFilter, TaskState};
-
-fn authorization(headers: &HeaderMap) -> Option<&str> {
-    headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-}
-
-fn ok_json(v: Value) -> Response {
-    let mut resp = Json(v).into_response();
-    no_store(&mut resp);
-    resp
-}
+use crate::store::{BlockKind, BlockSelector, TaskFilter, TaskState};
 
 /// Parses `{"selector": {...}, "reason": R}` strictly.
 pub fn parse_revocation(body: &[u8]) -> Result<(Selector, String), BrokerError> {
@@ -145,49 +132,23 @@ pub async fn create_revocation(
     }
     .await;
     match result {
-        Ok(r) => ok_json(json!(r)),
+        Ok(r) => json_no_store(json!(r)),
         Err(e) => e.into_response(),
     }
 }
 
-pub async fn list_revocations(
-    State(broker): State<Arc<Broker>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
+/// Answers an admin listing of the blocks of one kind: `{"<collection>": [...]}`.
+/// Revocations are listed until lifted; quarantines only while they last.
+async fn list_blocks(
+    broker: &Broker,
+    peer: SocketAddr,
+    headers: &HeaderMap,
+    kind: BlockKind,
 ) -> Response {
     let result = async {
         broker
             .authorize(
-                authorization(&headers),
-                Role::Admin,
-                Some(peer.ip().to_string()),
-            )
-            .await?;
-        broker
-            .store
-            .list_blocks()
-            .await
-            .map_err(|_| BrokerError::unavailable())
-    }
-    .await;
-    match result {
-        Ok(blocks) => ok_json(json!({"revocations": blocks
-            .into_iter()
-            .filter(|b| b.kind == crate::store::BlockKind::Revocation)
-            .collect::<Vec<_>>()})),
-        Err(e) => e.into_response(),
-    }
-}
-
-pub async fn list_quarantines(
-    State(broker): State<Arc<Broker>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-) -> Response {
-    let result = async {
-        broker
-            .authorize(
-                authorization(&headers),
+                authorization(headers),
                 Role::Admin,
                 Some(peer.ip().to_string()),
             )
@@ -201,12 +162,31 @@ pub async fn list_quarantines(
     .await;
     let now = broker.now();
     match result {
-        Ok(blocks) => ok_json(json!({"quarantines": blocks
-            .into_iter()
-            .filter(|b| b.kind == crate::store::BlockKind::Quarantine && b.active_at(now))
-            .collect::<Vec<_>>()})),
+        Ok(blocks) => {
+            let listed: Vec<_> = blocks
+                .into_iter()
+                .filter(|b| b.kind == kind && (kind == BlockKind::Revocation || b.active_at(now)))
+                .collect();
+            json_no_store(json!({ kind.collection(): listed }))
+        }
         Err(e) => e.into_response(),
     }
+}
+
+pub async fn list_revocations(
+    State(broker): State<Arc<Broker>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Response {
+    list_blocks(&broker, peer, &headers, BlockKind::Revocation).await
+}
+
+pub async fn list_quarantines(
+    State(broker): State<Arc<Broker>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Response {
+    list_blocks(&broker, peer, &headers, BlockKind::Quarantine).await
 }
 
 pub async fn lift_revocation(
@@ -224,7 +204,7 @@ pub async fn lift_revocation(
     }
     .await;
     match result {
-        Ok(r) => ok_json(json!(r)),
+        Ok(r) => json_no_store(json!(r)),
         Err(e) => e.into_response(),
     }
 }
@@ -278,7 +258,9 @@ pub async fn list_tasks(
     }
     .await;
     match result {
-        Ok(tasks) => ok_json(json!({"tasks": tasks.iter().map(task_json).collect::<Vec<_>>()})),
+        Ok(tasks) => {
+            json_no_store(json!({"tasks": tasks.iter().map(task_json).collect::<Vec<_>>()}))
+        }
         Err(e) => e.into_response(),
     }
 }

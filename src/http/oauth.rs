@@ -11,7 +11,7 @@ use axum::http::{HeaderMap, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
-use super::error::no_store;
+use super::error::{json_no_store, no_store};
 use crate::broker::Broker;
 use crate::domain::{Audience, MAX_AUDIENCES, MAX_PURPOSE_LEN, TaskId, parse_scopes};
 use crate::error::{BrokerError, ErrorCode};
@@ -267,12 +267,6 @@ pub async fn metadata(State(broker): State<Arc<Broker>>) -> Response {
 
 fn header_str(headers: &HeaderMap, name: header::HeaderName) -> Option<&str> {
     headers.get(name).and_then(|v| v.to_str().ok())
-}
-
-fn json_no_store(value: serde_json::Value) -> Response {
-    let mut resp = Json(value).into_response();
-    no_store(&mut resp);
-    resp
 }
 
 /// RFC 7662 introspection for resource servers (bearer: an introspection principal or an

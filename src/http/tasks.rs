@@ -3,13 +3,12 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use axum::Json;
 use axum::extract::{ConnectInfo, Path, State};
-use axum::http::{HeaderMap, header};
+use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
-use super::error::no_store;
+use super::error::{authorization, json_no_store};
 use crate::auth::{Role, bearer};
 use crate::broker::Broker;
 use crate::domain::TaskId;
@@ -37,12 +36,6 @@ pub fn task_json(t: &TaskRecord) -> serde_json::Value {
 
 fn parse_task_id(raw: &str) -> Result<TaskId, BrokerError> {
     TaskId::parse(raw).ok_or_else(|| BrokerError::new(ErrorCode::NotFound, "no such task"))
-}
-
-fn authorization(headers: &HeaderMap) -> Option<&str> {
-    headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
 }
 
 pub async fn get_task(
@@ -76,11 +69,7 @@ pub async fn get_task(
     }
     .await;
     match result {
-        Ok(t) => {
-            let mut resp = Json(task_json(&t)).into_response();
-            no_store(&mut resp);
-            resp
-        }
+        Ok(t) => json_no_store(task_json(&t)),
         Err(e) => e.into_response(),
     }
 }
@@ -102,11 +91,7 @@ pub async fn end_task(
     }
     .await;
     match result {
-        Ok(r) => {
-            let mut resp = Json(r).into_response();
-            no_store(&mut resp);
-            resp
-        }
+        Ok(r) => json_no_store(json!(r)),
         Err(e) => e.into_response(),
     }
 }

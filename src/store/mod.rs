@@ -124,6 +124,16 @@ pub enum BlockKind {
     Quarantine,
 }
 
+impl BlockKind {
+    /// The admin API's name for blocks of this kind (`/admin/v1/<collection>`).
+    pub fn collection(self) -> &'static str {
+        match self {
+            BlockKind::Revocation => "revocations",
+            BlockKind::Quarantine => "quarantines",
+        }
+    }
+}
+
 impl BlockRecord {
     /// Refusing new exchanges at `now`.
     pub fn active_at(&self, now: i64) -> bool {
