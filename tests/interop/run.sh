@@ -9,7 +9,7 @@ WRIT=${WRIT_BIN:-$ROOT/target/debug/writ}
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -c "import jwt, jwcrypto, schemathesis" 2>/dev/null || .venv/bin/pip install -q --disable-pip-version-check pyjwt jwcrypto cryptography schemathesis
 if [ ! -d tests/interop/node/node_modules/oidc-provider ]; then
-  (cd tests/interop/node && npm install --no-audit --no-fund --loglevel=error)
+  (cd tests/interop/node && npm ci --no-audit --no-fund --loglevel=error)
 fi
 
 work=$(mktemp -d)
