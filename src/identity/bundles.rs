@@ -86,18 +86,10 @@ pub fn parse_jwt_bundle(text: &[u8], name: &str) -> Result<JwtBundle, BundleErro
     })
 }
 
+/// A JWK `alg` a JWT-SVID key may carry: the OIDC set without EdDSA, which the JWT-SVID
+/// spec does not allow.
 fn key_alg(ka: KeyAlgorithm) -> Option<Algorithm> {
-    Some(match ka {
-        KeyAlgorithm::RS256 => Algorithm::RS256,
-        KeyAlgorithm::RS384 => Algorithm::RS384,
-        KeyAlgorithm::RS512 => Algorithm::RS512,
-        KeyAlgorithm::PS256 => Algorithm::PS256,
-        KeyAlgorithm::PS384 => Algorithm::PS384,
-        KeyAlgorithm::PS512 => Algorithm::PS512,
-        KeyAlgorithm::ES256 => Algorithm::ES256,
-        KeyAlgorithm::ES384 => Algorithm::ES384,
-        _ => return None,
-    })
+    super::oidc::key_alg(ka).filter(|a| *a != Algorithm::EdDSA)
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -167,5 +159,66 @@ impl FileBundle {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::{Value, json};
+
+    use super::*;
+    use crate::token::keys::{self, KeyAlg, SigningKey};
+
+    fn ec_jwk() -> Value {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k.pem");
+        keys::generate_file(KeyAlg::Es256, &path).unwrap();
+        SigningKey::load(&path).unwrap().jwk().clone()
+    }
+
+    fn bundle_with(key: Value) -> Result<JwtBundle, BundleError> {
+        parse_jwt_bundle(
+            &serde_json::to_vec(&json!({"keys": [key]})).unwrap(),
+            "b.json",
+        )
+    }
+
+    fn with(mut jwk: Value, extra: Value) -> Value {
+        for (k, v) in extra.as_object().unwrap() {
+            jwk[k] = v.clone();
+        }
+        jwk
+    }
+
+    #[test]
+    fn key_algorithms_of_a_jwt_svid_bundle() {
+        let jwk = ec_jwk();
+        let ok = bundle_with(with(
+            jwk.clone(),
+            json!({"use": "jwt-svid", "alg": "ES256"}),
+        ))
+        .unwrap();
+        assert_eq!(ok.authorities.len(), 1);
+        assert!(
+            ok.authorities
+                .values()
+                .all(|a| a.alg == Some(Algorithm::ES256))
+        );
+        // EdDSA is an OIDC algorithm but not a JWT-SVID one.
+        let err = bundle_with(with(
+            jwk.clone(),
+            json!({"use": "jwt-svid", "alg": "EdDSA"}),
+        ))
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(err.contains("keys[0]: unsupported `alg`"), "{err}");
+        // A symmetric key is refused whatever it claims.
+        let oct = json!({"kty": "oct", "k": "c2VjcmV0", "kid": "s", "use": "jwt-svid"});
+        let err = bundle_with(oct).err().unwrap().to_string();
+        assert!(err.contains("symmetric keys are not allowed"), "{err}");
+        // Keys for other uses (x509-svid) are skipped, not trusted for JWT-SVIDs.
+        let x509 = bundle_with(with(jwk, json!({"use": "x509-svid"}))).unwrap();
+        assert!(x509.authorities.is_empty());
     }
 }

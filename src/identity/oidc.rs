@@ -454,7 +454,8 @@ fn usable_key(jwk: &Jwk) -> Option<(String, CachedKey)> {
     Some((kid, CachedKey { key, alg }))
 }
 
-fn key_alg(ka: KeyAlgorithm) -> Option<Algorithm> {
+/// The signature algorithm a JWK's `alg` names, among those Writ verifies (none of HS*).
+pub(crate) fn key_alg(ka: KeyAlgorithm) -> Option<Algorithm> {
     Some(match ka {
         KeyAlgorithm::RS256 => Algorithm::RS256,
         KeyAlgorithm::RS384 => Algorithm::RS384,

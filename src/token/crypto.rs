@@ -193,13 +193,7 @@ fn verification_alg(alg: Algorithm) -> Option<&'static dyn sig::VerificationAlgo
         Algorithm::ES256 => &sig::ECDSA_P256_SHA256_FIXED,
         Algorithm::ES384 => &sig::ECDSA_P384_SHA384_FIXED,
         Algorithm::EdDSA => &sig::ED25519,
-        Algorithm::RS256 => &sig::RSA_PKCS1_2048_8192_SHA256,
-        Algorithm::RS384 => &sig::RSA_PKCS1_2048_8192_SHA384,
-        Algorithm::RS512 => &sig::RSA_PKCS1_2048_8192_SHA512,
-        Algorithm::PS256 => &sig::RSA_PSS_2048_8192_SHA256,
-        Algorithm::PS384 => &sig::RSA_PSS_2048_8192_SHA384,
-        Algorithm::PS512 => &sig::RSA_PSS_2048_8192_SHA512,
-        _ => return None,
+        _ => return rsa_params(alg).map(|p| p as &'static dyn sig::VerificationAlgorithm),
     })
 }
 
