@@ -34,8 +34,11 @@ impl<'a> ParsedJwt<'a> {
         if payload_b64.contains('.') {
             return Err(JwtFormatError::Malformed);
         }
-        let header = jsonwebtoken::decode_header(format!("{header_b64}.{payload_b64}.x"))
+        let header_json = B64
+            .decode(header_b64)
             .map_err(|_| JwtFormatError::Malformed)?;
+        let header: Header =
+            serde_json::from_slice(&header_json).map_err(|_| JwtFormatError::Malformed)?;
         let payload = B64
             .decode(payload_b64)
             .map_err(|_| JwtFormatError::Malformed)?;
