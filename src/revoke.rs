@@ -574,11 +574,7 @@ impl Broker {
                 self.publish(&FeedEvent::Block { record }, now).await?;
                 let open = self
                     .store
-                    .list_tasks(&TaskFilter {
-                        subject: None,
-                        state: Some(TaskState::Open),
-                        limit: usize::MAX,
-                    })
+                    .list_tasks(&TaskFilter::all_open())
                     .await
                     .map_err(|_| BrokerError::unavailable())?;
                 let (mut n, mut t) = (0, 0);

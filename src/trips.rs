@@ -216,11 +216,7 @@ impl Broker {
         let now = self.now();
         let open = self
             .store
-            .list_tasks(&TaskFilter {
-                subject: None,
-                state: Some(TaskState::Open),
-                limit: usize::MAX,
-            })
+            .list_tasks(&TaskFilter::all_open())
             .await
             .map_err(|e| self.store_failed(e))?;
         let mut report = Reevaluation {

@@ -184,9 +184,28 @@ pub struct TaskFilter {
 }
 
 impl TaskFilter {
+    /// Every open task, of every subject.
+    pub fn all_open() -> Self {
+        TaskFilter {
+            subject: None,
+            state: Some(TaskState::Open),
+            limit: usize::MAX,
+        }
+    }
+
     pub fn matches(&self, t: &TaskRecord) -> bool {
         self.subject.as_deref().is_none_or(|p| t.owner.matches(p))
             && self.state.is_none_or(|s| t.state == s)
+    }
+
+    /// The listing order every store answers in: newest first, ties by id; then the limit.
+    pub fn order_and_limit(&self, tasks: &mut Vec<TaskRecord>) {
+        tasks.sort_by(|a, b| {
+            b.created_at
+                .cmp(&a.created_at)
+                .then_with(|| a.id.as_str().cmp(b.id.as_str()))
+        });
+        tasks.truncate(self.limit);
     }
 }
 

@@ -539,12 +539,7 @@ impl Store for RedisStore {
             }
             start += PAGE;
         }
-        out.sort_by(|a, b| {
-            b.created_at
-                .cmp(&a.created_at)
-                .then_with(|| a.id.as_str().cmp(b.id.as_str()))
-        });
-        out.truncate(filter.limit);
+        filter.order_and_limit(&mut out);
         Ok(out)
     }
 
