@@ -614,8 +614,9 @@ impl Broker {
 
     /// Lifts a standing block: new exchanges are allowed again; tokens issued before it stay
     /// revoked.
-    pub async fn lift_revocation(
+    pub async fn lift_block(
         &self,
+        kind: crate::store::BlockKind,
         id: &str,
         actor: &str,
         source_ip: Option<String>,
@@ -626,10 +627,16 @@ impl Broker {
             .list_blocks()
             .await
             .map_err(|_| BrokerError::unavailable())?;
-        let Some(mut record) = blocks.into_iter().find(|b| b.id == id) else {
+        let noun = match kind {
+            crate::store::BlockKind::Revocation => "revocation",
+            crate::store::BlockKind::Quarantine => "quarantine",
+        };
+        // A block is lifted only through its own collection: a quarantine id under
+        // /revocations (or the reverse) is not found.
+        let Some(mut record) = blocks.into_iter().find(|b| b.id == id && b.kind == kind) else {
             return Err(BrokerError::new(
                 ErrorCode::NotFound,
-                format!("no revocation `{id}`"),
+                format!("no {noun} `{id}`"),
             ));
         };
         if record.lifted_at.is_none() {
@@ -647,9 +654,9 @@ impl Broker {
                 audit::Entry {
                     decision: Some("allow"),
                     subject: Some(actor.to_string()),
-                    reason: format!("revocation {id} lifted"),
+                    reason: format!("{noun} {id} lifted"),
                     source_ip,
-                    detail: Some(json!({"action": "lift", "revocation_id": id})),
+                    detail: Some(json!({"action": "lift", format!("{noun}_id"): id})),
                     ..audit::Entry::default()
                 },
             )?;

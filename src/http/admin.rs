@@ -189,24 +189,43 @@ pub async fn list_quarantines(
     list_blocks(&broker, peer, &headers, BlockKind::Quarantine).await
 }
 
-pub async fn lift_revocation(
-    State(broker): State<Arc<Broker>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    Path(id): Path<String>,
-    headers: HeaderMap,
+async fn lift_block(
+    broker: &Broker,
+    peer: SocketAddr,
+    headers: &HeaderMap,
+    kind: BlockKind,
+    id: &str,
 ) -> Response {
     let ip = Some(peer.ip().to_string());
     let result = async {
         let caller = broker
-            .authorize(authorization(&headers), Role::Admin, ip.clone())
+            .authorize(authorization(headers), Role::Admin, ip.clone())
             .await?;
-        broker.lift_revocation(&id, &caller.name(), ip).await
+        broker.lift_block(kind, id, &caller.name(), ip).await
     }
     .await;
     match result {
         Ok(r) => json_no_store(json!(r)),
         Err(e) => e.into_response(),
     }
+}
+
+pub async fn lift_revocation(
+    State(broker): State<Arc<Broker>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    lift_block(&broker, peer, &headers, BlockKind::Revocation, &id).await
+}
+
+pub async fn lift_quarantine(
+    State(broker): State<Arc<Broker>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    lift_block(&broker, peer, &headers, BlockKind::Quarantine, &id).await
 }
 
 #[derive(Debug, Deserialize)]

@@ -54,7 +54,7 @@ pub fn router(broker: Arc<Broker>) -> Router {
         )
         .route("/admin/v1/revocations/{id}", delete(admin::lift_revocation))
         .route("/admin/v1/quarantines", get(admin::list_quarantines))
-        .route("/admin/v1/quarantines/{id}", delete(admin::lift_revocation))
+        .route("/admin/v1/quarantines/{id}", delete(admin::lift_quarantine))
         .route("/admin/v1/tasks", get(admin::list_tasks))
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))

@@ -160,6 +160,24 @@ async fn a_quarantine_can_be_lifted_by_an_admin() {
         .await;
     let id = q["quarantines"][0]["id"].as_str().unwrap().to_string();
     assert!(id.starts_with("qtn_"));
+    // Not through the revocations collection: each kind is lifted only under its own path.
+    let (s, v) = app
+        .call(
+            Method::DELETE,
+            &format!("/admin/v1/revocations/{id}"),
+            Some(ADMIN_TOKEN),
+            None,
+        )
+        .await;
+    assert_eq!(s, 404, "{v}");
+    assert_eq!(v["error"], "not_found");
+    assert_eq!(
+        v["error_description"],
+        format!("no revocation `{id}`"),
+        "{v}"
+    );
+    app.expect_error(&app.svid(AGENT), "repo:read", &[], 400, "invalid_grant")
+        .await;
     let (s, v) = app
         .call(
             Method::DELETE,
