@@ -206,11 +206,7 @@ fn token_exchange_reports_an_unreachable_broker() {
 fn dev_starts_a_working_broker_and_prints_how_to_use_it() {
     use std::io::{BufRead, BufReader};
     let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let addr = format!("127.0.0.1:{port}");
     let mut child = writ()
         .current_dir(dir.path())
@@ -287,11 +283,7 @@ impl Drop for Dev {
 fn start_dev() -> Dev {
     use std::io::{BufRead, BufReader};
     let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let mut child = writ()
         .current_dir(dir.path())
         .args(["dev", "--listen", &format!("127.0.0.1:{port}")])
@@ -483,11 +475,7 @@ fn task_end_revoke_and_listings_from_the_command_line() {
 fn serve_logs_json_with_request_ids_and_stops_cleanly_on_sigterm() {
     use std::io::{BufRead, BufReader, Read};
     let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let cfg = write_config(dir.path(), "");
     let text = std::fs::read_to_string(&cfg).unwrap().replace(
         "[server]\n",
@@ -545,4 +533,13 @@ fn serve_logs_json_with_request_ids_and_stops_cleanly_on_sigterm() {
         .arg(dir.path().join("audit.jsonl")));
     assert!(ok, "{err}");
     assert!(stdout.contains("chain intact"));
+}
+
+/// A loopback port that was free a moment ago.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }

@@ -668,21 +668,7 @@ async fn delegation_narrows_and_records_the_actor() {
     let parent_task = v["task_id"].as_str().unwrap().to_string();
     let delegate = |scope: &'static str, token: String| {
         let app = &app;
-        async move {
-            let (s, v, _) = app
-                .post_form(
-                    "/oauth2/token",
-                    &[
-                        ("grant_type", GRANT),
-                        ("subject_token", &token),
-                        ("subject_token_type", AT_TYPE),
-                        ("scope", scope),
-                        ("audience", API),
-                    ],
-                )
-                .await;
-            (s, v)
-        }
+        async move { app.delegate(&token, scope).await }
     };
     let (s, v) = delegate("repo:read", parent.clone()).await;
     assert_eq!(s, 200, "{v}");

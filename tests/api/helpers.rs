@@ -414,6 +414,19 @@ impl TestApp {
         (s, v)
     }
 
+    /// Delegation: exchanges a task token (as an access token) for `scope` at the API.
+    pub async fn delegate(&self, token: &str, scope: &str) -> (u16, Value) {
+        let form = [
+            ("grant_type", GRANT),
+            ("subject_token", token),
+            ("subject_token_type", AT_TYPE),
+            ("scope", scope),
+            ("audience", API),
+        ];
+        let (s, v, _) = self.post_form("/oauth2/token", &form).await;
+        (s, v)
+    }
+
     /// Asserts an OAuth error response with the exact status and code.
     pub async fn expect_error(
         &self,

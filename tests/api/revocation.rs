@@ -146,18 +146,7 @@ async fn a_holder_revokes_its_own_token() {
         (400, "unsupported_token_type")
     );
     // A revoked token cannot be used for delegation.
-    let (s, v, _) = app
-        .post_form(
-            "/oauth2/token",
-            &[
-                ("grant_type", GRANT),
-                ("subject_token", &token),
-                ("subject_token_type", AT_TYPE),
-                ("scope", "repo:read"),
-                ("audience", API),
-            ],
-        )
-        .await;
+    let (s, v) = app.delegate(&token, "repo:read").await;
     assert_eq!(
         (s, v["error"].as_str().unwrap()),
         (400, "invalid_grant"),
@@ -169,18 +158,7 @@ async fn a_holder_revokes_its_own_token() {
 async fn ending_a_task_revokes_its_tokens_and_its_delegations() {
     let app = spawn_app().await;
     let (token, task) = app.task_token(AGENT, "repo:read").await;
-    let (s, v, _) = app
-        .post_form(
-            "/oauth2/token",
-            &[
-                ("grant_type", GRANT),
-                ("subject_token", &token),
-                ("subject_token_type", AT_TYPE),
-                ("scope", "repo:read"),
-                ("audience", API),
-            ],
-        )
-        .await;
+    let (s, v) = app.delegate(&token, "repo:read").await;
     assert_eq!(s, 200, "{v}");
     let child = v["access_token"].as_str().unwrap().to_string();
 
