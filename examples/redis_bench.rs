@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use writ::domain::{Clock, Subject, SystemClock, TaskId};
-use writ::revoke::RevocationCache;
+use writ::revocation::RevocationCache;
 use writ::store::redis::RedisStore;
 use writ::store::{FeedEvent, Store, TaskRecord, TaskState, TokenEntry};
 use writ::token::{Aud, TaskClaims};
@@ -39,7 +39,7 @@ async fn main() -> anyhow::Result<()> {
     let b: Arc<dyn Store> =
         Arc::new(RedisStore::connect(Some(&url), &[], Some("bench:"), horizon).await?);
     let cache = Arc::new(RevocationCache::new(Duration::from_secs(5), false));
-    tokio::spawn(writ::revoke::follow(
+    tokio::spawn(writ::revocation::follow(
         b.clone(),
         cache.clone(),
         clock.clone(),

@@ -39,7 +39,7 @@ async fn main() -> anyhow::Result<()> {
     let store = connect_store(&config).await?;
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let broker = Arc::new(Broker::build_with(config, clock.clone(), store)?);
-    tokio::spawn(writ::revoke::follow(
+    tokio::spawn(writ::revocation::follow(
         broker.store.clone(),
         broker.revocations.clone(),
         clock.clone(),

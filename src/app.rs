@@ -150,7 +150,7 @@ pub fn spawn_background(broker: Arc<Broker>) -> Vec<tokio::task::JoinHandle<()>>
         }
     }));
 
-    handles.push(tokio::spawn(crate::revoke::follow(
+    handles.push(tokio::spawn(crate::revocation::follow(
         broker.store.clone(),
         broker.revocations.clone(),
         broker.clock.clone(),

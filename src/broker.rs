@@ -6,24 +6,32 @@ use crate::audit::{self, AuditLog};
 use crate::cache::VerifiedCache;
 use crate::config::{Config, ConfigError, StoreBackend};
 use crate::domain::{Audience, Clock, SystemClock};
+use crate::error::{BrokerError, Failure};
 use crate::identity::IdentityVerifier;
 use crate::metrics::Metrics;
 use crate::policy::{PolicyHandle, PolicySet};
-use crate::revoke::RevocationCache;
-use crate::store::Store;
+use crate::revocation::RevocationCache;
 use crate::store::memory::MemoryStore;
 use crate::store::redis::RedisStore;
+use crate::store::{BlockKind, FeedEvent, Store};
 use crate::token::keys::{KeySet, SigningKey};
 use crate::token::{TaskClaims, TokenIssuer};
 
 /// Settings the use cases read on every request, resolved once.
 #[derive(Debug, Clone)]
 pub struct Limits {
-    pub default_ttl: u64,
-    pub max_ttl: u64,
+    pub default_ttl_secs: u64,
+    pub max_ttl_secs: u64,
     pub default_audience: Option<Audience>,
-    pub max_task_duration: u64,
+    pub max_task_duration_secs: u64,
     pub max_tokens: u32,
+}
+
+impl Limits {
+    /// `until` for a revocation that covers any token issued up to `now`.
+    pub fn token_horizon(&self, now: i64) -> i64 {
+        now.saturating_add(i64::try_from(self.max_ttl_secs).unwrap_or(i64::MAX))
+    }
 }
 
 pub struct Broker {
@@ -128,14 +136,10 @@ impl Broker {
         let audit = AuditLog::open(&config.audit.path)
             .map_err(|e| ConfigError::new("audit.path", e.to_string()))?;
         let limits = Limits {
-            default_ttl: config.tokens.default_ttl.as_secs(),
-            max_ttl: config.tokens.max_ttl.as_secs(),
-            default_audience: config
-                .tokens
-                .default_audience
-                .as_deref()
-                .and_then(Audience::parse),
-            max_task_duration: config.tasks.max_duration.as_secs(),
+            default_ttl_secs: config.tokens.default_ttl.as_secs(),
+            max_ttl_secs: config.tokens.max_ttl.as_secs(),
+            default_audience: config.tokens.default_audience.clone(),
+            max_task_duration_secs: config.tasks.max_duration.as_secs(),
             max_tokens: config.tasks.max_tokens,
         };
         let admin_hashes = config
@@ -169,6 +173,10 @@ impl Broker {
                     "Revocations published, by kind (token, task, selector, quarantine, lift).",
                 );
                 m.describe("writ_store_errors_total", "Store operations that failed.");
+                m.describe(
+                    "writ_failures_total",
+                    "Failures of the broker's own parts answered with 503, by part.",
+                );
                 m.describe(
                     "writ_http_requests_total",
                     "HTTP requests, by route and status.",
@@ -234,5 +242,36 @@ impl Broker {
 
     pub fn now(&self) -> i64 {
         self.clock.now()
+    }
+
+    /// A failure of one of the broker's parts: logged with its cause and counted once, and
+    /// answered with a 503.
+    pub fn fail(&self, e: impl Into<Failure>) -> BrokerError {
+        e.into().logged(&self.metrics)
+    }
+
+    /// Appends to the decision log; a failed append means nothing may be issued.
+    pub fn record(&self, event: audit::Event, e: audit::Entry) -> Result<u64, BrokerError> {
+        self.audit.append(event, e).map_err(|err| self.fail(err))
+    }
+
+    /// Publishes a revocation on the feed, then applies it here: effective on this replica
+    /// before the reply, on the others as they read the feed.
+    pub async fn publish(&self, event: &FeedEvent, now: i64) -> Result<(), BrokerError> {
+        self.store
+            .publish(event, now)
+            .await
+            .map_err(|e| self.fail(e))?;
+        let kind = match event {
+            FeedEvent::Token { .. } => "token",
+            FeedEvent::Task { .. } => "task",
+            FeedEvent::Block { record } if record.kind == BlockKind::Quarantine => "quarantine",
+            FeedEvent::Block { .. } => "selector",
+            FeedEvent::Lift { .. } => "lift",
+        };
+        self.metrics
+            .inc("writ_revocations_total", &[("kind", kind)]);
+        self.revocations.apply(event);
+        Ok(())
     }
 }

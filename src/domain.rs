@@ -55,13 +55,45 @@ impl Subject {
     }
     /// True when `pattern` is this subject, or a prefix ending in `/*` that covers it.
     pub fn matches(&self, pattern: &str) -> bool {
-        match pattern.strip_suffix("/*") {
-            Some(prefix) => self
-                .0
-                .strip_prefix(prefix)
-                .is_some_and(|rest| rest.starts_with('/')),
-            None => self.0 == pattern,
-        }
+        subject_matches(&self.0, pattern)
+    }
+
+    /// The trust domain (SPIFFE) or issuer (OIDC) of this subject.
+    pub fn issuer(&self) -> &str {
+        issuer_of(&self.0)
+    }
+}
+
+/// True when `pattern` is `subject`, or a prefix ending in `/*` that covers it.
+pub fn subject_matches(subject: &str, pattern: &str) -> bool {
+    match pattern.strip_suffix("/*") {
+        Some(prefix) => subject
+            .strip_prefix(prefix)
+            .is_some_and(|rest| rest.starts_with('/')),
+        None => subject == pattern,
+    }
+}
+
+/// The trust domain (SPIFFE) or issuer (OIDC) of a subject.
+pub fn issuer_of(subject: &str) -> &str {
+    if let Some(rest) = subject.strip_prefix("spiffe://") {
+        rest.split('/').next().unwrap_or(rest)
+    } else {
+        subject.split_once('#').map_or(subject, |(iss, _)| iss)
+    }
+}
+
+#[cfg(test)]
+mod subject_tests {
+    use super::*;
+
+    #[test]
+    fn issuer_of_subjects() {
+        assert_eq!(issuer_of("spiffe://example.org/agent/a"), "example.org");
+        assert_eq!(
+            issuer_of("https://issuer.example#repo:x#y"),
+            "https://issuer.example"
+        );
     }
 }
 
@@ -184,8 +216,26 @@ pub fn join_scopes(scopes: &[Scope]) -> String {
 /// A resource server a token is for: an absolute URI without fragment (RFC 8707) or a SPIFFE
 /// ID, at most 255 bytes.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(transparent)]
+#[serde(try_from = "String", into = "String")]
 pub struct Audience(String);
+
+impl TryFrom<String> for Audience {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        Audience::parse(&s).ok_or_else(|| {
+            format!(
+                "`{s}` is not an absolute URI without fragment or a SPIFFE ID of at most {MAX_AUDIENCE_LEN} bytes"
+            )
+        })
+    }
+}
+
+impl From<Audience> for String {
+    fn from(a: Audience) -> String {
+        a.0
+    }
+}
 
 impl Audience {
     pub fn parse(s: &str) -> Option<Self> {

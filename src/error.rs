@@ -1,7 +1,20 @@
-//! The outcome codes of the use cases, in OAuth's words (RFC 6749 §5.2, RFC 8693 §2.2.2).
-//! The HTTP layer turns them into responses; the use cases know nothing of HTTP.
+//! The outcome codes of the use cases, in OAuth's words (RFC 6749 §5.2, RFC 8693 §2.2.2),
+//! and the one error a use case returns. The HTTP layer turns it into a response; the use
+//! cases know nothing of HTTP.
+//!
+//! Two kinds of failure reach a caller: a refusal (the request is wrong or not allowed: a code
+//! and a short description) and a failure of the broker's own parts (store, decision log,
+//! signing, an identity source). A failure is logged with its whole cause chain and counted
+//! once, where it is turned into a [`BrokerError`] ([`Failure::logged`]); the caller is told
+//! only that the broker cannot decide safely.
 
 use std::fmt;
+
+use crate::audit::AuditError;
+use crate::identity::IdentityError;
+use crate::metrics::Metrics;
+use crate::store::StoreError;
+use crate::token::TokenError;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorCode {
@@ -66,6 +79,33 @@ impl BrokerError {
     pub fn invalid_request(d: impl Into<String>) -> Self {
         Self::new(ErrorCode::InvalidRequest, d)
     }
+    pub fn invalid_grant(d: impl Into<String>) -> Self {
+        Self::new(ErrorCode::InvalidGrant, d)
+    }
+    pub fn invalid_scope(d: impl Into<String>) -> Self {
+        Self::new(ErrorCode::InvalidScope, d)
+    }
+    pub fn invalid_target(d: impl Into<String>) -> Self {
+        Self::new(ErrorCode::InvalidTarget, d)
+    }
+    pub fn invalid_token(d: impl Into<String>) -> Self {
+        Self::new(ErrorCode::InvalidToken, d)
+    }
+    pub fn access_denied(d: impl Into<String>) -> Self {
+        Self::new(ErrorCode::AccessDenied, d)
+    }
+    pub fn not_found(d: impl Into<String>) -> Self {
+        Self::new(ErrorCode::NotFound, d)
+    }
+    pub fn too_large(limit: usize) -> Self {
+        Self::new(
+            ErrorCode::PayloadTooLarge,
+            format!("the body is larger than {limit} bytes"),
+        )
+    }
+    /// The answer for any failure of the broker's own parts. Build it through
+    /// [`Failure::logged`], which logs and counts the cause; this constructor is for the
+    /// places that have no cause to report (a revocation view not yet confirmed).
     pub fn unavailable() -> Self {
         Self::new(
             ErrorCode::TemporarilyUnavailable,
@@ -81,3 +121,51 @@ impl fmt::Display for BrokerError {
 }
 
 impl std::error::Error for BrokerError {}
+
+/// A failure of one of the broker's own parts, with its cause.
+#[non_exhaustive]
+#[derive(Debug, thiserror::Error)]
+pub enum Failure {
+    #[error("store operation failed")]
+    Store(#[from] StoreError),
+    #[error("decision log append failed")]
+    Audit(#[from] AuditError),
+    #[error("token signing failed")]
+    Token(#[from] TokenError),
+    #[error("identity source unavailable")]
+    Identity(#[from] IdentityError),
+}
+
+impl Failure {
+    /// The metric label of the part that failed.
+    pub fn part(&self) -> &'static str {
+        match self {
+            Failure::Store(_) => "store",
+            Failure::Audit(_) => "audit",
+            Failure::Token(_) => "signing",
+            Failure::Identity(_) => "identity",
+        }
+    }
+
+    /// Logs the failure once with its cause chain, counts it, and gives the caller's answer.
+    pub fn logged(self, metrics: &Metrics) -> BrokerError {
+        tracing::error!(part = self.part(), error = %chain(&self), "{self}");
+        metrics.inc("writ_failures_total", &[("part", self.part())]);
+        if matches!(self, Failure::Store(_)) {
+            metrics.inc("writ_store_errors_total", &[]);
+        }
+        BrokerError::unavailable()
+    }
+}
+
+/// An error and its causes, joined: `outer: inner: innermost`.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cur = c.source();
+    }
+    out
+}

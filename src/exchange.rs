@@ -1,19 +1,22 @@
-//! The token exchange use case (RFC 8693, SPEC §4.1): verify the caller, decide every scope,
-//! record the task and the decision, then sign.
+//! The token exchange use case (RFC 8693, SPEC §4.1), in five steps: authenticate the
+//! caller, apply the guards that come before policy, decide every scope, record the task and
+//! the decision, then sign. Every refusal takes one path ([`Refusal`]): it is recorded, it
+//! reports the trip rule it carries, and it counts as a denial where it should.
 
 use std::collections::BTreeSet;
 
 use serde::Serialize;
-use serde_json::json;
+use serde_json::{Value, json};
 
 use crate::audit::{self, Event};
 use crate::broker::Broker;
-use crate::domain::{Audience, Scope, Subject, TaskId, TokenId, join_scopes};
+use crate::domain::{Audience, Scope, Subject, TaskId, TokenId};
 use crate::error::{BrokerError, ErrorCode};
-use crate::identity::{IdentityKind, Source, VerifiedIdentity};
-use crate::policy::{PolicyAction, PolicyContext, PolicyPrincipal, PrincipalKind};
-use crate::store::{MintOutcome, TaskRecord, TaskState, TokenEntry};
+use crate::identity::{Accept, Source};
+use crate::policy::{PolicyAction, PolicyContext, PolicyPrincipal};
+use crate::store::{BlockKind, MintOutcome, TaskRecord, TaskState, TokenEntry};
 use crate::token::{Aud, TaskClaims};
+use crate::trips::{self, Consequence};
 
 pub const GRANT_TYPE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
 pub const TYPE_JWT: &str = "urn:ietf:params:oauth:token-type:jwt";
@@ -31,7 +34,7 @@ pub enum SubjectTokenType {
 /// A parsed, well-formed exchange request.
 #[derive(Debug, Clone)]
 pub struct ExchangeRequest {
-    pub subject_token: String,
+    pub subject_token: secrecy::SecretString,
     pub subject_token_type: SubjectTokenType,
     pub scopes: Vec<Scope>,
     pub audiences: Vec<Audience>,
@@ -52,7 +55,7 @@ pub struct TokenResponse {
 }
 
 /// Who asked: a verified workload, or the holder of one of our task tokens (delegation).
-struct Caller {
+struct Requester {
     subject: Subject,
     issuer: String,
     source: Source,
@@ -60,67 +63,161 @@ struct Caller {
     action: PolicyAction,
     depth: u32,
     parent: Option<TaskRecord>,
-    act: Option<serde_json::Value>,
+    act: Option<Value>,
 }
 
-pub fn policy_principal(id: &VerifiedIdentity) -> PolicyPrincipal {
-    let kind = match &id.kind {
-        IdentityKind::Spiffe { spiffe_id } => PrincipalKind::Spiffe {
-            trust_domain: spiffe_id.trust_domain_name().to_string(),
-            path: spiffe_id.path().to_string(),
-            spiffe_id: spiffe_id.to_string(),
-        },
-        IdentityKind::Oidc {
-            issuer,
-            sub,
-            claims,
-        } => PrincipalKind::Oidc {
-            issuer: issuer.clone(),
-            sub: sub.clone(),
-            claims: claims.clone(),
-        },
-    };
-    PolicyPrincipal {
-        subject: id.subject.to_string(),
-        kind,
+/// What is asked, resolved: the audiences (or the default), the scopes and the TTL wanted.
+struct Ask {
+    audience: Vec<String>,
+    scopes: Vec<String>,
+    ttl_secs: u64,
+}
+
+/// What policy decided for a request it allows.
+struct Decision {
+    version: String,
+    policies: Vec<String>,
+    /// The smallest `@max_ttl` of the permits, in seconds.
+    cap_secs: u64,
+}
+
+/// A request refused: its answer, what the decision log records, and the trip rule it
+/// reports or the denial it counts. Built by the constructors below, answered by
+/// [`Broker::refuse`].
+#[derive(Debug)]
+pub(crate) struct Refusal {
+    code: ErrorCode,
+    description: String,
+    reason: String,
+    policy_version: Option<String>,
+    policies: Vec<String>,
+    detail: Option<Value>,
+    trip: Option<&'static str>,
+    evidence: Value,
+    counts_as_denial: bool,
+}
+
+impl Refusal {
+    /// `invalid_grant`: the task or subject cannot be granted anything now.
+    fn grant(reason: impl Into<String>) -> Self {
+        let reason = reason.into();
+        Refusal {
+            code: ErrorCode::InvalidGrant,
+            description: reason.clone(),
+            reason,
+            policy_version: None,
+            policies: Vec::new(),
+            detail: None,
+            trip: None,
+            evidence: Value::Null,
+            counts_as_denial: false,
+        }
+    }
+
+    /// `invalid_target`: no audience could be resolved.
+    fn target(reason: &str) -> Self {
+        Refusal {
+            code: ErrorCode::InvalidTarget,
+            ..Refusal::grant(reason)
+        }
+    }
+
+    /// `invalid_scope` by a rule on scopes: reported to its trip rule and counted as a
+    /// denial.
+    fn scope_rule(
+        rule: &'static str,
+        policy_version: Option<String>,
+        reason: String,
+        evidence: Value,
+        description: &str,
+    ) -> Self {
+        Refusal {
+            code: ErrorCode::InvalidScope,
+            description: description.to_string(),
+            reason,
+            policy_version,
+            trip: Some(rule),
+            evidence,
+            counts_as_denial: true,
+            ..Refusal::grant("")
+        }
+    }
+
+    /// `invalid_scope` by policy: counted as a denial.
+    fn policy(
+        denied: Vec<String>,
+        notes: &[String],
+        version: String,
+        policies: Vec<String>,
+    ) -> Self {
+        let list = denied.join(" ");
+        let reason = if notes.is_empty() {
+            format!("policy denies {list}")
+        } else {
+            format!("policy denies {list} ({})", notes.join("; "))
+        };
+        let evidence = json!({"denied_scopes": denied});
+        Refusal {
+            code: ErrorCode::InvalidScope,
+            description: format!("policy does not allow: {list}"),
+            reason,
+            policy_version: Some(version),
+            policies,
+            detail: Some(evidence.clone()),
+            evidence,
+            counts_as_denial: true,
+            ..Refusal::grant("")
+        }
+    }
+
+    /// `invalid_grant` because the task's token budget is spent: reported to its trip rule.
+    fn budget(task: &TaskRecord, limit: u32) -> Self {
+        let evidence =
+            json!({"task_id": task.id, "tokens_issued": task.tokens_issued, "limit": limit});
+        Refusal {
+            trip: Some(trips::TASK_BUDGET),
+            evidence,
+            ..Refusal::grant(format!(
+                "task token budget of {} is spent",
+                limit.min(task.tokens_issued)
+            ))
+        }
+    }
+
+    /// The refusal of a mint the store would not count.
+    fn mint(outcome: &MintOutcome, limit: u32) -> Option<Self> {
+        match outcome {
+            MintOutcome::Minted(_) => None,
+            MintOutcome::NotFound => Some(Refusal::grant("unknown task")),
+            MintOutcome::NotOwner => Some(Refusal::grant("task is owned by another subject")),
+            MintOutcome::Closed(_) => Some(Refusal::grant("task is no longer open")),
+            MintOutcome::OverBudget(t) => Some(Refusal::budget(t, limit)),
+        }
     }
 }
 
-/// The policy principal of a task's owner, rebuilt from what the task recorded.
-pub fn principal_of_task(task: &TaskRecord) -> PolicyPrincipal {
-    let claims = task
-        .claims
-        .iter()
-        .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
-        .collect();
-    principal_from_subject(&task.owner, &task.issuer, claims)
+/// Why an exchange stopped: refused (answered through [`Broker::refuse`]) or failed (a
+/// broker part failed, already logged and counted).
+enum Stop {
+    Refused(Box<Refusal>),
+    Failed(BrokerError),
 }
 
-/// The policy principal for a subject read back from one of our own tokens or tasks.
-fn principal_from_subject(
-    subject: &Subject,
-    issuer: &str,
-    claims: serde_json::Map<String, serde_json::Value>,
-) -> PolicyPrincipal {
-    let s = subject.as_str();
-    let kind = match crate::domain::parse_spiffe_id(s) {
-        Some(id) => PrincipalKind::Spiffe {
-            trust_domain: id.trust_domain_name().to_string(),
-            path: id.path().to_string(),
-            spiffe_id: s.to_string(),
-        },
-        None => PrincipalKind::Oidc {
-            issuer: issuer.to_string(),
-            sub: s
-                .split_once('#')
-                .map(|(_, sub)| sub.to_string())
-                .unwrap_or_default(),
-            claims,
-        },
-    };
-    PolicyPrincipal {
-        subject: s.to_string(),
-        kind,
+impl From<Refusal> for Stop {
+    fn from(r: Refusal) -> Self {
+        Stop::Refused(Box::new(r))
+    }
+}
+
+impl From<Box<Refusal>> for Stop {
+    fn from(r: Box<Refusal>) -> Self {
+        Stop::Refused(r)
+    }
+}
+
+impl From<BrokerError> for Stop {
+    fn from(e: BrokerError) -> Self {
+        Stop::Failed(e)
     }
 }
 
@@ -131,44 +228,195 @@ impl Broker {
             return Err(BrokerError::unavailable());
         }
         let now = self.now();
-        let caller = self.authenticate(&req, now).await?;
-
-        let audiences: Vec<Audience> = if req.audiences.is_empty() {
-            match &self.limits.default_audience {
-                Some(a) => vec![a.clone()],
-                None => {
-                    return Err(BrokerError::new(
-                        ErrorCode::InvalidTarget,
-                        "no audience or resource was requested and no default audience is configured",
-                    ));
-                }
-            }
-        } else {
-            req.audiences.clone()
+        let who = self.authenticate(&req, now).await?;
+        let ask = Ask {
+            audience: self.audiences(&req),
+            scopes: req.scopes.iter().map(|s| s.as_str().to_string()).collect(),
+            ttl_secs: req
+                .expires_in
+                .unwrap_or(self.limits.default_ttl_secs)
+                .max(1),
         };
-        let audience: Vec<String> = audiences.iter().map(|a| a.as_str().to_string()).collect();
-        let requested: Vec<String> = req.scopes.iter().map(|s| s.as_str().to_string()).collect();
-        let requested_ttl = req.expires_in.unwrap_or(self.limits.default_ttl).max(1);
-
-        let base_entry = || audit::Entry {
-            subject: Some(caller.subject.to_string()),
+        let entry = audit::Entry {
+            subject: Some(who.subject.to_string()),
             task_id: req.task_id.as_ref().map(|t| t.to_string()),
-            scopes_requested: requested.clone(),
-            audience: audience.clone(),
+            scopes_requested: ask.scopes.clone(),
+            audience: ask.audience.clone(),
             source_ip: req.source_ip.clone(),
             ..audit::Entry::default()
         };
+        match self.grant(&req, &who, &ask, now, entry.clone()).await {
+            Ok(response) => Ok(response),
+            Err(Stop::Failed(e)) => Err(e),
+            Err(Stop::Refused(r)) => Err(self
+                .refuse(entry, &who.subject, req.source_ip.as_deref(), r)
+                .await),
+        }
+    }
 
-        if let Some(block) = self.revocations.blocking(caller.subject.as_str(), now) {
+    /// The requested audiences, or the configured default.
+    fn audiences(&self, req: &ExchangeRequest) -> Vec<String> {
+        let list = if req.audiences.is_empty() {
+            self.limits.default_audience.iter().collect::<Vec<_>>()
+        } else {
+            req.audiences.iter().collect()
+        };
+        list.into_iter().map(|a| a.as_str().to_string()).collect()
+    }
+
+    /// Guards, policy, record, sign: the steps after authentication.
+    async fn grant(
+        &self,
+        req: &ExchangeRequest,
+        who: &Requester,
+        ask: &Ask,
+        now: i64,
+        entry: audit::Entry,
+    ) -> Result<TokenResponse, Stop> {
+        if ask.audience.is_empty() {
+            return Err(Refusal::target(
+                "no audience or resource was requested and no default audience is configured",
+            )
+            .into());
+        }
+        let existing = self.guards(req, who, ask, now).await?;
+        let decision = self.decide(who, ask, existing.as_ref(), &req.purpose, now)?;
+        let deadline = match (&existing, &who.parent) {
+            (Some(t), _) => t.deadline,
+            (None, parent) => {
+                let max = now.saturating_add(secs_i64(self.limits.max_task_duration_secs));
+                parent.as_ref().map_or(max, |p| p.deadline.min(max))
+            }
+        };
+        // TTL = min(request, policy cap, tokens.max_ttl, task deadline).
+        let ttl = ask
+            .ttl_secs
+            .min(decision.cap_secs)
+            .min(self.limits.max_ttl_secs)
+            .min(u64::try_from(deadline.saturating_sub(now)).unwrap_or(0));
+        if ttl == 0 {
+            return Err(Refusal::grant("task deadline has passed").into());
+        }
+        let token = TokenEntry {
+            jti: TokenId::generate().to_string(),
+            exp: now.saturating_add(secs_i64(ttl)),
+        };
+        let task = match existing {
+            Some(task) => {
+                let outcome = self
+                    .mint_into_task(&task.id, &who.subject, &token, now)
+                    .await?;
+                if let Some(refusal) = Refusal::mint(&outcome, self.limits.max_tokens) {
+                    return Err(refusal.into());
+                }
+                task
+            }
+            None => {
+                let task = self.new_task(req, who, ask, &decision.version, deadline, now);
+                self.open_task(&task, &token).await?;
+                task
+            }
+        };
+        self.record_grant(entry, who, ask, &task, &token, ttl, decision)?;
+        Ok(self.issue(who, ask, &task, &token, ttl, now)?)
+    }
+
+    /// Who is asking: a workload identity, or the holder of one of our task tokens.
+    async fn authenticate(
+        &self,
+        req: &ExchangeRequest,
+        now: i64,
+    ) -> Result<Requester, BrokerError> {
+        use secrecy::ExposeSecret;
+        let token = req.subject_token.expose_secret();
+        let accept = match req.subject_token_type {
+            SubjectTokenType::Jwt => Accept::AnyIdentity,
+            SubjectTokenType::IdToken => Accept::IdTokenOnly,
+            SubjectTokenType::AccessToken => return self.delegator(req, token, now).await,
+        };
+        let id = self
+            .identity
+            .verify(token, accept, now)
+            .await
+            .map_err(|e| self.subject_token_refused(token, e, req.source_ip.as_deref()))?;
+        Ok(Requester {
+            subject: id.subject.clone(),
+            issuer: id.issuer(),
+            source: id.source,
+            principal: PolicyPrincipal::of_identity(&id),
+            action: PolicyAction::Exchange,
+            depth: 0,
+            parent: None,
+            act: None,
+        })
+    }
+
+    /// The holder of a task token, delegating part of its task.
+    async fn delegator(
+        &self,
+        req: &ExchangeRequest,
+        token: &str,
+        now: i64,
+    ) -> Result<Requester, BrokerError> {
+        let claims = self
+            .tokens
+            .verify(token, now)
+            .map_err(|e| self.subject_token_refused(token, e, req.source_ip.as_deref()))?;
+        if self.revocations.revoked_reason(&claims, now).is_some() {
+            return Err(BrokerError::invalid_grant(
+                "the subject token has been revoked",
+            ));
+        }
+        let parent_id = TaskId::parse(&claims.txn)
+            .ok_or_else(|| BrokerError::invalid_request("subject_token is not valid"))?;
+        let parent = self
+            .get_task(&parent_id)
+            .await?
+            .filter(|t| t.is_open_at(now))
+            .ok_or_else(|| {
+                BrokerError::invalid_grant("the subject token's task is no longer open")
+            })?;
+        if req.task_id.is_some() {
+            return Err(BrokerError::invalid_request(
+                "task_id cannot be combined with a task token as subject_token",
+            ));
+        }
+        let mut act = json!({"sub": claims.sub});
+        if let Some(prev) = claims.act {
+            act["act"] = prev;
+        }
+        Ok(Requester {
+            principal: PolicyPrincipal::of_task_owner(&parent),
+            issuer: parent.issuer.clone(),
+            subject: Subject::from_trusted(claims.sub),
+            source: Source::TaskToken,
+            action: PolicyAction::Delegate,
+            depth: parent.depth + 1,
+            parent: Some(parent),
+            act: Some(act),
+        })
+    }
+
+    /// The checks before policy: standing blocks, the exchange rate, the scope count, and
+    /// that a delegated or minted-into task never exceeds what it was first granted. Returns
+    /// the task to mint into, when the request names one.
+    async fn guards(
+        &self,
+        req: &ExchangeRequest,
+        who: &Requester,
+        ask: &Ask,
+        now: i64,
+    ) -> Result<Option<TaskRecord>, Stop> {
+        if let Some(block) = self.revocations.blocking(who.subject.as_str(), now) {
             let why = match (block.kind, block.expires_at) {
-                (crate::store::BlockKind::Quarantine, Some(until)) => {
+                (BlockKind::Quarantine, Some(until)) => {
                     format!("subject is quarantined until {until} ({})", block.reason)
                 }
                 _ => format!("subject is blocked by revocation {}", block.id),
             };
-            return Err(self.grant_refused(base_entry(), &why));
+            return Err(Refusal::grant(why).into());
         }
-        self.count_exchange(&caller.subject, req.source_ip.as_deref())
+        self.count_exchange(&who.subject, req.source_ip.as_deref())
             .await?;
         if req.task_id.is_none()
             && let Some(max) = self
@@ -176,299 +424,215 @@ impl Broker {
                 .trips
                 .as_ref()
                 .and_then(|t| t.max_scopes_per_task)
-            && requested.len() > max as usize
+            && ask.scopes.len() > usize::try_from(max).unwrap_or(usize::MAX)
         {
-            let refusal = ScopeTrip {
-                rule: crate::trips::MAX_SCOPES,
-                policy_version: None,
-                reason: format!(
+            return Err(Refusal::scope_rule(
+                trips::MAX_SCOPES,
+                None,
+                format!(
                     "{} scopes requested; a task may hold at most {max}",
-                    requested.len()
+                    ask.scopes.len()
                 ),
-                evidence: json!({"scopes": requested, "limit": max}),
-                description: format!("a task may hold at most {max} distinct scopes"),
-            };
-            return Err(self
-                .refuse_scopes(
-                    base_entry(),
-                    &caller.subject,
-                    req.source_ip.as_deref(),
-                    refusal,
-                )
-                .await);
+                json!({"scopes": ask.scopes, "limit": max}),
+                &format!("a task may hold at most {max} distinct scopes"),
+            )
+            .into());
         }
-
-        // A delegated token can never carry more than its parent task was granted.
-        if let Some(parent) = &caller.parent {
-            let outside: Vec<&String> = requested
-                .iter()
-                .filter(|s| !parent.scopes.contains(s))
-                .collect();
+        if let Some(parent) = &who.parent {
+            let outside = outside_of(&ask.scopes, &parent.scopes);
             if !outside.is_empty() {
-                let refusal = ScopeTrip {
-                    rule: crate::trips::ESCALATION,
-                    policy_version: Some(parent.policy_version.clone()),
-                    reason: format!(
+                return Err(Refusal::scope_rule(
+                    trips::ESCALATION,
+                    Some(parent.policy_version.clone()),
+                    format!(
                         "delegation escalation: {} not granted to the parent task",
-                        join_list(&outside)
+                        outside.join(" ")
                     ),
-                    evidence: json!({"parent_task": parent.id, "outside": outside}),
-                    description: "a delegated task may not exceed its parent's scopes".into(),
-                };
-                return Err(self
-                    .refuse_scopes(
-                        base_entry(),
-                        &caller.subject,
-                        req.source_ip.as_deref(),
-                        refusal,
-                    )
-                    .await);
+                    json!({"parent_task": parent.id, "outside": outside}),
+                    "a delegated task may not exceed its parent's scopes",
+                )
+                .into());
             }
         }
+        match &req.task_id {
+            Some(id) => Ok(Some(self.task_to_mint_into(id, who, ask, now).await?)),
+            None => Ok(None),
+        }
+    }
 
-        // An existing task: ownership, state and budget are checked again atomically when
-        // the token is counted; this early look refuses escalation before policy runs.
-        let existing = match &req.task_id {
-            Some(id) => {
-                let task = self
-                    .store
-                    .get_task(id)
-                    .await
-                    .map_err(|e| self.unavailable(e))?;
-                let Some(task) = task else {
-                    return Err(self.grant_refused(base_entry(), "unknown task"));
-                };
-                if task.owner != caller.subject {
-                    return Err(
-                        self.grant_refused(base_entry(), "task is owned by another subject")
-                    );
-                }
-                if !task.is_open_at(now) {
-                    return Err(self.grant_refused(base_entry(), "task is no longer open"));
-                }
-                let outside: Vec<&String> = requested
-                    .iter()
-                    .filter(|s| !task.scopes.contains(s))
-                    .collect();
-                if !outside.is_empty() {
-                    let refusal = ScopeTrip {
-                        rule: crate::trips::ESCALATION,
-                        policy_version: Some(self.policy.current().version().to_string()),
-                        reason: format!(
-                            "escalation: {} outside the task's first grant",
-                            join_list(&outside)
-                        ),
-                        evidence: json!({"task_id": task.id, "granted": task.scopes, "outside": outside}),
-                        description: "requested scope is outside what the task was granted".into(),
-                    };
-                    return Err(self
-                        .refuse_scopes(
-                            base_entry(),
-                            &caller.subject,
-                            req.source_ip.as_deref(),
-                            refusal,
-                        )
-                        .await);
-                }
-                Some(task)
-            }
-            None => None,
+    /// An existing task: ownership, state and budget are checked again atomically when the
+    /// token is counted; this early look refuses escalation before policy runs.
+    async fn task_to_mint_into(
+        &self,
+        id: &TaskId,
+        who: &Requester,
+        ask: &Ask,
+        now: i64,
+    ) -> Result<TaskRecord, Stop> {
+        let Some(task) = self.get_task(id).await? else {
+            return Err(Refusal::grant("unknown task").into());
         };
+        if task.owner != who.subject {
+            return Err(Refusal::grant("task is owned by another subject").into());
+        }
+        if !task.is_open_at(now) {
+            return Err(Refusal::grant("task is no longer open").into());
+        }
+        let outside = outside_of(&ask.scopes, &task.scopes);
+        if !outside.is_empty() {
+            return Err(Refusal::scope_rule(
+                trips::ESCALATION,
+                Some(self.policy.current().version().to_string()),
+                format!(
+                    "escalation: {} outside the task's first grant",
+                    outside.join(" ")
+                ),
+                json!({"task_id": task.id, "granted": task.scopes, "outside": outside}),
+                "requested scope is outside what the task was granted",
+            )
+            .into());
+        }
+        Ok(task)
+    }
 
-        // Policy: one decision per scope; any denial refuses the whole request.
+    /// Policy: one decision per scope; any denial refuses the whole request.
+    fn decide(
+        &self,
+        who: &Requester,
+        ask: &Ask,
+        existing: Option<&TaskRecord>,
+        purpose: &str,
+        now: i64,
+    ) -> Result<Decision, Box<Refusal>> {
         let policies = self.policy.current();
         let ctx = PolicyContext {
-            audience: audience.clone(),
-            purpose: existing
-                .as_ref()
-                .map(|t| t.purpose.clone())
-                .unwrap_or_else(|| req.purpose.clone()),
-            ttl: requested_ttl,
-            source: caller.source.as_str().to_string(),
-            depth: caller.depth,
+            audience: ask.audience.clone(),
+            purpose: existing.map_or_else(|| purpose.to_string(), |t| t.purpose.clone()),
+            ttl: ask.ttl_secs,
+            source: who.source.as_str().to_string(),
+            depth: who.depth,
             now,
         };
         let mut determining = BTreeSet::new();
-        let mut cap = u64::MAX;
+        let mut cap_secs = u64::MAX;
         let mut denied = Vec::new();
         let mut notes = Vec::new();
-        for d in policies.decide_all(&caller.principal, caller.action, &requested, &ctx) {
-            let scope = &d.scope;
+        for d in policies.decide_all(&who.principal, who.action, &ask.scopes, &ctx) {
             if !d.errors.is_empty() {
-                notes.push(format!("{scope}: evaluation error"));
-                tracing::warn!(scope = %scope, errors = ?d.errors, "policy evaluation error counted as deny");
+                notes.push(format!("{}: evaluation error", d.scope));
+                tracing::warn!(scope = %d.scope, errors = ?d.errors, "policy evaluation error counted as deny");
             }
             if d.allowed && d.approval_required {
-                notes.push(format!("{scope}: approval required"));
-                denied.push(scope.clone());
+                notes.push(format!("{}: approval required", d.scope));
+                denied.push(d.scope);
             } else if d.allowed {
                 if let Some(c) = d.max_ttl {
-                    cap = cap.min(c.as_secs());
+                    cap_secs = cap_secs.min(c.as_secs());
                 }
             } else {
-                denied.push(scope.clone());
+                denied.push(d.scope);
             }
             determining.extend(d.policies);
         }
         let version = policies.version().to_string();
+        let policies = determining.into_iter().collect();
         if !denied.is_empty() {
-            let mut e = base_entry();
-            e.decision = Some("deny");
-            e.policy_version = Some(version);
-            e.policies = determining.into_iter().collect();
-            e.reason = if notes.is_empty() {
-                format!("policy denies {}", denied.join(" "))
-            } else {
-                format!("policy denies {} ({})", denied.join(" "), notes.join("; "))
-            };
-            e.detail = Some(json!({"denied_scopes": denied}));
-            self.append(Event::Exchange, e)?;
-            self.count_denial(
-                &caller.subject,
-                json!({"denied_scopes": denied}),
-                req.source_ip.as_deref(),
-            )
-            .await?;
-            return Err(BrokerError::new(
-                ErrorCode::InvalidScope,
-                format!("policy does not allow: {}", denied.join(" ")),
-            ));
+            return Err(Box::new(Refusal::policy(denied, &notes, version, policies)));
         }
+        Ok(Decision {
+            version,
+            policies,
+            cap_secs,
+        })
+    }
 
-        // TTL = min(request, policy cap, tokens.max_ttl, task deadline).
-        let deadline = match (&existing, &caller.parent) {
-            (Some(t), _) => t.deadline,
-            (None, Some(p)) => p.deadline.min(now + self.limits.max_task_duration as i64),
-            (None, None) => now + self.limits.max_task_duration as i64,
-        };
-        let ttl = requested_ttl
-            .min(cap)
-            .min(self.limits.max_ttl)
-            .min(deadline.saturating_sub(now).max(0) as u64);
-        if ttl == 0 {
-            return Err(self.grant_refused(base_entry(), "task deadline has passed"));
+    /// The record of a task opened by this exchange.
+    fn new_task(
+        &self,
+        req: &ExchangeRequest,
+        who: &Requester,
+        ask: &Ask,
+        version: &str,
+        deadline: i64,
+        now: i64,
+    ) -> TaskRecord {
+        TaskRecord {
+            id: TaskId::generate(),
+            owner: who.subject.clone(),
+            issuer: who.issuer.clone(),
+            purpose: req.purpose.clone(),
+            created_at: now,
+            deadline,
+            state: TaskState::Open,
+            ended_at: None,
+            end_reason: None,
+            policy_version: version.to_string(),
+            scopes: ask.scopes.clone(),
+            audience: ask.audience.clone(),
+            tokens_issued: 1,
+            parent: who.parent.as_ref().map(|p| p.id.clone()),
+            depth: who.depth,
+            source: who.source.as_str().to_string(),
+            claims: who.principal.recorded_claims(),
         }
-        let exp = now + ttl as i64;
-        let jti = TokenId::generate();
-        let token_entry = TokenEntry {
-            jti: jti.to_string(),
-            exp,
-        };
+    }
 
-        // Record the task (or count the token into it) before anything is issued.
-        let task = match existing {
-            Some(task) => {
-                let outcome = self
-                    .store
-                    .mint_into_task(
-                        &task.id,
-                        &caller.subject,
-                        &token_entry,
-                        self.limits.max_tokens,
-                        now,
-                    )
-                    .await
-                    .map_err(|e| self.unavailable(e))?;
-                match outcome {
-                    MintOutcome::Minted(t) => t,
-                    MintOutcome::NotFound => {
-                        return Err(self.grant_refused(base_entry(), "unknown task"));
-                    }
-                    MintOutcome::NotOwner => {
-                        return Err(
-                            self.grant_refused(base_entry(), "task is owned by another subject")
-                        );
-                    }
-                    MintOutcome::Closed(_) => {
-                        return Err(self.grant_refused(base_entry(), "task is no longer open"));
-                    }
-                    MintOutcome::OverBudget(t) => {
-                        let evidence = json!({"task_id": t.id, "tokens_issued": t.tokens_issued, "limit": self.limits.max_tokens});
-                        self.trip(
-                            crate::trips::TASK_BUDGET,
-                            Some(&caller.subject),
-                            evidence,
-                            false,
-                            req.source_ip.as_deref(),
-                        )
-                        .await?;
-                        return Err(self.grant_refused(
-                            base_entry(),
-                            &format!(
-                                "task token budget of {} is spent",
-                                self.limits.max_tokens.min(t.tokens_issued)
-                            ),
-                        ));
-                    }
-                }
-            }
-            None => {
-                let task = TaskRecord {
-                    id: TaskId::generate(),
-                    owner: caller.subject.clone(),
-                    issuer: caller.issuer.clone(),
-                    purpose: req.purpose.clone(),
-                    created_at: now,
-                    deadline,
-                    state: TaskState::Open,
-                    ended_at: None,
-                    end_reason: None,
-                    policy_version: version.clone(),
-                    scopes: requested.clone(),
-                    audience: audience.clone(),
-                    tokens_issued: 1,
-                    parent: caller.parent.as_ref().map(|p| p.id.clone()),
-                    depth: caller.depth,
-                    source: caller.source.as_str().to_string(),
-                    claims: match &caller.principal.kind {
-                        PrincipalKind::Oidc { claims, .. } => {
-                            crate::policy::policy_claims(claims).into_iter().collect()
-                        }
-                        PrincipalKind::Spiffe { .. } => Default::default(),
-                    },
-                };
-                self.store
-                    .create_task(&task, &token_entry)
-                    .await
-                    .map_err(|e| self.unavailable(e))?;
-                task
-            }
-        };
-
-        let scope = join_scopes(&req.scopes);
-        let mut e = base_entry();
+    /// The allow record, appended before anything is signed.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "the record names each part of the grant"
+    )]
+    fn record_grant(
+        &self,
+        mut e: audit::Entry,
+        who: &Requester,
+        ask: &Ask,
+        task: &TaskRecord,
+        token: &TokenEntry,
+        ttl: u64,
+        decision: Decision,
+    ) -> Result<u64, BrokerError> {
         e.decision = Some("allow");
         e.task_id = Some(task.id.to_string());
-        e.jti = Some(jti.to_string());
-        e.scopes_granted = requested.clone();
+        e.jti = Some(token.jti.clone());
+        e.scopes_granted = ask.scopes.clone();
         e.ttl = Some(ttl);
-        e.policy_version = Some(version);
-        e.policies = determining.into_iter().collect();
-        e.reason = if caller.parent.is_some() {
+        e.policy_version = Some(decision.version);
+        e.policies = decision.policies;
+        e.reason = if who.parent.is_some() {
             "delegation permitted".into()
         } else {
             "permitted".into()
         };
-        self.append(Event::Exchange, e)?;
+        self.record(Event::Exchange, e)
+    }
 
+    /// Signs the token and builds the answer.
+    fn issue(
+        &self,
+        who: &Requester,
+        ask: &Ask,
+        task: &TaskRecord,
+        token: &TokenEntry,
+        ttl: u64,
+        now: i64,
+    ) -> Result<TokenResponse, BrokerError> {
+        let scope = ask.scopes.join(" ");
         let claims = TaskClaims {
             iss: self.tokens.issuer().to_string(),
-            sub: caller.subject.to_string(),
-            client_id: caller.subject.to_string(),
-            aud: Aud::from_list(audience),
+            sub: who.subject.to_string(),
+            client_id: who.subject.to_string(),
+            aud: Aud::from_list(ask.audience.clone()),
             scope: scope.clone(),
             txn: task.id.to_string(),
-            jti: jti.to_string(),
+            jti: token.jti.clone(),
             iat: now,
             nbf: now,
-            exp,
+            exp: token.exp,
             cnf: None,
-            act: caller.act,
+            act: who.act.clone(),
         };
-        let access_token = self.tokens.sign(&claims).map_err(|e| {
-            tracing::error!(error = %e, "signing failed");
-            BrokerError::unavailable()
-        })?;
+        let access_token = self.tokens.sign(&claims).map_err(|e| self.fail(e))?;
         Ok(TokenResponse {
             access_token,
             issued_token_type: TYPE_ACCESS_TOKEN,
@@ -479,83 +643,15 @@ impl Broker {
         })
     }
 
-    async fn authenticate(&self, req: &ExchangeRequest, now: i64) -> Result<Caller, BrokerError> {
-        match req.subject_token_type {
-            SubjectTokenType::Jwt | SubjectTokenType::IdToken => {
-                let id_only = req.subject_token_type == SubjectTokenType::IdToken;
-                let id = self
-                    .identity
-                    .verify(&req.subject_token, id_only, now)
-                    .await
-                    .map_err(|e| {
-                        self.subject_token_refused(&req.subject_token, e, req.source_ip.as_deref())
-                    })?;
-                Ok(Caller {
-                    subject: id.subject.clone(),
-                    issuer: id.issuer(),
-                    source: id.source,
-                    principal: policy_principal(&id),
-                    action: PolicyAction::Exchange,
-                    depth: 0,
-                    parent: None,
-                    act: None,
-                })
-            }
-            SubjectTokenType::AccessToken => {
-                let claims = self.tokens.verify(&req.subject_token, now).map_err(|e| {
-                    self.subject_token_refused(&req.subject_token, e, req.source_ip.as_deref())
-                })?;
-                if self.revocations.revoked_reason(&claims, now).is_some() {
-                    return Err(BrokerError::new(
-                        ErrorCode::InvalidGrant,
-                        "the subject token has been revoked",
-                    ));
-                }
-                let parent_id = TaskId::parse(&claims.txn)
-                    .ok_or_else(|| BrokerError::invalid_request("subject_token is not valid"))?;
-                let parent = self
-                    .store
-                    .get_task(&parent_id)
-                    .await
-                    .map_err(|e| self.unavailable(e))?
-                    .filter(|t| t.is_open_at(now))
-                    .ok_or_else(|| {
-                        BrokerError::new(
-                            ErrorCode::InvalidGrant,
-                            "the subject token's task is no longer open",
-                        )
-                    })?;
-                if req.task_id.is_some() {
-                    return Err(BrokerError::invalid_request(
-                        "task_id cannot be combined with a task token as subject_token",
-                    ));
-                }
-                let subject = Subject::from_trusted(claims.sub.clone());
-                let mut act = json!({"sub": claims.sub});
-                if let Some(prev) = claims.act {
-                    act["act"] = prev;
-                }
-                Ok(Caller {
-                    principal: principal_of_task(&parent),
-                    issuer: parent.issuer.clone(),
-                    subject,
-                    source: Source::TaskToken,
-                    action: PolicyAction::Delegate,
-                    depth: parent.depth + 1,
-                    parent: Some(parent),
-                    act: Some(act),
-                })
-            }
-        }
-    }
-
+    /// A subject token that did not verify: recorded (by its hash, never the token) and
+    /// answered with `invalid_request`, or 503 when the broker's own sources failed.
     fn subject_token_refused(
         &self,
         token: &str,
-        e: impl std::fmt::Display + IsUnavailable,
+        e: impl Into<SubjectTokenError>,
         ip: Option<&str>,
     ) -> BrokerError {
-        let unavailable = e.is_unavailable();
+        let e = e.into();
         tracing::info!(reason = %e, "subject token refused");
         let entry = audit::Entry {
             decision: Some("deny"),
@@ -566,102 +662,74 @@ impl Broker {
             ),
             ..audit::Entry::default()
         };
-        if let Err(err) = self.audit.append(Event::Exchange, entry) {
-            tracing::error!(error = %err, "decision log append failed");
-            return BrokerError::unavailable();
+        if let Err(err) = self.record(Event::Exchange, entry) {
+            return err;
         }
-        if unavailable {
-            BrokerError::unavailable()
-        } else {
-            BrokerError::invalid_request("subject_token is not valid")
+        match e {
+            SubjectTokenError::Identity(e) if e.is_unavailable() => self.fail(e),
+            _ => BrokerError::invalid_request("subject_token is not valid"),
         }
     }
 
-    /// A scope refusal that is also a trip: logged as a deny, reported to its trip rule,
-    /// counted as a denial, and answered with `invalid_scope` (or with whatever failed first).
-    async fn refuse_scopes(
+    /// The one path of every refusal: recorded as a deny, reported to its trip rule, counted
+    /// as a denial where it counts, and answered with its code (or with whatever failed
+    /// first on the way).
+    pub(crate) async fn refuse(
         &self,
         mut e: audit::Entry,
         subject: &Subject,
         ip: Option<&str>,
-        refusal: ScopeTrip,
+        r: Box<Refusal>,
     ) -> BrokerError {
+        let r = *r;
         e.decision = Some("deny");
-        e.policy_version = refusal.policy_version;
-        e.reason = refusal.reason;
+        e.reason = r.reason;
+        e.policy_version = r.policy_version;
+        e.policies = r.policies;
+        e.detail = r.detail;
         let steps = async {
-            self.append(Event::Exchange, e)?;
-            self.trip(
-                refusal.rule,
-                Some(subject),
-                refusal.evidence.clone(),
-                false,
-                ip,
-            )
-            .await?;
-            self.count_denial(subject, refusal.evidence, ip).await
+            self.record(Event::Exchange, e)?;
+            if let Some(rule) = r.trip {
+                self.trip(
+                    rule,
+                    Some(subject),
+                    r.evidence.clone(),
+                    Consequence::Record,
+                    ip,
+                )
+                .await?;
+            }
+            if r.counts_as_denial {
+                self.count_denial(subject, r.evidence, ip).await?;
+            }
+            Ok::<(), BrokerError>(())
         };
         match steps.await {
-            Ok(()) => BrokerError::new(ErrorCode::InvalidScope, refusal.description),
+            Ok(()) => BrokerError::new(r.code, r.description),
             Err(err) => err,
         }
     }
-
-    fn grant_refused(&self, mut e: audit::Entry, reason: &str) -> BrokerError {
-        e.decision = Some("deny");
-        e.reason = reason.to_string();
-        if let Err(err) = self.append(Event::Exchange, e) {
-            return err;
-        }
-        BrokerError::new(ErrorCode::InvalidGrant, reason)
-    }
-
-    fn unavailable(&self, e: impl std::fmt::Display) -> BrokerError {
-        self.store_failed(e)
-    }
-
-    /// A store operation failed: logged, counted, and answered with a 503.
-    pub(crate) fn store_failed(&self, e: impl std::fmt::Display) -> BrokerError {
-        tracing::error!(error = %e, "store unavailable");
-        self.metrics.inc("writ_store_errors_total", &[]);
-        BrokerError::unavailable()
-    }
-
-    /// Appends to the decision log; a failed append means nothing may be issued.
-    pub(crate) fn append(&self, event: Event, e: audit::Entry) -> Result<u64, BrokerError> {
-        self.audit.append(event, e).map_err(|err| {
-            tracing::error!(error = %err, "decision log append failed");
-            BrokerError::unavailable()
-        })
-    }
 }
 
-/// What `refuse_scopes` records and answers.
-struct ScopeTrip {
-    rule: &'static str,
-    policy_version: Option<String>,
-    reason: String,
-    evidence: serde_json::Value,
-    description: String,
+/// Why a subject token did not verify.
+#[derive(Debug, thiserror::Error)]
+enum SubjectTokenError {
+    #[error(transparent)]
+    Identity(#[from] crate::identity::IdentityError),
+    #[error(transparent)]
+    Token(#[from] crate::token::TokenError),
 }
 
-fn join_list(v: &[&String]) -> String {
-    v.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(" ")
+/// The scopes of `asked` that `granted` lacks.
+fn outside_of(asked: &[String], granted: &[String]) -> Vec<String> {
+    asked
+        .iter()
+        .filter(|s| !granted.contains(s))
+        .cloned()
+        .collect()
 }
 
-/// Whether a verification failure is the broker's infrastructure rather than the token.
-pub trait IsUnavailable {
-    fn is_unavailable(&self) -> bool;
-}
-
-impl IsUnavailable for crate::identity::IdentityError {
-    fn is_unavailable(&self) -> bool {
-        crate::identity::IdentityError::is_unavailable(self)
-    }
-}
-
-impl IsUnavailable for crate::token::TokenError {
-    fn is_unavailable(&self) -> bool {
-        false
-    }
+/// Seconds as a signed offset (saturating: no TTL or duration here comes near the bound).
+fn secs_i64(secs: u64) -> i64 {
+    i64::try_from(secs).unwrap_or(i64::MAX)
 }

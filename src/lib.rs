@@ -22,11 +22,15 @@ pub mod error;
 pub mod exchange;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod health;
 pub mod http;
 pub mod identity;
+pub mod introspect;
 pub mod metrics;
 pub mod policy;
+pub mod revocation;
 pub mod revoke;
 pub mod store;
+pub mod task;
 pub mod token;
 pub mod trips;

@@ -8,11 +8,11 @@ use serde_json::{Value, json};
 
 use crate::audit::{self, Event};
 use crate::broker::Broker;
-use crate::domain::{Subject, TaskId};
-use crate::error::{BrokerError, ErrorCode};
-use crate::exchange::principal_of_task;
-use crate::policy::{PolicyAction, PolicyContext};
+use crate::domain::Subject;
+use crate::error::BrokerError;
+use crate::policy::{PolicyAction, PolicyContext, PolicyPrincipal};
 use crate::store::{BlockKind, BlockRecord, BlockSelector, FeedEvent, TaskFilter, TaskState};
+use crate::task::ClosedTree;
 
 /// Rule names, as they appear in trip records and `writ_trips_total{rule}`.
 pub const DENIALS: &str = "denials";
@@ -21,6 +21,15 @@ pub const MAX_SCOPES: &str = "max_scopes_per_task";
 pub const ESCALATION: &str = "escalation";
 pub const TASK_BUDGET: &str = "task_budget";
 pub const POLICY_CHANGED: &str = "policy_changed";
+
+/// What a trip does besides being recorded and counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Consequence {
+    /// Recorded and counted only (the refusal that reported it stands on its own).
+    Record,
+    /// The subject's open tasks are revoked and, with `trips.quarantine`, it is quarantined.
+    RevokeAndQuarantine,
+}
 
 /// What a re-evaluation did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -51,24 +60,27 @@ impl Broker {
                 u64::from(rate.count) + 1,
             )
             .await
-            .map_err(|e| self.store_failed(e))?;
+            .map_err(|e| self.fail(e))?;
         if n <= u64::from(rate.count) {
             return Ok(());
         }
         if n == u64::from(rate.count) + 1 {
             let evidence =
                 json!({"exchanges": n, "limit": rate.count, "window_secs": rate.window.as_secs()});
-            self.trip(EXCHANGE_RATE, Some(subject), evidence, true, source_ip)
-                .await?;
+            self.trip(
+                EXCHANGE_RATE,
+                Some(subject),
+                evidence,
+                Consequence::RevokeAndQuarantine,
+                source_ip,
+            )
+            .await?;
         }
-        Err(BrokerError::new(
-            ErrorCode::InvalidGrant,
-            format!(
-                "more than {} exchanges within {}",
-                rate.count,
-                humantime::format_duration(rate.window)
-            ),
-        ))
+        Err(BrokerError::invalid_grant(format!(
+            "more than {} exchanges within {}",
+            rate.count,
+            humantime::format_duration(rate.window)
+        )))
     }
 
     /// Counts one policy denial of an authenticated subject; the `count`-th within the window
@@ -91,65 +103,45 @@ impl Broker {
                 u64::from(d.count) + 1,
             )
             .await
-            .map_err(|e| self.store_failed(e))?;
+            .map_err(|e| self.fail(e))?;
         if n == u64::from(d.count) {
             let evidence = json!({"denials": n, "limit": d.count, "window_secs": d.window.as_secs(), "last": evidence});
-            self.trip(DENIALS, Some(subject), evidence, true, source_ip)
-                .await?;
+            self.trip(
+                DENIALS,
+                Some(subject),
+                evidence,
+                Consequence::RevokeAndQuarantine,
+                source_ip,
+            )
+            .await?;
         }
         Ok(())
     }
 
-    /// Fires a rule: revokes the subject's open tasks and quarantines it when `punish`, writes
-    /// the `trip` record and counts it.
+    /// Fires a rule: writes the `trip` record and counts it, after revoking the subject's
+    /// open tasks and quarantining it when the consequence says so.
     pub(crate) async fn trip(
         &self,
         rule: &'static str,
         subject: Option<&Subject>,
         evidence: Value,
-        punish: bool,
+        consequence: Consequence,
         source_ip: Option<&str>,
     ) -> Result<(), BrokerError> {
-        let now = self.now();
-        let mut revoked_tasks = Vec::new();
-        let mut revoked_tokens = 0;
+        let mut revoked = ClosedTree::default();
         let mut quarantine = Value::Null;
-        if let (Some(subject), true) = (subject, punish) {
-            let open = self
-                .store
-                .list_tasks(&TaskFilter {
-                    subject: Some(subject.to_string()),
-                    state: Some(TaskState::Open),
-                    limit: usize::MAX,
-                })
-                .await
-                .map_err(|e| self.store_failed(e))?;
-            for task in open.iter().filter(|t| &t.owner == subject) {
-                let (closed, tokens) = self
+        if let (Some(subject), Consequence::RevokeAndQuarantine) = (subject, consequence) {
+            for task in self.open_tasks_of(subject).await? {
+                let tree = self
                     .close_task_tree(&task.id, TaskState::Revoked, &format!("trip:{rule}"))
                     .await?;
-                revoked_tasks.extend(closed.into_iter().map(|t| t.id.to_string()));
-                revoked_tokens += tokens;
+                revoked.absorb(tree);
             }
-            if let Some(q) = self.config.trips.as_ref().and_then(|t| t.quarantine) {
-                let record = BlockRecord {
-                    id: format!("qtn_{}", &TaskId::generate().as_str()[4..]),
-                    selector: BlockSelector::Subject(subject.to_string()),
-                    reason: format!("trip:{rule}"),
-                    actor: "writ".into(),
-                    created_at: now,
-                    until: now + self.limits.max_ttl as i64,
-                    lifted_at: None,
-                    kind: BlockKind::Quarantine,
-                    expires_at: Some(now + q.as_secs() as i64),
-                };
-                quarantine = json!({"id": record.id, "until": now + q.as_secs() as i64});
-                self.publish(&FeedEvent::Block { record }, now).await?;
-            }
+            quarantine = self.quarantine(subject, rule).await?;
         }
         self.metrics.inc("writ_trips_total", &[("rule", rule)]);
         tracing::warn!(rule, subject = subject.map(|s| s.as_str()), "trip");
-        self.append(
+        self.record(
             Event::Trip,
             audit::Entry {
                 decision: Some("deny"),
@@ -159,14 +151,38 @@ impl Broker {
                 detail: Some(json!({
                     "rule": rule,
                     "evidence": evidence,
-                    "revoked_tasks": revoked_tasks,
-                    "revoked_tokens": revoked_tokens,
+                    "revoked_tasks": revoked.task_ids(),
+                    "revoked_tokens": revoked.live_tokens,
                     "quarantine": quarantine,
                 })),
                 ..audit::Entry::default()
             },
         )?;
         Ok(())
+    }
+
+    /// Quarantines `subject` for `trips.quarantine`, when configured; returns what the trip
+    /// record says of it.
+    async fn quarantine(&self, subject: &Subject, rule: &str) -> Result<Value, BrokerError> {
+        let Some(q) = self.config.trips.as_ref().and_then(|t| t.quarantine) else {
+            return Ok(Value::Null);
+        };
+        let now = self.now();
+        let expires_at = now.saturating_add(i64::try_from(q.as_secs()).unwrap_or(i64::MAX));
+        let record = BlockRecord {
+            id: crate::revoke::new_block_id("qtn"),
+            selector: BlockSelector::Subject(subject.to_string()),
+            reason: format!("trip:{rule}"),
+            actor: "writ".into(),
+            created_at: now,
+            until: self.limits.token_horizon(now),
+            lifted_at: None,
+            kind: BlockKind::Quarantine,
+            expires_at: Some(expires_at),
+        };
+        let described = json!({"id": record.id, "until": expires_at});
+        self.publish(&FeedEvent::Block { record }, now).await?;
+        Ok(described)
     }
 
     /// Decides every open task again under the policy set in force; tasks whose granted
@@ -181,25 +197,20 @@ impl Broker {
         let new_version = set.version().to_string();
         let done = format!("reeval-done:{new_version}");
         for _ in 0..120 {
-            if self
-                .store
-                .flag(&done)
-                .await
-                .map_err(|e| self.store_failed(e))?
-            {
+            if self.store.flag(&done).await.map_err(|e| self.fail(e))? {
                 return Ok(Reevaluation::default());
             }
             if self
                 .store
                 .claim(&format!("reeval:{new_version}"), Duration::from_secs(30))
                 .await
-                .map_err(|e| self.store_failed(e))?
+                .map_err(|e| self.fail(e))?
             {
                 let report = self.reevaluate_here(old_version, &new_version).await?;
                 self.store
                     .set_flag(&done, Duration::from_secs(24 * 3600))
                     .await
-                    .map_err(|e| self.store_failed(e))?;
+                    .map_err(|e| self.fail(e))?;
                 return Ok(report);
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
@@ -218,7 +229,7 @@ impl Broker {
             .store
             .list_tasks(&TaskFilter::all_open())
             .await
-            .map_err(|e| self.store_failed(e))?;
+            .map_err(|e| self.fail(e))?;
         let mut report = Reevaluation {
             ran_here: true,
             ..Reevaluation::default()
@@ -239,7 +250,7 @@ impl Broker {
             let ctx = PolicyContext {
                 audience: task.audience.clone(),
                 purpose: task.purpose.clone(),
-                ttl: self.limits.default_ttl,
+                ttl: self.limits.default_ttl_secs,
                 source: if task.source.is_empty() {
                     "jwt-svid".into()
                 } else {
@@ -249,7 +260,12 @@ impl Broker {
                 now,
             };
             let denied: Vec<String> = set
-                .decide_all(&principal_of_task(task), action, &task.scopes, &ctx)
+                .decide_all(
+                    &PolicyPrincipal::of_task_owner(task),
+                    action,
+                    &task.scopes,
+                    &ctx,
+                )
                 .into_iter()
                 .filter(|d| !d.allowed || d.approval_required)
                 .map(|d| d.scope)
@@ -276,14 +292,14 @@ impl Broker {
             if let Some((t, d)) = pending.next() {
                 results.push(revoke(t, d));
             }
-            let (closed, tokens) = r?;
-            if closed.is_empty() {
+            let closed = r?;
+            if closed.tasks.is_empty() {
                 continue;
             }
             report.revoked += 1;
             self.metrics
                 .inc("writ_trips_total", &[("rule", POLICY_CHANGED)]);
-            self.append(
+            self.record(
                 Event::Trip,
                 audit::Entry {
                     decision: Some("deny"),
@@ -300,8 +316,8 @@ impl Broker {
                             "new_version": new_version,
                             "denied_scopes": denied,
                         },
-                        "revoked_tasks": closed.iter().map(|t| t.id.to_string()).collect::<Vec<_>>(),
-                        "revoked_tokens": tokens,
+                        "revoked_tasks": closed.task_ids(),
+                        "revoked_tokens": closed.live_tokens,
                     })),
                     ..audit::Entry::default()
                 },

@@ -1,21 +1,19 @@
 //! The admin API for security teams: revocations and task listings.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
-use axum::body::Body;
-use axum::extract::{ConnectInfo, Path, Query, State};
-use axum::http::HeaderMap;
+use axum::extract::{Path, Query, State};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::error::{authorization, json_no_store};
+use super::error::json_no_store;
+use super::extract::{Authorization, BoundedBody, SourceIp};
 use super::tasks::task_json;
 use crate::auth::Role;
 use crate::broker::Broker;
 use crate::domain::{MAX_PURPOSE_LEN, TaskId};
-use crate::error::{BrokerError, ErrorCode};
+use crate::error::BrokerError;
 use crate::revoke::Selector;
 use crate::store::{BlockKind, BlockSelector, TaskFilter, TaskState};
 
@@ -94,7 +92,7 @@ pub fn parse_revocation(body: &[u8]) -> Result<(Selector, String), BrokerError> 
                 if value.as_bool() != Some(true) {
                     return Err(BrokerError::invalid_request("`selector.all` must be true"));
                 }
-                Selector::Block(BlockSelector::All(true))
+                Selector::Block(BlockSelector::All(crate::store::Everything))
             }
             other => {
                 return Err(BrokerError::invalid_request(format!(
@@ -108,26 +106,17 @@ pub fn parse_revocation(body: &[u8]) -> Result<(Selector, String), BrokerError> 
 
 pub async fn create_revocation(
     State(broker): State<Arc<Broker>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-    body: Body,
+    SourceIp(ip): SourceIp,
+    auth: Authorization,
+    body: Result<BoundedBody, BrokerError>,
 ) -> Response {
-    let ip = Some(peer.ip().to_string());
     let result = async {
         let caller = broker
-            .authorize(authorization(&headers), Role::Admin, ip.clone())
+            .authorize(auth.as_deref(), Role::Admin, ip.clone())
             .await?;
-        let bytes = axum::body::to_bytes(body, super::oauth::MAX_BODY_BYTES)
-            .await
-            .map_err(|_| {
-                BrokerError::new(
-                    ErrorCode::PayloadTooLarge,
-                    "the body is larger than 65536 bytes",
-                )
-            })?;
-        let (selector, reason) = parse_revocation(&bytes)?;
+        let (selector, reason) = parse_revocation(&body?.0)?;
         broker
-            .admin_revoke(selector, &reason, &caller.name(), ip.clone())
+            .admin_revoke(selector, &reason, &caller.name(), ip)
             .await
     }
     .await;
@@ -138,68 +127,49 @@ pub async fn create_revocation(
 }
 
 /// Answers an admin listing of the blocks of one kind: `{"<collection>": [...]}`.
-/// Revocations are listed until lifted; quarantines only while they last.
 async fn list_blocks(
     broker: &Broker,
-    peer: SocketAddr,
-    headers: &HeaderMap,
+    ip: Option<String>,
+    auth: &Authorization,
     kind: BlockKind,
 ) -> Response {
     let result = async {
-        broker
-            .authorize(
-                authorization(headers),
-                Role::Admin,
-                Some(peer.ip().to_string()),
-            )
-            .await?;
-        broker
-            .store
-            .list_blocks()
-            .await
-            .map_err(|_| BrokerError::unavailable())
+        broker.authorize(auth.as_deref(), Role::Admin, ip).await?;
+        broker.list_blocks(kind).await
     }
     .await;
-    let now = broker.now();
     match result {
-        Ok(blocks) => {
-            let listed: Vec<_> = blocks
-                .into_iter()
-                .filter(|b| b.kind == kind && (kind == BlockKind::Revocation || b.active_at(now)))
-                .collect();
-            json_no_store(json!({ kind.collection(): listed }))
-        }
+        Ok(listed) => json_no_store(json!({ kind.collection(): listed })),
         Err(e) => e.into_response(),
     }
 }
 
 pub async fn list_revocations(
     State(broker): State<Arc<Broker>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
+    SourceIp(ip): SourceIp,
+    auth: Authorization,
 ) -> Response {
-    list_blocks(&broker, peer, &headers, BlockKind::Revocation).await
+    list_blocks(&broker, ip, &auth, BlockKind::Revocation).await
 }
 
 pub async fn list_quarantines(
     State(broker): State<Arc<Broker>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
+    SourceIp(ip): SourceIp,
+    auth: Authorization,
 ) -> Response {
-    list_blocks(&broker, peer, &headers, BlockKind::Quarantine).await
+    list_blocks(&broker, ip, &auth, BlockKind::Quarantine).await
 }
 
 async fn lift_block(
     broker: &Broker,
-    peer: SocketAddr,
-    headers: &HeaderMap,
+    ip: Option<String>,
+    auth: &Authorization,
     kind: BlockKind,
     id: &str,
 ) -> Response {
-    let ip = Some(peer.ip().to_string());
     let result = async {
         let caller = broker
-            .authorize(authorization(headers), Role::Admin, ip.clone())
+            .authorize(auth.as_deref(), Role::Admin, ip.clone())
             .await?;
         broker.lift_block(kind, id, &caller.name(), ip).await
     }
@@ -212,20 +182,20 @@ async fn lift_block(
 
 pub async fn lift_revocation(
     State(broker): State<Arc<Broker>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    SourceIp(ip): SourceIp,
+    auth: Authorization,
     Path(id): Path<String>,
-    headers: HeaderMap,
 ) -> Response {
-    lift_block(&broker, peer, &headers, BlockKind::Revocation, &id).await
+    lift_block(&broker, ip, &auth, BlockKind::Revocation, &id).await
 }
 
 pub async fn lift_quarantine(
     State(broker): State<Arc<Broker>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    SourceIp(ip): SourceIp,
+    auth: Authorization,
     Path(id): Path<String>,
-    headers: HeaderMap,
 ) -> Response {
-    lift_block(&broker, peer, &headers, BlockKind::Quarantine, &id).await
+    lift_block(&broker, ip, &auth, BlockKind::Quarantine, &id).await
 }
 
 #[derive(Debug, Deserialize)]
@@ -236,24 +206,9 @@ pub struct TaskQuery {
     limit: Option<usize>,
 }
 
-pub async fn list_tasks(
-    State(broker): State<Arc<Broker>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    query: Result<Query<TaskQuery>, axum::extract::rejection::QueryRejection>,
-    headers: HeaderMap,
-) -> Response {
-    let result = async {
-        broker
-            .authorize(
-                authorization(&headers),
-                Role::Admin,
-                Some(peer.ip().to_string()),
-            )
-            .await?;
-        let Query(q) = query.map_err(|_| {
-            BrokerError::invalid_request("query parameters are `subject`, `state` and `limit`")
-        })?;
-        let state = match q.state.as_deref().filter(|s| !s.is_empty()) {
+impl TaskQuery {
+    fn filter(self) -> Result<TaskFilter, BrokerError> {
+        let state = match self.state.as_deref().filter(|s| !s.is_empty()) {
             None => None,
             Some("open") => Some(TaskState::Open),
             Some("ended") => Some(TaskState::Ended),
@@ -264,16 +219,26 @@ pub async fn list_tasks(
                 ));
             }
         };
-        let filter = TaskFilter {
-            subject: q.subject.filter(|s| !s.is_empty()),
+        Ok(TaskFilter {
+            subject: self.subject.filter(|s| !s.is_empty()),
             state,
-            limit: q.limit.unwrap_or(100).clamp(1, 1000),
-        };
-        broker
-            .store
-            .list_tasks(&filter)
-            .await
-            .map_err(|_| BrokerError::unavailable())
+            limit: self.limit.unwrap_or(100).clamp(1, 1000),
+        })
+    }
+}
+
+pub async fn list_tasks(
+    State(broker): State<Arc<Broker>>,
+    SourceIp(ip): SourceIp,
+    auth: Authorization,
+    query: Result<Query<TaskQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let result = async {
+        broker.authorize(auth.as_deref(), Role::Admin, ip).await?;
+        let Query(q) = query.map_err(|_| {
+            BrokerError::invalid_request("query parameters are `subject`, `state` and `limit`")
+        })?;
+        broker.list_tasks(&q.filter()?).await
     }
     .await;
     match result {

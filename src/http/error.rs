@@ -33,13 +33,6 @@ pub fn json_no_store(value: serde_json::Value) -> Response {
     resp
 }
 
-/// The `Authorization` header, when it is readable text.
-pub fn authorization(headers: &axum::http::HeaderMap) -> Option<&str> {
-    headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-}
-
 /// Marks a response as not cacheable (every response that carries or concerns a token).
 pub fn no_store(resp: &mut Response) {
     resp.headers_mut()

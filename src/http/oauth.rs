@@ -1,53 +1,23 @@
 //! OAuth endpoints: token exchange, JWKS, authorization server metadata.
 
 use std::collections::HashSet;
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::Json;
-use axum::body::Body;
-use axum::extract::{ConnectInfo, State};
-use axum::http::{HeaderMap, header};
+use axum::extract::State;
+use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
 use super::error::{json_no_store, no_store};
+use super::extract::{Authorization, FormPairs, SourceIp};
 use crate::broker::Broker;
 use crate::domain::{Audience, MAX_AUDIENCES, MAX_PURPOSE_LEN, TaskId, parse_scopes};
 use crate::error::{BrokerError, ErrorCode};
 use crate::exchange::{
     ExchangeRequest, GRANT_TYPE, SubjectTokenType, TYPE_ACCESS_TOKEN, TYPE_ID_TOKEN, TYPE_JWT,
 };
-
-/// Largest request body (SPEC: > 64 KiB is refused).
-pub const MAX_BODY_BYTES: usize = 64 * 1024;
-
-/// Reads a form-encoded body: content type checked, size bounded, parameters split into
-/// name/value pairs.
-pub async fn read_form(
-    headers: &HeaderMap,
-    body: Body,
-) -> Result<Vec<(String, String)>, BrokerError> {
-    let ct = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
-    let mime = ct.split(';').next().unwrap_or("").trim();
-    if !mime.eq_ignore_ascii_case("application/x-www-form-urlencoded") {
-        return Err(BrokerError::invalid_request(
-            "the body must be application/x-www-form-urlencoded",
-        ));
-    }
-    let bytes = axum::body::to_bytes(body, MAX_BODY_BYTES)
-        .await
-        .map_err(|_| {
-            BrokerError::new(
-                ErrorCode::PayloadTooLarge,
-                format!("the body is larger than {MAX_BODY_BYTES} bytes"),
-            )
-        })?;
-    Ok(url::form_urlencoded::parse(&bytes).into_owned().collect())
-}
+use crate::introspect::Introspection;
 
 /// Form parameters with RFC 6749 §3.1's rule: a parameter may appear at most once, except
 /// those defined to repeat.
@@ -184,7 +154,7 @@ pub fn parse_exchange(
         },
     };
     Ok(ExchangeRequest {
-        subject_token: subject_token.to_string(),
+        subject_token: subject_token.into(),
         subject_token_type,
         scopes,
         audiences,
@@ -197,14 +167,12 @@ pub fn parse_exchange(
 
 pub async fn token(
     State(broker): State<Arc<Broker>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-    body: Body,
+    SourceIp(ip): SourceIp,
+    form: Result<FormPairs, BrokerError>,
 ) -> Response {
     let result = async {
-        let pairs = read_form(&headers, body).await?;
-        let form = Form::new(pairs, &["audience", "resource"])?;
-        let req = parse_exchange(&form, Some(peer.ip().to_string()))?;
+        let form = Form::new(form?.0, &["audience", "resource"])?;
+        let req = parse_exchange(&form, ip)?;
         broker.exchange(req).await
     }
     .await;
@@ -265,41 +233,33 @@ pub async fn metadata(State(broker): State<Arc<Broker>>) -> Response {
     .into_response()
 }
 
-fn header_str(headers: &HeaderMap, name: header::HeaderName) -> Option<&str> {
-    headers.get(name).and_then(|v| v.to_str().ok())
-}
-
 /// RFC 7662 introspection for resource servers (bearer: an introspection principal or an
 /// admin).
 pub async fn introspect(
     State(broker): State<Arc<Broker>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-    body: Body,
+    SourceIp(ip): SourceIp,
+    auth: Authorization,
+    form: Result<FormPairs, BrokerError>,
 ) -> Response {
     let result = async {
         broker
-            .authorize(
-                header_str(&headers, header::AUTHORIZATION),
-                crate::auth::Role::Introspector,
-                Some(peer.ip().to_string()),
-            )
+            .authorize(auth.as_deref(), crate::auth::Role::Introspector, ip)
             .await?;
-        let form = Form::new(read_form(&headers, body).await?, &[])?;
+        let form = Form::new(form?.0, &[])?;
         let token = form.required("token")?;
         broker.introspect(token)
     }
     .await;
     let outcome = match &result {
-        Ok(crate::revoke::Introspection::Active(_)) => "active",
-        Ok(crate::revoke::Introspection::Inactive) => "inactive",
+        Ok(Introspection::Active(_)) => "active",
+        Ok(Introspection::Inactive) => "inactive",
         Err(e) => e.code.as_str(),
     };
     broker
         .metrics
         .inc("writ_introspections_total", &[("outcome", outcome)]);
     match result {
-        Ok(crate::revoke::Introspection::Active(c)) => {
+        Ok(Introspection::Active(c)) => {
             let mut v = json!({
                 "active": true,
                 "scope": c.scope,
@@ -322,7 +282,7 @@ pub async fn introspect(
             }
             json_no_store(v)
         }
-        Ok(crate::revoke::Introspection::Inactive) => json_no_store(json!({"active": false})),
+        Ok(Introspection::Inactive) => json_no_store(json!({"active": false})),
         Err(e) => e.into_response(),
     }
 }
@@ -330,12 +290,11 @@ pub async fn introspect(
 /// RFC 7009: the holder revokes its token; 200 whether or not the token was known.
 pub async fn revoke(
     State(broker): State<Arc<Broker>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-    body: Body,
+    SourceIp(ip): SourceIp,
+    form: Result<FormPairs, BrokerError>,
 ) -> Response {
     let result = async {
-        let form = Form::new(read_form(&headers, body).await?, &[])?;
+        let form = Form::new(form?.0, &[])?;
         let token = form.required("token")?;
         if let Some(hint) = form.get("token_type_hint")
             && hint != "access_token"
@@ -345,9 +304,7 @@ pub async fn revoke(
                 format!("token_type_hint `{}` is not supported", clip(hint)),
             ));
         }
-        broker
-            .revoke_own_token(token, Some(peer.ip().to_string()))
-            .await
+        broker.revoke_own_token(token, ip).await
     }
     .await;
     match result {

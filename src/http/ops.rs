@@ -16,26 +16,13 @@ pub async fn healthz() -> Response {
 
 /// Ready when the store answers and keys and policies are loaded.
 pub async fn readyz(State(broker): State<Arc<Broker>>) -> Response {
-    let store_ok = broker.store.ping().await.is_ok();
-    let policy = broker.policy.current();
-    let keys = broker.tokens.keys().all().len();
-    let feed_ok = broker.revocations.is_fresh();
-    let ready = store_ok && feed_ok && keys > 0;
-    let body = json!({
-        "status": if ready { "ready" } else { "not ready" },
-        "checks": {
-            "store": if store_ok { "ok" } else { "unreachable" },
-            "revocation_feed": if feed_ok { "ok" } else { "stale" },
-            "signing_keys": keys,
-            "policy_version": policy.version(),
-        }
-    });
-    let status = if ready {
+    let r = broker.readiness().await;
+    let status = if r.ready {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    (status, Json(body)).into_response()
+    (status, Json(r.body)).into_response()
 }
 
 /// The OpenAPI 3.1 description of this API (kept true by a test that compares it with the
@@ -52,56 +39,12 @@ pub async fn openapi() -> Response {
 
 /// Prometheus metrics; gauges are read at scrape time.
 pub async fn metrics(State(broker): State<Arc<Broker>>) -> Response {
-    let m = &broker.metrics;
-    match broker.store.count_open_tasks(broker.now()).await {
-        Ok(n) => m.set("writ_open_tasks", &[], n),
-        Err(_) => m.inc("writ_store_errors_total", &[]),
-    }
-    m.set(
-        "writ_revocation_feed_lag_milliseconds",
-        &[],
-        broker.revocations.lag_ms(),
-    );
-    m.set(
-        "writ_revocation_feed_fresh",
-        &[],
-        u64::from(broker.revocations.is_fresh()),
-    );
-    let (jtis, tasks, blocks) = broker.revocations.counts();
-    m.set(
-        "writ_revocation_cache_entries",
-        &[("kind", "token")],
-        jtis as u64,
-    );
-    m.set(
-        "writ_revocation_cache_entries",
-        &[("kind", "task")],
-        tasks as u64,
-    );
-    m.set(
-        "writ_revocation_cache_entries",
-        &[("kind", "block")],
-        blocks as u64,
-    );
-    m.set_only(
-        "writ_policy_version_info",
-        &[("version", broker.policy.current().version())],
-        1,
-    );
-    for (i, k) in broker.tokens.keys().all().iter().enumerate() {
-        let active = if i == 0 { "true" } else { "false" };
-        m.set(
-            "writ_signing_key_info",
-            &[("kid", &k.kid), ("alg", k.alg.name()), ("active", active)],
-            1,
-        );
-    }
     (
         [(
             axum::http::header::CONTENT_TYPE,
             "text/plain; version=0.0.4",
         )],
-        broker.metrics.render(),
+        broker.scrape_metrics().await,
     )
         .into_response()
 }

@@ -1,18 +1,17 @@
 //! Task endpoints: state and end, for holders of the task's tokens (and admins for state).
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
-use axum::extract::{ConnectInfo, Path, State};
-use axum::http::HeaderMap;
+use axum::extract::{Path, State};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
-use super::error::{authorization, json_no_store};
-use crate::auth::{Role, bearer};
+use super::error::json_no_store;
+use super::extract::{Authorization, SourceIp};
+use crate::auth::bearer;
 use crate::broker::Broker;
 use crate::domain::TaskId;
-use crate::error::{BrokerError, ErrorCode};
+use crate::error::BrokerError;
 use crate::store::TaskRecord;
 
 pub fn task_json(t: &TaskRecord) -> serde_json::Value {
@@ -35,37 +34,18 @@ pub fn task_json(t: &TaskRecord) -> serde_json::Value {
 }
 
 fn parse_task_id(raw: &str) -> Result<TaskId, BrokerError> {
-    TaskId::parse(raw).ok_or_else(|| BrokerError::new(ErrorCode::NotFound, "no such task"))
+    TaskId::parse(raw).ok_or_else(|| BrokerError::not_found("no such task"))
 }
 
 pub async fn get_task(
     State(broker): State<Arc<Broker>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    SourceIp(ip): SourceIp,
+    auth: Authorization,
     Path(raw): Path<String>,
-    headers: HeaderMap,
 ) -> Response {
     let result = async {
         let id = parse_task_id(&raw)?;
-        let token = bearer(authorization(&headers)).ok_or_else(|| {
-            BrokerError::new(ErrorCode::InvalidToken, "a bearer credential is required")
-        })?;
-        // A valid token of this task, or an admin.
-        let holder = broker.check_token(token)?.filter(|c| c.txn == id.as_str());
-        if holder.is_none() {
-            broker
-                .authorize(
-                    authorization(&headers),
-                    Role::Admin,
-                    Some(peer.ip().to_string()),
-                )
-                .await?;
-        }
-        let task = broker
-            .store
-            .get_task(&id)
-            .await
-            .map_err(|_| BrokerError::unavailable())?;
-        task.ok_or_else(|| BrokerError::new(ErrorCode::NotFound, "no such task"))
+        broker.task_state(&id, auth.as_deref(), ip).await
     }
     .await;
     match result {
@@ -76,18 +56,15 @@ pub async fn get_task(
 
 pub async fn end_task(
     State(broker): State<Arc<Broker>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    SourceIp(ip): SourceIp,
+    auth: Authorization,
     Path(raw): Path<String>,
-    headers: HeaderMap,
 ) -> Response {
     let result = async {
         let id = parse_task_id(&raw)?;
-        let token = bearer(authorization(&headers)).ok_or_else(|| {
-            BrokerError::new(ErrorCode::InvalidToken, "a bearer credential is required")
-        })?;
-        broker
-            .end_task(&id, token, Some(peer.ip().to_string()))
-            .await
+        let token = bearer(auth.as_deref())
+            .ok_or_else(|| BrokerError::invalid_token("a bearer credential is required"))?;
+        broker.end_task(&id, token, ip).await
     }
     .await;
     match result {

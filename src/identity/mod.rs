@@ -22,7 +22,6 @@ pub const MAX_SKEW_SECS: i64 = 60;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Source {
     JwtSvid,
-    X509Svid,
     Oidc,
     TaskToken,
 }
@@ -31,7 +30,6 @@ impl Source {
     pub fn as_str(self) -> &'static str {
         match self {
             Source::JwtSvid => "jwt-svid",
-            Source::X509Svid => "x509-svid",
             Source::Oidc => "oidc",
             Source::TaskToken => "task-token",
         }
@@ -123,6 +121,15 @@ impl From<crate::token::jwt::JwtFormatError> for IdentityError {
     }
 }
 
+/// Which kinds of identity token a caller may present.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accept {
+    /// A JWT-SVID or an OIDC ID token (`subject_token_type` `jwt`, bearer credentials).
+    AnyIdentity,
+    /// An OIDC ID token only (`subject_token_type` `id_token`).
+    IdTokenOnly,
+}
+
 /// All configured workload identity verifiers.
 pub struct IdentityVerifier {
     pub svid: spiffe::JwtSvidVerifier,
@@ -170,7 +177,7 @@ impl IdentityVerifier {
     pub async fn verify(
         &self,
         token: &str,
-        id_token_only: bool,
+        accept: Accept,
         now: i64,
     ) -> Result<VerifiedIdentity, IdentityError> {
         let jwt = crate::token::jwt::ParsedJwt::parse(token, MAX_SUBJECT_TOKEN_BYTES)?;
@@ -191,7 +198,7 @@ impl IdentityVerifier {
             });
         }
         let sub = jwt.str_claim("sub").unwrap_or("");
-        if !id_token_only && sub.starts_with("spiffe://") {
+        if accept == Accept::AnyIdentity && sub.starts_with("spiffe://") {
             let id = self.svid.verify_parsed(&jwt, now)?;
             return Ok(VerifiedIdentity {
                 subject: Subject::spiffe(&id.spiffe_id),

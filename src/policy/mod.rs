@@ -2,6 +2,7 @@
 //! scope at a time, and reload it atomically.
 
 mod cases;
+mod principal;
 
 pub use cases::{CaseReport, run_cases};
 

@@ -92,7 +92,28 @@ pub enum BlockSelector {
     Subject(String),
     /// A trust domain name or an OIDC issuer.
     Issuer(String),
-    All(bool),
+    /// Every subject; on the wire `{"all": true}`.
+    All(Everything),
+}
+
+/// The value of an `all` selector: only `true` is one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Everything;
+
+impl Serialize for Everything {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bool(true)
+    }
+}
+
+impl<'de> Deserialize<'de> for Everything {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        if bool::deserialize(d)? {
+            Ok(Everything)
+        } else {
+            Err(serde::de::Error::custom("`all` selects only when true"))
+        }
+    }
 }
 
 /// A subject, issuer or `all` revocation: it invalidates every token issued at or before
@@ -130,6 +151,24 @@ impl BlockKind {
         match self {
             BlockKind::Revocation => "revocations",
             BlockKind::Quarantine => "quarantines",
+        }
+    }
+
+    /// One block of this kind, in messages.
+    pub fn noun(self) -> &'static str {
+        match self {
+            BlockKind::Revocation => "revocation",
+            BlockKind::Quarantine => "quarantine",
+        }
+    }
+}
+
+impl BlockSelector {
+    pub fn matches(&self, subject: &str) -> bool {
+        match self {
+            BlockSelector::Subject(p) => crate::domain::subject_matches(subject, p),
+            BlockSelector::Issuer(i) => crate::domain::issuer_of(subject) == i,
+            BlockSelector::All(_) => true,
         }
     }
 }

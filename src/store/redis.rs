@@ -297,7 +297,7 @@ impl RedisStore {
             .map_err(|e| StoreError::Corrupt(format!("task record: {e}")))?;
         let mut task = TaskRecord {
             id: r.i,
-            issuer: crate::revoke::issuer_of(r.o.as_str()).to_string(),
+            issuer: crate::domain::issuer_of(r.o.as_str()).to_string(),
             owner: r.o,
             purpose: r.p,
             created_at: r.c,

@@ -127,9 +127,9 @@ async fn config_max_ttl_is_a_hard_ceiling() {
         .replace("default_ttl = \"5m\"", "default_ttl = \"1m\"");
     let config = writ::config::Config::from_toml_with_env(&text, Vec::new()).unwrap();
     let broker = writ::broker::Broker::build(config).await.unwrap();
-    assert_eq!(broker.limits.max_ttl, 60);
+    assert_eq!(broker.limits.max_ttl_secs, 60);
     let req = writ::exchange::ExchangeRequest {
-        subject_token: app.svid(AGENT),
+        subject_token: app.svid(AGENT).into(),
         subject_token_type: writ::exchange::SubjectTokenType::Jwt,
         scopes: writ::domain::parse_scopes("repo:read").unwrap(),
         audiences: vec![writ::domain::Audience::parse(API).unwrap()],
@@ -642,7 +642,7 @@ async fn default_audience_applies_when_none_is_requested() {
     let config = writ::config::Config::from_toml_with_env(&text, Vec::new()).unwrap();
     let broker = writ::broker::Broker::build(config).await.unwrap();
     let req = writ::exchange::ExchangeRequest {
-        subject_token: app.svid(AGENT),
+        subject_token: app.svid(AGENT).into(),
         subject_token_type: writ::exchange::SubjectTokenType::Jwt,
         scopes: writ::domain::parse_scopes("repo:read").unwrap(),
         audiences: vec![],

@@ -1,0 +1,52 @@
+//! Token state for resource servers and task holders (RFC 7662): a token of ours that
+//! verifies, has not expired and is not revoked is active; anything else is inactive, and a
+//! revocation state that cannot be confirmed is a 503, never an `active: true`.
+
+use crate::broker::Broker;
+use crate::cache::VerifiedCache;
+use crate::error::BrokerError;
+use crate::token::TaskClaims;
+
+/// The answer of introspection.
+#[derive(Debug, Clone)]
+pub enum Introspection {
+    Active(Box<TaskClaims>),
+    Inactive,
+}
+
+impl Broker {
+    /// A token of ours that verifies, has not expired and is not revoked. `Err` only when the
+    /// revocation state cannot be confirmed.
+    pub fn check_token(&self, token: &str) -> Result<Option<TaskClaims>, BrokerError> {
+        if !self.revocations.is_fresh() {
+            return Err(BrokerError::unavailable());
+        }
+        let now = self.now();
+        let Some(claims) = self.verified_token(token, now) else {
+            return Ok(None);
+        };
+        if self.revocations.revoked_reason(&claims, now).is_some() {
+            return Ok(None);
+        }
+        Ok(Some(claims))
+    }
+
+    /// Signature and expiry of one of our tokens, with verification results cached by the
+    /// token's hash (revocation is checked on every use, outside the cache).
+    pub(crate) fn verified_token(&self, token: &str, now: i64) -> Option<TaskClaims> {
+        let key = VerifiedCache::<TaskClaims>::key(token.as_bytes());
+        if let Some(c) = self.token_cache.get(&key, now) {
+            return Some(c);
+        }
+        let c = self.tokens.verify(token, now).ok()?;
+        self.token_cache.insert(key, c.clone(), c.exp, now);
+        Some(c)
+    }
+
+    pub fn introspect(&self, token: &str) -> Result<Introspection, BrokerError> {
+        Ok(match self.check_token(token)? {
+            Some(c) => Introspection::Active(Box::new(c)),
+            None => Introspection::Inactive,
+        })
+    }
+}

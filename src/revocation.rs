@@ -1,0 +1,303 @@
+//! The revocation view every replica keeps: a local cache of what is revoked, fed by the
+//! store's feed. Lower than the use cases: it knows the store and token claims, nothing else.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use parking_lot::RwLock;
+
+use crate::store::{BlockRecord, FeedEvent, Store};
+use crate::token::TaskClaims;
+
+/// What this replica knows is revoked. Entries leave once what they revoke has expired.
+pub struct RevocationCache {
+    jtis: RwLock<HashMap<String, i64>>,
+    tasks: RwLock<HashMap<String, i64>>,
+    blocks: RwLock<Vec<BlockRecord>>,
+    healthy: AtomicBool,
+    /// Milliseconds since `epoch` of the last successful read of the feed.
+    last_ok: AtomicU64,
+    epoch: Instant,
+    max_staleness: Duration,
+    applied: AtomicU64,
+    /// The store is in this process (memory): every revocation is applied here as it is
+    /// taken, so the view cannot be stale.
+    local: bool,
+}
+
+impl std::fmt::Debug for RevocationCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RevocationCache").finish_non_exhaustive()
+    }
+}
+
+impl RevocationCache {
+    /// `local` says whether the store lives in this process (memory): its cache is confirmed
+    /// from the start and cannot go stale; a shared store's cache must first be loaded.
+    pub fn new(max_staleness: Duration, local: bool) -> Self {
+        let fresh = local;
+        let c = RevocationCache {
+            jtis: RwLock::default(),
+            tasks: RwLock::default(),
+            blocks: RwLock::default(),
+            healthy: AtomicBool::new(fresh),
+            last_ok: AtomicU64::new(0),
+            epoch: Instant::now(),
+            max_staleness,
+            applied: AtomicU64::new(0),
+            local,
+        };
+        if fresh {
+            c.mark_ok();
+        }
+        c
+    }
+
+    fn mark_ok(&self) {
+        self.last_ok
+            .store(self.epoch.elapsed().as_millis() as u64, Ordering::SeqCst);
+        self.healthy.store(true, Ordering::SeqCst);
+    }
+
+    pub fn mark_stale(&self) {
+        self.healthy.store(false, Ordering::SeqCst);
+    }
+
+    /// True when the cache reflects the feed within the staleness bound.
+    pub fn is_fresh(&self) -> bool {
+        if self.local {
+            return true;
+        }
+        if !self.healthy.load(Ordering::SeqCst) {
+            return false;
+        }
+        let age = (self.epoch.elapsed().as_millis() as u64)
+            .saturating_sub(self.last_ok.load(Ordering::SeqCst));
+        age <= self.max_staleness.as_millis() as u64
+    }
+
+    /// Milliseconds since the feed was last read successfully.
+    pub fn lag_ms(&self) -> u64 {
+        (self.epoch.elapsed().as_millis() as u64)
+            .saturating_sub(self.last_ok.load(Ordering::SeqCst))
+    }
+
+    /// Events applied so far (tests and metrics).
+    pub fn applied(&self) -> u64 {
+        self.applied.load(Ordering::SeqCst)
+    }
+
+    pub fn apply(&self, event: &FeedEvent) {
+        self.applied.fetch_add(1, Ordering::SeqCst);
+        match event {
+            FeedEvent::Token { jti, until } => {
+                self.jtis.write().insert(jti.clone(), *until);
+            }
+            FeedEvent::Task { task_id, until } => {
+                self.tasks.write().insert(task_id.clone(), *until);
+            }
+            FeedEvent::Block { record } => {
+                let mut blocks = self.blocks.write();
+                blocks.retain(|b| b.id != record.id);
+                blocks.push(record.clone());
+            }
+            FeedEvent::Lift { id, at } => {
+                for b in self.blocks.write().iter_mut().filter(|b| &b.id == id) {
+                    b.lifted_at.get_or_insert(*at);
+                }
+            }
+        }
+    }
+
+    /// Replaces everything with a snapshot.
+    pub fn reset(&self, events: &[FeedEvent]) {
+        self.jtis.write().clear();
+        self.tasks.write().clear();
+        self.blocks.write().clear();
+        for e in events {
+            self.apply(e);
+        }
+        self.mark_ok();
+    }
+
+    /// Forgets what has expired.
+    pub fn prune(&self, now: i64) {
+        self.jtis.write().retain(|_, u| *u >= now);
+        self.tasks.write().retain(|_, u| *u >= now);
+        self.blocks.write().retain(|b| b.relevant_at(now));
+    }
+
+    /// Why a token (already verified) is no longer valid, if it is not.
+    pub fn revoked_reason(&self, c: &TaskClaims, now: i64) -> Option<&'static str> {
+        if self.jtis.read().contains_key(&c.jti) {
+            return Some("token revoked");
+        }
+        if self.tasks.read().contains_key(&c.txn) {
+            return Some("task ended");
+        }
+        let blocks = self.blocks.read();
+        blocks
+            .iter()
+            .any(|b| c.iat <= b.created_at && now <= b.until && b.selector.matches(&c.sub))
+            .then_some("revoked by selector")
+    }
+
+    /// The standing block or quarantine that refuses new exchanges for `subject` at `now`.
+    pub fn blocking(&self, subject: &str, now: i64) -> Option<BlockRecord> {
+        self.blocks
+            .read()
+            .iter()
+            .find(|b| b.active_at(now) && b.selector.matches(subject))
+            .cloned()
+    }
+
+    /// Everything the cache holds, as events (to restore a store that lost them).
+    pub fn export(&self) -> Vec<FeedEvent> {
+        let mut out: Vec<FeedEvent> = self
+            .jtis
+            .read()
+            .iter()
+            .map(|(jti, until)| FeedEvent::Token {
+                jti: jti.clone(),
+                until: *until,
+            })
+            .collect();
+        out.extend(
+            self.tasks
+                .read()
+                .iter()
+                .map(|(task_id, until)| FeedEvent::Task {
+                    task_id: task_id.clone(),
+                    until: *until,
+                }),
+        );
+        out.extend(
+            self.blocks
+                .read()
+                .iter()
+                .map(|b| FeedEvent::Block { record: b.clone() }),
+        );
+        out
+    }
+
+    pub fn counts(&self) -> (usize, usize, usize) {
+        (
+            self.jtis.read().len(),
+            self.tasks.read().len(),
+            self.blocks.read().len(),
+        )
+    }
+}
+
+/// What this replica knows that the snapshot lacks: revocations a store lost (a Redis that
+/// restarted empty) are published again, so a revocation is never lost while one replica
+/// still remembers it.
+fn missing_from(snapshot: &[FeedEvent], local: Vec<FeedEvent>, now: i64) -> Vec<FeedEvent> {
+    fn key(e: &FeedEvent) -> Option<String> {
+        match e {
+            FeedEvent::Token { jti, .. } => Some(format!("j:{jti}")),
+            FeedEvent::Task { task_id, .. } => Some(format!("t:{task_id}")),
+            FeedEvent::Block { record } => Some(format!("b:{}", record.id)),
+            FeedEvent::Lift { .. } => None,
+        }
+    }
+    let known: std::collections::HashSet<String> = snapshot.iter().filter_map(key).collect();
+    local
+        .into_iter()
+        .filter(|e| e.until().is_none_or(|u| u >= now))
+        .filter(|e| key(e).is_some_and(|k| !known.contains(&k)))
+        .collect()
+}
+
+/// Follows the store's feed into the cache: a snapshot, then events as they come; on any
+/// error the cache is marked stale at once and rebuilt from a fresh snapshot.
+pub async fn follow(
+    store: Arc<dyn Store>,
+    cache: Arc<RevocationCache>,
+    clock: Arc<dyn crate::domain::Clock>,
+) {
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        match resync(&*store, &cache, clock.now()).await {
+            Ok(mut cursor) => {
+                backoff = Duration::from_millis(50);
+                let mut last_prune = Instant::now();
+                loop {
+                    match store.read_feed(&cursor, Duration::from_millis(500)).await {
+                        Ok((events, next)) => {
+                            for e in &events {
+                                cache.apply(e);
+                            }
+                            cursor = next;
+                            cache.mark_ok();
+                            if last_prune.elapsed() > Duration::from_secs(10) {
+                                cache.prune(clock.now());
+                                last_prune = Instant::now();
+                            }
+                        }
+                        Err(e) => {
+                            cache.mark_stale();
+                            tracing::error!(error = %e, "revocation feed lost; resynchronising");
+                            break;
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                cache.mark_stale();
+                tracing::error!(error = %e, "cannot load revocation state");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+}
+
+/// Loads a snapshot, restores what the store lost, and resets the cache from both.
+async fn resync(
+    store: &dyn Store,
+    cache: &RevocationCache,
+    now: i64,
+) -> Result<crate::store::FeedCursor, crate::store::StoreError> {
+    let (mut events, cursor) = store.feed_snapshot(now).await?;
+    let missing = missing_from(&events, cache.export(), now);
+    if !missing.is_empty() {
+        tracing::warn!(
+            count = missing.len(),
+            "the store lost revocations; publishing them again"
+        );
+        for e in &missing {
+            store.publish(e, now).await?;
+        }
+        events.extend(missing);
+    }
+    cache.reset(&events);
+    Ok(cursor)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn staleness_is_bounded() {
+        let local = RevocationCache::new(Duration::from_millis(1), true);
+        std::thread::sleep(Duration::from_millis(5));
+        assert!(
+            local.is_fresh(),
+            "an in-process store's view is never stale"
+        );
+        let c = RevocationCache::new(Duration::from_millis(50), false);
+        c.reset(&[]);
+        assert!(c.is_fresh());
+        std::thread::sleep(Duration::from_millis(80));
+        assert!(!c.is_fresh());
+        c.reset(&[]);
+        assert!(c.is_fresh());
+        c.mark_stale();
+        assert!(!c.is_fresh());
+        assert!(!RevocationCache::new(Duration::from_secs(5), false).is_fresh());
+    }
+}

@@ -1,0 +1,219 @@
+//! The task lifecycle: open a task with its first token, mint more tokens into it within its
+//! budget, end it and everything delegated from it, and read its state.
+
+use serde::Serialize;
+use serde_json::json;
+
+use crate::audit::{self, Event};
+use crate::broker::Broker;
+use crate::domain::{Subject, TaskId};
+use crate::error::BrokerError;
+use crate::store::{FeedEvent, MintOutcome, TaskFilter, TaskRecord, TaskState, TokenEntry};
+
+/// Most tasks one tree walk visits: a bound on the work of one end, whatever the store holds.
+const MAX_TREE_NODES: usize = 10_000;
+
+/// What ending a task tree did.
+#[derive(Debug, Clone, Default)]
+pub struct ClosedTree {
+    /// The tasks this call closed (ones already closed are not repeated).
+    pub tasks: Vec<TaskRecord>,
+    /// Their tokens that had not yet expired.
+    pub live_tokens: usize,
+}
+
+impl ClosedTree {
+    pub fn task_ids(&self) -> Vec<String> {
+        self.tasks.iter().map(|t| t.id.to_string()).collect()
+    }
+
+    pub fn absorb(&mut self, other: ClosedTree) {
+        self.tasks.extend(other.tasks);
+        self.live_tokens += other.live_tokens;
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct EndReply {
+    pub task_id: String,
+    pub state: &'static str,
+    pub revoked_tasks: usize,
+    pub revoked_tokens: usize,
+}
+
+impl Broker {
+    /// Records a new task with its first token. Nothing may be issued unless this succeeded.
+    pub async fn open_task(
+        &self,
+        task: &TaskRecord,
+        first: &TokenEntry,
+    ) -> Result<(), BrokerError> {
+        self.store
+            .create_task(task, first)
+            .await
+            .map_err(|e| self.fail(e))
+    }
+
+    /// Counts one more token into an open task of `owner`, within the task budget.
+    pub async fn mint_into_task(
+        &self,
+        id: &TaskId,
+        owner: &Subject,
+        token: &TokenEntry,
+        now: i64,
+    ) -> Result<MintOutcome, BrokerError> {
+        self.store
+            .mint_into_task(id, owner, token, self.limits.max_tokens, now)
+            .await
+            .map_err(|e| self.fail(e))
+    }
+
+    pub async fn get_task(&self, id: &TaskId) -> Result<Option<TaskRecord>, BrokerError> {
+        self.store.get_task(id).await.map_err(|e| self.fail(e))
+    }
+
+    /// Open tasks of exactly `subject`.
+    pub async fn open_tasks_of(&self, subject: &Subject) -> Result<Vec<TaskRecord>, BrokerError> {
+        let open = self
+            .list_tasks(&TaskFilter {
+                subject: Some(subject.to_string()),
+                state: Some(TaskState::Open),
+                limit: usize::MAX,
+            })
+            .await?;
+        Ok(open.into_iter().filter(|t| &t.owner == subject).collect())
+    }
+
+    pub async fn list_tasks(&self, filter: &TaskFilter) -> Result<Vec<TaskRecord>, BrokerError> {
+        self.store
+            .list_tasks(filter)
+            .await
+            .map_err(|e| self.fail(e))
+    }
+
+    /// Closes a task and every task delegated from it.
+    pub async fn close_task_tree(
+        &self,
+        root: &TaskId,
+        state: TaskState,
+        reason: &str,
+    ) -> Result<ClosedTree, BrokerError> {
+        let now = self.now();
+        let mut closed = ClosedTree::default();
+        let mut queue = vec![root.clone()];
+        let mut seen = 0;
+        while let Some(id) = queue.pop() {
+            seen += 1;
+            if seen > MAX_TREE_NODES {
+                break;
+            }
+            closed.absorb(self.close_one(&id, state, reason, now).await?);
+            let children = self
+                .store
+                .task_children(&id)
+                .await
+                .map_err(|e| self.fail(e))?;
+            queue.extend(children);
+        }
+        Ok(closed)
+    }
+
+    /// Closes one task if it is open, and publishes its revocation.
+    async fn close_one(
+        &self,
+        id: &TaskId,
+        state: TaskState,
+        reason: &str,
+        now: i64,
+    ) -> Result<ClosedTree, BrokerError> {
+        let before = self.get_task(id).await?;
+        if before.is_none_or(|t| t.state != TaskState::Open) {
+            return Ok(ClosedTree::default());
+        }
+        let after = self
+            .store
+            .close_task(id, state, reason, now)
+            .await
+            .map_err(|e| self.fail(e))?;
+        let Some(after) = after else {
+            return Ok(ClosedTree::default());
+        };
+        let event = FeedEvent::Task {
+            task_id: id.to_string(),
+            until: after.deadline,
+        };
+        self.publish(&event, now).await?;
+        let live_tokens = self
+            .store
+            .task_tokens(id)
+            .await
+            .map_err(|e| self.fail(e))?
+            .iter()
+            .filter(|t| t.exp > now)
+            .count();
+        Ok(ClosedTree {
+            tasks: vec![after],
+            live_tokens,
+        })
+    }
+
+    /// A holder of one of the task's tokens ends the task.
+    pub async fn end_task(
+        &self,
+        id: &TaskId,
+        bearer: &str,
+        source_ip: Option<String>,
+    ) -> Result<EndReply, BrokerError> {
+        let claims = self
+            .check_token(bearer)?
+            .ok_or_else(|| BrokerError::invalid_token("the bearer token is not valid"))?;
+        if claims.txn != id.as_str() {
+            return Err(BrokerError::access_denied(
+                "the bearer token belongs to another task",
+            ));
+        }
+        let reason = "ended by its holder";
+        let closed = self.close_task_tree(id, TaskState::Ended, reason).await?;
+        self.record(
+            Event::TaskEnd,
+            audit::Entry {
+                decision: Some("allow"),
+                subject: Some(claims.sub.clone()),
+                task_id: Some(id.to_string()),
+                jti: Some(claims.jti.clone()),
+                reason: reason.into(),
+                source_ip,
+                detail: Some(json!({
+                    "closed_tasks": closed.task_ids(),
+                    "revoked_tokens": closed.live_tokens,
+                })),
+                ..audit::Entry::default()
+            },
+        )?;
+        Ok(EndReply {
+            task_id: id.to_string(),
+            state: "ended",
+            revoked_tasks: closed.tasks.len(),
+            revoked_tokens: closed.live_tokens,
+        })
+    }
+
+    /// A task's state, for a holder of one of its tokens or an admin.
+    pub async fn task_state(
+        &self,
+        id: &TaskId,
+        authorization: Option<&str>,
+        source_ip: Option<String>,
+    ) -> Result<TaskRecord, BrokerError> {
+        let token = crate::auth::bearer(authorization)
+            .ok_or_else(|| BrokerError::invalid_token("a bearer credential is required"))?;
+        let holder = self.check_token(token)?.filter(|c| c.txn == id.as_str());
+        if holder.is_none() {
+            self.authorize(authorization, crate::auth::Role::Admin, source_ip)
+                .await?;
+        }
+        self.get_task(id)
+            .await?
+            .ok_or_else(|| BrokerError::not_found("no such task"))
+    }
+}
