@@ -2,6 +2,17 @@
 //! bundle key lookup, signature, claims) and sign one ES256 task token, through the same
 //! code the broker uses. Prints `ops_per_sec=N`.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    clippy::cast_sign_loss,
+    reason = "a test or benchmark that fails should fail loudly"
+)]
+
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};

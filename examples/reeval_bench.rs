@@ -2,6 +2,17 @@
 //! half the tasks hold a scope the new policy no longer permits. Prints the time to finish
 //! and what was revoked.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    clippy::cast_sign_loss,
+    reason = "a test or benchmark that fails should fail loudly"
+)]
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 

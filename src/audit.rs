@@ -247,9 +247,8 @@ fn last_line(file: &mut File) -> std::io::Result<Option<String>> {
         Read::by_ref(file).take(len - start).read_to_end(&mut buf)?;
         let trimmed = buf.strip_suffix(b"\n").unwrap_or(&buf);
         if let Some(pos) = trimmed.iter().rposition(|b| *b == b'\n') {
-            return Ok(Some(
-                String::from_utf8_lossy(&trimmed[pos + 1..]).into_owned(),
-            ));
+            let last = trimmed.get(pos + 1..).unwrap_or_default();
+            return Ok(Some(String::from_utf8_lossy(last).into_owned()));
         }
         if start == 0 {
             return Ok(Some(String::from_utf8_lossy(trimmed).into_owned()));

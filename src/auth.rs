@@ -101,7 +101,7 @@ impl Broker {
                     self.auth_cache.insert(key, s.clone(), id.expires_at, now);
                     s
                 }
-                Err(e) if e.is_unavailable() => return Err(BrokerError::unavailable()),
+                Err(e) if e.is_unavailable() => return Err(self.fail(e)),
                 Err(e) => {
                     tracing::info!(reason = %e, "bearer credential refused");
                     return Err(refuse(

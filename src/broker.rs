@@ -157,57 +157,7 @@ impl Broker {
             revocations,
             token_cache: VerifiedCache::new(100_000),
             auth_cache: VerifiedCache::new(10_000),
-            metrics: {
-                let m = Metrics::default();
-                m.describe("writ_trips_total", "Trips fired, by rule.");
-                m.describe(
-                    "writ_exchanges_total",
-                    "Token exchanges, by outcome (issued or the OAuth error code).",
-                );
-                m.describe(
-                    "writ_introspections_total",
-                    "Introspections, by outcome (active, inactive or the error code).",
-                );
-                m.describe(
-                    "writ_revocations_total",
-                    "Revocations published, by kind (token, task, selector, quarantine, lift).",
-                );
-                m.describe("writ_store_errors_total", "Store operations that failed.");
-                m.describe(
-                    "writ_failures_total",
-                    "Failures of the broker's own parts answered with 503, by part.",
-                );
-                m.describe(
-                    "writ_http_requests_total",
-                    "HTTP requests, by route and status.",
-                );
-                m.describe(
-                    "writ_http_request_duration_seconds",
-                    "HTTP request latency, by route.",
-                );
-                m.describe(
-                    "writ_open_tasks",
-                    "Open tasks (on Redis: tasks before their deadline).",
-                );
-                m.describe(
-                    "writ_revocation_feed_lag_milliseconds",
-                    "Time since this replica last read the revocation feed.",
-                );
-                m.describe(
-                    "writ_revocation_feed_fresh",
-                    "1 when this replica's revocation view is confirmed.",
-                );
-                m.describe(
-                    "writ_revocation_cache_entries",
-                    "Entries of this replica's revocation cache, by kind.",
-                );
-                m.describe("writ_policy_version_info", "The policy version in force.");
-                m.describe(
-                    "writ_signing_key_info",
-                    "Signing keys published, and which one signs.",
-                );
-                m
-            },
+            metrics: Metrics::described(),
             limits,
             clock,
             store,

@@ -136,27 +136,30 @@ pub enum KeysCommand {
 #[derive(Debug, Subcommand)]
 pub enum TokenCommand {
     /// Exchange a workload identity token for a task token; prints the token response JSON.
-    Exchange {
-        #[arg(long, value_name = "URL")]
-        broker: String,
-        /// File holding the subject token, or `-` for standard input.
-        #[arg(long, value_name = "FILE|-")]
-        subject_token: String,
-        /// The subject token's type URI (default: JWT).
-        #[arg(long, value_name = "URI")]
-        subject_token_type: Option<String>,
-        #[arg(long, value_name = "S")]
-        scope: String,
-        #[arg(long, value_name = "A")]
-        audience: Vec<String>,
-        #[arg(long, value_name = "P")]
-        purpose: Option<String>,
-        #[arg(long, value_name = "D", value_parser = humantime::parse_duration)]
-        ttl: Option<Duration>,
-        /// Mint into an open task instead of opening a new one.
-        #[arg(long, value_name = "T")]
-        task_id: Option<String>,
-    },
+    Exchange(ExchangeArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ExchangeArgs {
+    #[arg(long, value_name = "URL")]
+    broker: String,
+    /// File holding the subject token, or `-` for standard input.
+    #[arg(long, value_name = "FILE|-")]
+    subject_token: String,
+    /// The subject token's type URI (default: JWT).
+    #[arg(long, value_name = "URI")]
+    subject_token_type: Option<String>,
+    #[arg(long, value_name = "S")]
+    scope: String,
+    #[arg(long, value_name = "A")]
+    audience: Vec<String>,
+    #[arg(long, value_name = "P")]
+    purpose: Option<String>,
+    #[arg(long, value_name = "D", value_parser = humantime::parse_duration)]
+    ttl: Option<Duration>,
+    /// Mint into an open task instead of opening a new one.
+    #[arg(long, value_name = "T")]
+    task_id: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -287,50 +290,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     config,
                     syntax_only,
                 },
-        } => {
-            let cfg = Config::load(&config)?;
-            if syntax_only {
-                println!("config ok (keys and values; files and store not checked)");
-                return Ok(());
-            }
-            let broker = crate::broker::Broker::build(cfg).await?;
-            println!(
-                "config ok: {} signing key(s), policy version {}",
-                broker.tokens.keys().all().len(),
-                broker.policy.current().version()
-            );
-            Ok(())
-        }
-        Command::Policy { command } => match command {
-            PolicyCommand::Check { dir } => {
-                let set = crate::policy::PolicySet::load_dir(&dir)?;
-                println!(
-                    "{} policies ok, version {}",
-                    set.policy_count(),
-                    set.version()
-                );
-                Ok(())
-            }
-            PolicyCommand::Test { dir, cases } => {
-                let set = crate::policy::PolicySet::load_dir(&dir)?;
-                let report = crate::policy::run_cases(&set, &cases)?;
-                for f in &report.failures {
-                    println!("FAIL {f}");
-                }
-                println!(
-                    "{} passed, {} failed",
-                    report.passed,
-                    report.total - report.passed
-                );
-                if report.passed != report.total {
-                    anyhow::bail!(
-                        "{} policy test case(s) failed",
-                        report.total - report.passed
-                    );
-                }
-                Ok(())
-            }
-        },
+        } => config_check(&config, syntax_only).await,
+        Command::Policy { command } => policy_command(command),
         Command::Keys {
             command: KeysCommand::Generate { alg, out },
         } => {
@@ -345,77 +306,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Token {
-            command:
-                TokenCommand::Exchange {
-                    broker,
-                    subject_token,
-                    subject_token_type,
-                    scope,
-                    audience,
-                    purpose,
-                    ttl,
-                    task_id,
-                },
-        } => {
-            let token = crate::client::read_secret(&subject_token)
-                .with_context(|| format!("reading the subject token from `{subject_token}`"))?;
-            let client = crate::client::Client::new(&broker)?;
-            let resp = client
-                .exchange(&crate::client::ExchangeParams {
-                    subject_token: token,
-                    subject_token_type,
-                    scope,
-                    audience,
-                    purpose,
-                    ttl,
-                    task_id,
-                })
-                .await?;
-            println!("{}", serde_json::to_string_pretty(&resp)?);
-            Ok(())
-        }
-        Command::Task { command } => {
-            let out = match command {
-                TaskCommand::End { broker, token } => {
-                    let token = secret(&token)?;
-                    crate::client::Client::new(&broker)?
-                        .end_task(&token)
-                        .await?
-                }
-                TaskCommand::List {
-                    broker,
-                    admin_token,
-                    subject,
-                    state,
-                } => {
-                    let admin = secret(&admin_token)?;
-                    crate::client::Client::new(&broker)?
-                        .list_tasks(&admin, subject.as_deref(), state.as_deref())
-                        .await?
-                }
-            };
-            println!("{}", serde_json::to_string_pretty(&out)?);
-            Ok(())
-        }
-        Command::Revoke(args) => {
-            let admin = secret(&args.admin_token)?;
-            let selector = if let Some(j) = args.jti {
-                serde_json::json!({"jti": j})
-            } else if let Some(t) = args.task {
-                serde_json::json!({"task_id": t})
-            } else if let Some(s) = args.subject {
-                serde_json::json!({"subject": s})
-            } else if let Some(i) = args.issuer {
-                serde_json::json!({"issuer": i})
-            } else {
-                serde_json::json!({"all": true})
-            };
-            let out = crate::client::Client::new(&args.broker)?
-                .revoke(&admin, selector, &args.reason)
-                .await?;
-            println!("{}", serde_json::to_string_pretty(&out)?);
-            Ok(())
-        }
+            command: TokenCommand::Exchange(args),
+        } => token_exchange(args).await,
+        Command::Task { command } => task_command(command).await,
+        Command::Revoke(args) => revoke_command(args).await,
         Command::Revocations { command } => blocks_command(BlockKind::Revocation, command).await,
         Command::Quarantines { command } => blocks_command(BlockKind::Quarantine, command).await,
         Command::Audit {
@@ -434,6 +328,112 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
     }
+}
+
+async fn config_check(config: &std::path::Path, syntax_only: bool) -> anyhow::Result<()> {
+    let cfg = Config::load(config)?;
+    if syntax_only {
+        println!("config ok (keys and values; files and store not checked)");
+        return Ok(());
+    }
+    let broker = crate::broker::Broker::build(cfg).await?;
+    println!(
+        "config ok: {} signing key(s), policy version {}",
+        broker.tokens.keys().all().len(),
+        broker.policy.current().version()
+    );
+    Ok(())
+}
+
+fn policy_command(command: PolicyCommand) -> anyhow::Result<()> {
+    match command {
+        PolicyCommand::Check { dir } => {
+            let set = crate::policy::PolicySet::load_dir(&dir)?;
+            println!(
+                "{} policies ok, version {}",
+                set.policy_count(),
+                set.version()
+            );
+            Ok(())
+        }
+        PolicyCommand::Test { dir, cases } => {
+            let set = crate::policy::PolicySet::load_dir(&dir)?;
+            let report = crate::policy::run_cases(&set, &cases)?;
+            for f in &report.failures {
+                println!("FAIL {f}");
+            }
+            let failed = report.total - report.passed;
+            println!("{} passed, {failed} failed", report.passed);
+            if failed > 0 {
+                anyhow::bail!("{failed} policy test case(s) failed");
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn token_exchange(args: ExchangeArgs) -> anyhow::Result<()> {
+    let subject_token = &args.subject_token;
+    let token = crate::client::read_secret(subject_token)
+        .with_context(|| format!("reading the subject token from `{subject_token}`"))?;
+    let client = crate::client::Client::new(&args.broker)?;
+    let resp = client
+        .exchange(&crate::client::ExchangeParams {
+            subject_token: token,
+            subject_token_type: args.subject_token_type,
+            scope: args.scope,
+            audience: args.audience,
+            purpose: args.purpose,
+            ttl: args.ttl,
+            task_id: args.task_id,
+        })
+        .await?;
+    println!("{}", serde_json::to_string_pretty(&resp)?);
+    Ok(())
+}
+
+async fn task_command(command: TaskCommand) -> anyhow::Result<()> {
+    let out = match command {
+        TaskCommand::End { broker, token } => {
+            let token = secret(&token)?;
+            crate::client::Client::new(&broker)?
+                .end_task(&token)
+                .await?
+        }
+        TaskCommand::List {
+            broker,
+            admin_token,
+            subject,
+            state,
+        } => {
+            let admin = secret(&admin_token)?;
+            crate::client::Client::new(&broker)?
+                .list_tasks(&admin, subject.as_deref(), state.as_deref())
+                .await?
+        }
+    };
+    println!("{}", serde_json::to_string_pretty(&out)?);
+    Ok(())
+}
+
+async fn revoke_command(args: RevokeArgs) -> anyhow::Result<()> {
+    let admin = secret(&args.admin_token)?;
+    let selector = if let Some(j) = args.jti {
+        serde_json::json!({"jti": j})
+    } else if let Some(t) = args.task {
+        serde_json::json!({"task_id": t})
+    } else if let Some(s) = args.subject {
+        serde_json::json!({"subject": s})
+    } else if let Some(i) = args.issuer {
+        serde_json::json!({"issuer": i})
+    } else {
+        serde_json::json!({"all": true})
+    };
+    let out = crate::client::Client::new(&args.broker)?
+        .revoke(&admin, selector, &args.reason)
+        .await?;
+    println!("{}", serde_json::to_string_pretty(&out)?);
+    Ok(())
 }
 
 fn secret(source: &str) -> anyhow::Result<String> {

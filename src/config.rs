@@ -316,9 +316,20 @@ impl Config {
         Ok(config)
     }
 
-    /// Cross-field and value checks. File contents (keys, bundles, policies) are checked when
-    /// the application is built, with the same key naming.
+    /// Cross-field and value checks, one section at a time. File contents (keys, bundles,
+    /// policies) are checked when the application is built, with the same key naming.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.validate_server()?;
+        self.validate_tokens()?;
+        self.validate_tasks()?;
+        self.validate_store()?;
+        self.validate_spiffe()?;
+        self.validate_oidc()?;
+        self.validate_access()?;
+        self.validate_trips()
+    }
+
+    fn validate_server(&self) -> Result<(), ConfigError> {
         let s = &self.server;
         s.listen.parse::<SocketAddr>().map_err(|_| {
             ConfigError::new(
@@ -334,6 +345,10 @@ impl Config {
             ));
         }
 
+        Ok(())
+    }
+
+    fn validate_tokens(&self) -> Result<(), ConfigError> {
         let t = &self.tokens;
         if t.default_ttl.is_zero() {
             return Err(ConfigError::new(
@@ -360,6 +375,10 @@ impl Config {
             ));
         }
 
+        Ok(())
+    }
+
+    fn validate_tasks(&self) -> Result<(), ConfigError> {
         if self.tasks.max_duration.is_zero() {
             return Err(ConfigError::new(
                 "tasks.max_duration",
@@ -370,6 +389,10 @@ impl Config {
             return Err(ConfigError::new("tasks.max_tokens", "must be at least 1"));
         }
 
+        Ok(())
+    }
+
+    fn validate_store(&self) -> Result<(), ConfigError> {
         match self.store.backend {
             StoreBackend::Memory => {}
             StoreBackend::Redis => {
@@ -418,6 +441,10 @@ impl Config {
             ));
         }
 
+        Ok(())
+    }
+
+    fn validate_spiffe(&self) -> Result<(), ConfigError> {
         let mut names = HashSet::new();
         for (i, td) in self.spiffe.trust_domains.iter().enumerate() {
             let key = |k: &str| format!("spiffe.trust_domains[{i}].{k}");
@@ -456,6 +483,10 @@ impl Config {
             }
         }
 
+        Ok(())
+    }
+
+    fn validate_oidc(&self) -> Result<(), ConfigError> {
         let mut issuers = HashSet::new();
         for (i, iss) in self.oidc.issuers.iter().enumerate() {
             let key = |k: &str| format!("oidc.issuers[{i}].{k}");
@@ -474,6 +505,10 @@ impl Config {
             }
         }
 
+        Ok(())
+    }
+
+    fn validate_access(&self) -> Result<(), ConfigError> {
         if self.audit.path.is_empty() {
             return Err(ConfigError::new(
                 "audit.path",
@@ -491,25 +526,30 @@ impl Config {
         check_patterns("admin.principals", &self.admin.principals)?;
         check_patterns("introspection.principals", &self.introspection.principals)?;
 
-        if let Some(tr) = &self.trips {
-            if let Some(d) = tr.denials {
-                check_count_window("trips.denials", d)?;
-                if tr.quarantine.is_none_or(|q| q.is_zero()) {
-                    return Err(ConfigError::new(
-                        "trips.quarantine",
-                        "trips.denials needs a quarantine duration greater than zero",
-                    ));
-                }
-            }
-            if let Some(r) = tr.exchange_rate {
-                check_count_window("trips.exchange_rate", r)?;
-            }
-            if tr.max_scopes_per_task == Some(0) {
+        Ok(())
+    }
+
+    fn validate_trips(&self) -> Result<(), ConfigError> {
+        let Some(tr) = &self.trips else {
+            return Ok(());
+        };
+        if let Some(d) = tr.denials {
+            check_count_window("trips.denials", d)?;
+            if tr.quarantine.is_none_or(|q| q.is_zero()) {
                 return Err(ConfigError::new(
-                    "trips.max_scopes_per_task",
-                    "must be at least 1",
+                    "trips.quarantine",
+                    "trips.denials needs a quarantine duration greater than zero",
                 ));
             }
+        }
+        if let Some(r) = tr.exchange_rate {
+            check_count_window("trips.exchange_rate", r)?;
+        }
+        if tr.max_scopes_per_task == Some(0) {
+            return Err(ConfigError::new(
+                "trips.max_scopes_per_task",
+                "must be at least 1",
+            ));
         }
         Ok(())
     }

@@ -278,9 +278,24 @@ impl Clock for SystemClock {
     fn now(&self) -> i64 {
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs() as i64)
+            .map(|d| secs_i64(d.as_secs()))
             .unwrap_or(0)
     }
+}
+
+/// Seconds as a signed offset, saturating (no duration Writ handles comes near the bound).
+pub fn secs_i64(secs: u64) -> i64 {
+    i64::try_from(secs).unwrap_or(i64::MAX)
+}
+
+/// A duration in whole seconds as a signed offset, saturating.
+pub fn duration_secs(d: std::time::Duration) -> i64 {
+    secs_i64(d.as_secs())
+}
+
+/// A duration in whole milliseconds, saturating.
+pub fn duration_millis(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// A clock that only moves when told: tests cross TTLs by advancing it.

@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 
 use crate::audit::{self, Event};
 use crate::broker::Broker;
-use crate::domain::{Audience, Scope, Subject, TaskId, TokenId};
+use crate::domain::{Audience, Scope, Subject, TaskId, TokenId, secs_i64};
 use crate::error::{BrokerError, ErrorCode};
 use crate::identity::{Accept, Source};
 use crate::policy::{PolicyAction, PolicyContext, PolicyPrincipal};
@@ -381,10 +381,12 @@ impl Broker {
                 "task_id cannot be combined with a task token as subject_token",
             ));
         }
-        let mut act = json!({"sub": claims.sub});
+        let mut act = serde_json::Map::new();
+        act.insert("sub".into(), Value::String(claims.sub.clone()));
         if let Some(prev) = claims.act {
-            act["act"] = prev;
+            act.insert("act".into(), prev);
         }
+        let act = Value::Object(act);
         Ok(Requester {
             principal: PolicyPrincipal::of_task_owner(&parent),
             issuer: parent.issuer.clone(),
@@ -727,9 +729,4 @@ fn outside_of(asked: &[String], granted: &[String]) -> Vec<String> {
         .filter(|s| !granted.contains(s))
         .cloned()
         .collect()
-}
-
-/// Seconds as a signed offset (saturating: no TTL or duration here comes near the bound).
-fn secs_i64(secs: u64) -> i64 {
-    i64::try_from(secs).unwrap_or(i64::MAX)
 }

@@ -234,7 +234,7 @@ pub fn policy_entities(data: &[u8]) {
         purpose: ctx_line.to_string(),
         ttl: num().unsigned_abs(),
         source: ctx_line.chars().take(16).collect(),
-        depth: num().unsigned_abs().min(u64::from(u32::MAX)) as u32,
+        depth: u32::try_from(num().unsigned_abs()).unwrap_or(u32::MAX),
         now: num(),
     };
     let set = sample_policies();

@@ -119,14 +119,15 @@ impl Metrics {
     pub fn observe(&self, name: &'static str, l: &[(&'static str, &str)], seconds: f64) {
         let key = (name, labels(l));
         let record = |h: &Histogram| {
-            for (i, b) in BUCKETS.iter().enumerate() {
+            for (bucket, b) in h.buckets.iter().zip(BUCKETS.iter()) {
                 if seconds <= *b {
-                    h.buckets[i].fetch_add(1, Ordering::Relaxed);
+                    bucket.fetch_add(1, Ordering::Relaxed);
                 }
             }
             h.count.fetch_add(1, Ordering::Relaxed);
-            h.sum_micros
-                .fetch_add((seconds * 1e6) as u64, Ordering::Relaxed);
+            let micros = std::time::Duration::try_from_secs_f64(seconds)
+                .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
+            h.sum_micros.fetch_add(micros, Ordering::Relaxed);
         };
         if let Some(h) = self.histograms.read().get(&key) {
             record(h);
@@ -170,12 +171,12 @@ impl Metrics {
                 let _ = writeln!(out, "# TYPE {name} histogram");
                 last = name;
             }
-            for (i, b) in BUCKETS.iter().enumerate() {
+            for (bucket, b) in h.buckets.iter().zip(BUCKETS.iter()) {
                 let _ = writeln!(
                     out,
                     "{name}_bucket{} {}",
                     render_labels(l, Some(("le", b.to_string()))),
-                    h.buckets[i].load(Ordering::Relaxed)
+                    bucket.load(Ordering::Relaxed)
                 );
             }
             let count = h.count.load(Ordering::Relaxed);
@@ -193,6 +194,61 @@ impl Metrics {
             let _ = writeln!(out, "{name}_count{} {count}", render_labels(l, None));
         }
         out
+    }
+}
+
+impl Metrics {
+    /// The broker's metrics, each with its help text.
+    pub fn described() -> Metrics {
+        let m = Metrics::default();
+        m.describe("writ_trips_total", "Trips fired, by rule.");
+        m.describe(
+            "writ_exchanges_total",
+            "Token exchanges, by outcome (issued or the OAuth error code).",
+        );
+        m.describe(
+            "writ_introspections_total",
+            "Introspections, by outcome (active, inactive or the error code).",
+        );
+        m.describe(
+            "writ_revocations_total",
+            "Revocations published, by kind (token, task, selector, quarantine, lift).",
+        );
+        m.describe("writ_store_errors_total", "Store operations that failed.");
+        m.describe(
+            "writ_failures_total",
+            "Failures of the broker's own parts answered with 503, by part.",
+        );
+        m.describe(
+            "writ_http_requests_total",
+            "HTTP requests, by route and status.",
+        );
+        m.describe(
+            "writ_http_request_duration_seconds",
+            "HTTP request latency, by route.",
+        );
+        m.describe(
+            "writ_open_tasks",
+            "Open tasks (on Redis: tasks before their deadline).",
+        );
+        m.describe(
+            "writ_revocation_feed_lag_milliseconds",
+            "Time since this replica last read the revocation feed.",
+        );
+        m.describe(
+            "writ_revocation_feed_fresh",
+            "1 when this replica's revocation view is confirmed.",
+        );
+        m.describe(
+            "writ_revocation_cache_entries",
+            "Entries of this replica's revocation cache, by kind.",
+        );
+        m.describe("writ_policy_version_info", "The policy version in force.");
+        m.describe(
+            "writ_signing_key_info",
+            "Signing keys published, and which one signs.",
+        );
+        m
     }
 }
 

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::RwLock;
 
+use crate::domain::duration_millis;
 use crate::store::{BlockRecord, FeedEvent, Store};
 use crate::token::TaskClaims;
 
@@ -57,7 +58,7 @@ impl RevocationCache {
 
     fn mark_ok(&self) {
         self.last_ok
-            .store(self.epoch.elapsed().as_millis() as u64, Ordering::SeqCst);
+            .store(duration_millis(self.epoch.elapsed()), Ordering::SeqCst);
         self.healthy.store(true, Ordering::SeqCst);
     }
 
@@ -73,15 +74,14 @@ impl RevocationCache {
         if !self.healthy.load(Ordering::SeqCst) {
             return false;
         }
-        let age = (self.epoch.elapsed().as_millis() as u64)
+        let age = duration_millis(self.epoch.elapsed())
             .saturating_sub(self.last_ok.load(Ordering::SeqCst));
-        age <= self.max_staleness.as_millis() as u64
+        age <= duration_millis(self.max_staleness)
     }
 
     /// Milliseconds since the feed was last read successfully.
     pub fn lag_ms(&self) -> u64 {
-        (self.epoch.elapsed().as_millis() as u64)
-            .saturating_sub(self.last_ok.load(Ordering::SeqCst))
+        duration_millis(self.epoch.elapsed()).saturating_sub(self.last_ok.load(Ordering::SeqCst))
     }
 
     /// Events applied so far (tests and metrics).

@@ -11,7 +11,9 @@ use crate::broker::Broker;
 use crate::domain::Subject;
 use crate::error::BrokerError;
 use crate::policy::{PolicyAction, PolicyContext, PolicyPrincipal};
-use crate::store::{BlockKind, BlockRecord, BlockSelector, FeedEvent, TaskFilter, TaskState};
+use crate::store::{
+    BlockKind, BlockRecord, BlockSelector, FeedEvent, TaskFilter, TaskRecord, TaskState,
+};
 use crate::task::ClosedTree;
 
 /// Rule names, as they appear in trip records and `writ_trips_total{rule}`.
@@ -215,6 +217,12 @@ impl Broker {
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
+        tracing::error!(
+            version = %new_version,
+            "re-evaluation: no replica finished the work within 60 s"
+        );
+        self.metrics
+            .inc("writ_failures_total", &[("part", "reevaluation")]);
         Err(BrokerError::unavailable())
     }
 
@@ -223,61 +231,19 @@ impl Broker {
         old_version: &str,
         new_version: &str,
     ) -> Result<Reevaluation, BrokerError> {
-        let set = self.policy.current();
-        let now = self.now();
-        let open = self
-            .store
-            .list_tasks(&TaskFilter::all_open())
-            .await
-            .map_err(|e| self.fail(e))?;
+        let open = self.list_tasks(&TaskFilter::all_open()).await?;
         let mut report = Reevaluation {
             ran_here: true,
             ..Reevaluation::default()
         };
         // Decide every task first (CPU only), then revoke the losers concurrently: each
         // revocation is a few store round trips.
-        let mut losers: Vec<(crate::store::TaskRecord, Vec<String>)> = Vec::new();
-        for task in open
-            .iter()
-            .filter(|t| t.is_open_at(now) && t.policy_version != new_version)
-        {
-            report.evaluated += 1;
-            let action = if task.depth > 0 {
-                PolicyAction::Delegate
-            } else {
-                PolicyAction::Exchange
-            };
-            let ctx = PolicyContext {
-                audience: task.audience.clone(),
-                purpose: task.purpose.clone(),
-                ttl: self.limits.default_ttl_secs,
-                source: if task.source.is_empty() {
-                    "jwt-svid".into()
-                } else {
-                    task.source.clone()
-                },
-                depth: task.depth,
-                now,
-            };
-            let denied: Vec<String> = set
-                .decide_all(
-                    &PolicyPrincipal::of_task_owner(task),
-                    action,
-                    &task.scopes,
-                    &ctx,
-                )
-                .into_iter()
-                .filter(|d| !d.allowed || d.approval_required)
-                .map(|d| d.scope)
-                .collect();
-            if !denied.is_empty() {
-                losers.push((task.clone(), denied));
-            }
-        }
+        let (evaluated, losers) = self.no_longer_permitted(&open, new_version);
+        report.evaluated = evaluated;
         use futures_util::StreamExt;
         let mut pending = losers.into_iter();
         let mut results = futures_util::stream::FuturesUnordered::new();
-        let revoke = |task: crate::store::TaskRecord, denied: Vec<String>| {
+        let revoke = |task: TaskRecord, denied: Vec<String>| {
             Box::pin(async move {
                 let r = self
                     .close_task_tree(&task.id, TaskState::Revoked, POLICY_CHANGED)
@@ -299,6 +265,12 @@ impl Broker {
             report.revoked += 1;
             self.metrics
                 .inc("writ_trips_total", &[("rule", POLICY_CHANGED)]);
+            let evidence = json!({
+                "granted_under": task.policy_version,
+                "previous_version": old_version,
+                "new_version": new_version,
+                "denied_scopes": denied,
+            });
             self.record(
                 Event::Trip,
                 audit::Entry {
@@ -310,12 +282,7 @@ impl Broker {
                     reason: format!("trip: {POLICY_CHANGED}"),
                     detail: Some(json!({
                         "rule": POLICY_CHANGED,
-                        "evidence": {
-                            "granted_under": task.policy_version,
-                            "previous_version": old_version,
-                            "new_version": new_version,
-                            "denied_scopes": denied,
-                        },
+                        "evidence": evidence,
                         "revoked_tasks": closed.task_ids(),
                         "revoked_tokens": closed.live_tokens,
                     })),
@@ -329,5 +296,53 @@ impl Broker {
             "open tasks re-evaluated"
         );
         Ok(report)
+    }
+
+    /// The open tasks granted under another version whose scopes the policy in force no
+    /// longer all permits, with the scopes it denies; and how many were evaluated.
+    fn no_longer_permitted(
+        &self,
+        open: &[TaskRecord],
+        new_version: &str,
+    ) -> (usize, Vec<(TaskRecord, Vec<String>)>) {
+        let set = self.policy.current();
+        let now = self.now();
+        let mut evaluated = 0;
+        let mut losers = Vec::new();
+        for task in open
+            .iter()
+            .filter(|t| t.is_open_at(now) && t.policy_version != new_version)
+        {
+            evaluated += 1;
+            let action = if task.depth > 0 {
+                PolicyAction::Delegate
+            } else {
+                PolicyAction::Exchange
+            };
+            let source = if task.source.is_empty() {
+                "jwt-svid".to_string()
+            } else {
+                task.source.clone()
+            };
+            let ctx = PolicyContext {
+                audience: task.audience.clone(),
+                purpose: task.purpose.clone(),
+                ttl: self.limits.default_ttl_secs,
+                source,
+                depth: task.depth,
+                now,
+            };
+            let principal = PolicyPrincipal::of_task_owner(task);
+            let denied: Vec<String> = set
+                .decide_all(&principal, action, &task.scopes, &ctx)
+                .into_iter()
+                .filter(|d| !d.allowed || d.approval_required)
+                .map(|d| d.scope)
+                .collect();
+            if !denied.is_empty() {
+                losers.push((task.clone(), denied));
+            }
+        }
+        (evaluated, losers)
     }
 }

@@ -2,6 +2,17 @@
 //! (`fuzz/seeds/<target>/`), run through the same checks as the fuzz targets, so a fixed
 //! finding stays fixed without a fuzzer on the machine.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    clippy::cast_sign_loss,
+    reason = "a test or benchmark that fails should fail loudly"
+)]
+
 use std::path::Path;
 
 fn run_dir(target: &str, check: fn(&[u8])) -> usize {

@@ -1,6 +1,17 @@
 //! SPIFFE ID acceptance tables, after the SPIFFE ID specification (§2): scheme, trust domain
 //! and path rules, every character class, dot segments, percent-encoding, case and lengths.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    clippy::cast_sign_loss,
+    reason = "a test or benchmark that fails should fail loudly"
+)]
+
 use writ::domain::parse_spiffe_id;
 
 const TD_CHARS: &str = "abcdefghijklmnopqrstuvwxyz0123456789.-_";

@@ -1,6 +1,17 @@
 //! One store contract, run against the memory store, a real redis-server and a real 3-node
 //! Redis Cluster, both started here on free loopback ports.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    clippy::cast_sign_loss,
+    reason = "a test or benchmark that fails should fail loudly"
+)]
+
 #[path = "support/redis.rs"]
 mod redis_support;
 

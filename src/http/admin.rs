@@ -58,6 +58,11 @@ pub fn parse_revocation(body: &[u8]) -> Result<(Selector, String), BrokerError> 
         .iter()
         .next()
         .ok_or_else(|| BrokerError::invalid_request("empty selector"))?;
+    Ok((parse_selector(kind, value)?, reason.to_string()))
+}
+
+/// One selector of a revocation: `jti`, `task_id`, `subject`, `issuer` or `all`.
+fn parse_selector(kind: &str, value: &Value) -> Result<Selector, BrokerError> {
     let text = |what: &str| {
         value
             .as_str()
@@ -70,7 +75,7 @@ pub fn parse_revocation(body: &[u8]) -> Result<(Selector, String), BrokerError> 
             })
     };
     let selector =
-        match kind.as_str() {
+        match kind {
             "jti" => Selector::Jti(text("jti")?),
             "task_id" => Selector::Task(TaskId::parse(&text("task_id")?).ok_or_else(|| {
                 BrokerError::invalid_request("`selector.task_id` is not a task id")
@@ -101,7 +106,7 @@ pub fn parse_revocation(body: &[u8]) -> Result<(Selector, String), BrokerError> 
                 )));
             }
         };
-    Ok((selector, reason.to_string()))
+    Ok(selector)
 }
 
 pub async fn create_revocation(

@@ -274,11 +274,13 @@ pub async fn introspect(
                 "txn": c.txn,
                 "token_type": "Bearer",
             });
-            if let Some(cnf) = c.cnf {
-                v["cnf"] = cnf;
-            }
-            if let Some(act) = c.act {
-                v["act"] = act;
+            if let Some(obj) = v.as_object_mut() {
+                if let Some(cnf) = c.cnf {
+                    obj.insert("cnf".into(), cnf);
+                }
+                if let Some(act) = c.act {
+                    obj.insert("act".into(), act);
+                }
             }
             json_no_store(v)
         }

@@ -265,7 +265,7 @@ impl OidcVerifier {
         if !jwt.audience_contains(&state.cfg.audience) {
             return Err(OidcError::WrongAudience);
         }
-        let skew = self.opts.max_skew.as_secs() as i64;
+        let skew = crate::domain::duration_secs(self.opts.max_skew);
         let exp = jwt.int_claim("exp").ok_or(OidcError::MissingClaim("exp"))?;
         if now > exp.saturating_add(skew) {
             return Err(OidcError::Expired);
@@ -420,7 +420,7 @@ impl OidcVerifier {
         }
         if resp
             .content_length()
-            .is_some_and(|l| l as usize > self.opts.max_response_bytes)
+            .is_some_and(|l| usize::try_from(l).map_or(true, |l| l > self.opts.max_response_bytes))
         {
             return Err(OidcError::TooLarge(url.to_string()));
         }

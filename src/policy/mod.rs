@@ -74,6 +74,19 @@ pub enum PolicyError {
     Cases { file: String, reason: String },
 }
 
+/// Why a request could not be put to Cedar (counted as a deny of every scope).
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    #[error("principal claims do not form a record")]
+    Claims(#[source] Box<cedar_policy::ExpressionConstructionError>),
+    #[error("principal entity is not valid")]
+    Principal(#[source] Box<cedar_policy::EntityAttrEvaluationError>),
+    #[error("principal entities are not valid")]
+    Entities(#[source] Box<cedar_policy::entities_errors::EntitiesError>),
+    #[error("request context is not valid")]
+    Context(#[source] Box<cedar_policy::ContextCreationError>),
+}
+
 /// What kind of workload the principal is, with the attributes policies may test.
 #[derive(Debug, Clone)]
 pub enum PrincipalKind {
@@ -350,7 +363,10 @@ impl PolicySet {
     ) -> Vec<ScopeDecision> {
         let prepared = match self.prepare(principal, ctx) {
             Ok(p) => p,
-            Err(e) => return scopes.iter().map(|s| deny(s, vec![e.clone()])).collect(),
+            Err(e) => {
+                let e = crate::error::chain(&e);
+                return scopes.iter().map(|s| deny(s, vec![e.clone()])).collect();
+            }
         };
         let (puid, entities, context) = prepared;
         let action_uid = match action {
@@ -416,7 +432,7 @@ impl PolicySet {
         &self,
         p: &PolicyPrincipal,
         ctx: &PolicyContext,
-    ) -> Result<(EntityUid, Entities, Context), String> {
+    ) -> Result<(EntityUid, Entities, Context), RequestError> {
         let s = |v: &str| RestrictedExpression::new_string(v.to_string());
         let puid = EntityUid::from_type_name_and_id(
             self.names.workload.clone(),
@@ -464,13 +480,13 @@ impl PolicySet {
         };
         let claims_expr =
             RestrictedExpression::new_record(claims.into_iter().map(|(k, v)| (k, s(&v))))
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| RequestError::Claims(Box::new(e)))?;
         attrs.insert("claims".into(), claims_expr);
         let workload = Entity::new(puid.clone(), attrs, HashSet::from([parent.clone()]))
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| RequestError::Principal(Box::new(e)))?;
         let parent_entity = Entity::new_no_attrs(parent, HashSet::new());
-        let entities =
-            Entities::from_entities([workload, parent_entity], None).map_err(|e| e.to_string())?;
+        let entities = Entities::from_entities([workload, parent_entity], None)
+            .map_err(|e| RequestError::Entities(Box::new(e)))?;
         let context = Context::from_pairs([
             (
                 "audience".to_string(),
@@ -479,7 +495,7 @@ impl PolicySet {
             ("purpose".to_string(), s(&ctx.purpose)),
             (
                 "ttl".to_string(),
-                RestrictedExpression::new_long(ctx.ttl.min(i64::MAX as u64) as i64),
+                RestrictedExpression::new_long(i64::try_from(ctx.ttl).unwrap_or(i64::MAX)),
             ),
             ("source".to_string(), s(&ctx.source)),
             (
@@ -488,7 +504,7 @@ impl PolicySet {
             ),
             ("now".to_string(), RestrictedExpression::new_long(ctx.now)),
         ])
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| RequestError::Context(Box::new(e)))?;
         Ok((puid, entities, context))
     }
 }

@@ -76,8 +76,13 @@ impl MemoryStore {
         Self::default()
     }
 
+    #[expect(
+        clippy::indexing_slicing,
+        reason = "the index is taken modulo the fixed shard count"
+    )]
     fn shard(&self, id: &TaskId) -> &Mutex<Shard> {
-        &self.shards[(self.hasher.hash_one(id) as usize) % SHARDS]
+        let n = self.hasher.hash_one(id) % (SHARDS as u64);
+        &self.shards[usize::try_from(n).unwrap_or(0)]
     }
 
     /// Number of tasks held (tests).
@@ -291,7 +296,7 @@ impl Store for MemoryStore {
         window: Duration,
         cap: u64,
     ) -> Result<u64, StoreError> {
-        let horizon = now - window.as_secs() as i64;
+        let horizon = now.saturating_sub(crate::domain::duration_secs(window));
         let mut counters = self.counters.lock();
         if counters.len() > 10_000 {
             counters.retain(|_, q| q.back().is_some_and(|t| *t > horizon));

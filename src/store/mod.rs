@@ -14,10 +14,34 @@ use crate::domain::{Subject, TaskId};
 #[non_exhaustive]
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("store unavailable: {0}")]
-    Unavailable(String),
-    #[error("store returned corrupt data: {0}")]
-    Corrupt(String),
+    #[error("store unavailable")]
+    Unavailable(#[source] ::redis::RedisError),
+    #[error("store is not configured: {0}")]
+    NotConfigured(&'static str),
+    #[error("store returned corrupt data: {what}")]
+    Corrupt {
+        what: String,
+        #[source]
+        source: Option<serde_json::Error>,
+    },
+}
+
+impl StoreError {
+    /// Data that does not parse, with the parse error as its cause.
+    pub fn corrupt(what: impl Into<String>, source: serde_json::Error) -> Self {
+        StoreError::Corrupt {
+            what: what.into(),
+            source: Some(source),
+        }
+    }
+
+    /// Data that parses but means nothing valid.
+    pub fn invalid(what: impl Into<String>) -> Self {
+        StoreError::Corrupt {
+            what: what.into(),
+            source: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -105,7 +105,7 @@ impl std::fmt::Debug for RedisStore {
 }
 
 fn unavailable(e: redis::RedisError) -> StoreError {
-    StoreError::Unavailable(e.to_string())
+    StoreError::Unavailable(e)
 }
 
 const MINT_LUA: &str = r"
@@ -197,7 +197,7 @@ impl RedisStore {
         horizon: Duration,
     ) -> Result<Self, StoreError> {
         let (conn, target) = if nodes.is_empty() {
-            let url = url.ok_or_else(|| StoreError::Unavailable("no Redis URL".into()))?;
+            let url = url.ok_or_else(|| StoreError::NotConfigured("no Redis URL"))?;
             let client = redis::Client::open(url).map_err(unavailable)?;
             let config = ConnectionManagerConfig::new()
                 .set_connection_timeout(Some(CONNECT_TIMEOUT))
@@ -223,7 +223,7 @@ impl RedisStore {
             target,
             feed: tokio::sync::Mutex::new(None),
             prefix: key_prefix.unwrap_or("writ:").to_string(),
-            horizon_secs: horizon.as_secs() as i64 + 60,
+            horizon_secs: crate::domain::duration_secs(horizon).saturating_add(60),
             mint: Script::new(MINT_LUA),
             close: Script::new(CLOSE_LUA),
             lift: Script::new(LIFT_LUA),
@@ -293,8 +293,8 @@ impl RedisStore {
         let (Some(rec), false) = (rec, fields.is_empty()) else {
             return Ok(None);
         };
-        let r: Rec = serde_json::from_str(&rec)
-            .map_err(|e| StoreError::Corrupt(format!("task record: {e}")))?;
+        let r: Rec =
+            serde_json::from_str(&rec).map_err(|e| StoreError::corrupt("task record", e))?;
         let mut task = TaskRecord {
             id: r.i,
             issuer: crate::domain::issuer_of(r.o.as_str()).to_string(),
@@ -318,7 +318,7 @@ impl RedisStore {
             Some("open") | None => TaskState::Open,
             Some("ended") => TaskState::Ended,
             Some("revoked") => TaskState::Revoked,
-            Some(other) => return Err(StoreError::Corrupt(format!("task state `{other}`"))),
+            Some(other) => return Err(StoreError::invalid(format!("task state `{other}`"))),
         };
         if let Some(n) = fields.get("n").and_then(|n| n.parse().ok()) {
             task.tokens_issued = n;
@@ -361,7 +361,7 @@ impl Store for RedisStore {
             so: task.source.clone(),
             cl: task.claims.clone(),
         })
-        .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        .map_err(|e| StoreError::corrupt("task record", e))?;
         let mut p = redis::pipe();
         p.atomic()
             .cmd("SET")
@@ -444,7 +444,7 @@ impl Store for RedisStore {
         let task = || async {
             self.get_task(id)
                 .await?
-                .ok_or_else(|| StoreError::Corrupt("task vanished while minting".into()))
+                .ok_or_else(|| StoreError::invalid("task vanished while minting"))
         };
         Ok(match status.as_str() {
             "not_found" => MintOutcome::NotFound,
@@ -452,7 +452,7 @@ impl Store for RedisStore {
             "closed" => MintOutcome::Closed(task().await?),
             "over_budget" => MintOutcome::OverBudget(task().await?),
             "minted" => MintOutcome::Minted(task().await?),
-            other => return Err(StoreError::Corrupt(format!("mint answered `{other}`"))),
+            other => return Err(StoreError::invalid(format!("mint answered `{other}`"))),
         })
     }
 
@@ -544,7 +544,8 @@ impl Store for RedisStore {
     }
 
     async fn publish(&self, event: &FeedEvent, now: i64) -> Result<(), StoreError> {
-        let json = serde_json::to_string(event).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let json =
+            serde_json::to_string(event).map_err(|e| StoreError::corrupt("feed record", e))?;
         let mut conn = self.conn();
         match event {
             FeedEvent::Lift { id, at } => {
@@ -555,11 +556,11 @@ impl Store for RedisStore {
                     .await
                     .map_err(unavailable)?;
                 let Some(raw) = raw else { return Ok(()) };
-                let mut record: BlockRecord =
-                    serde_json::from_str(&raw).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                let mut record: BlockRecord = serde_json::from_str(&raw)
+                    .map_err(|e| StoreError::corrupt("feed record", e))?;
                 record.lifted_at.get_or_insert(*at);
                 let updated = serde_json::to_string(&record)
-                    .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                    .map_err(|e| StoreError::corrupt("feed record", e))?;
                 let _: i64 = self
                     .lift
                     .key(self.k_blocks())
@@ -577,7 +578,7 @@ impl Store for RedisStore {
                 p.atomic();
                 if let FeedEvent::Block { record } = event {
                     let rec = serde_json::to_string(record)
-                        .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                        .map_err(|e| StoreError::corrupt("feed record", e))?;
                     p.hset(self.k_blocks(), &record.id, rec).ignore();
                 }
                 p.cmd("XADD")
@@ -639,7 +640,7 @@ impl Store for RedisStore {
         };
         let reply: Result<Option<redis::streams::StreamReadReply>, _> = redis::cmd("XREAD")
             .arg("BLOCK")
-            .arg(wait.as_millis() as u64)
+            .arg(crate::domain::duration_millis(wait))
             .arg("COUNT")
             .arg(1000)
             .arg("STREAMS")
@@ -682,7 +683,7 @@ impl Store for RedisStore {
             .hit
             .key(format!("{}{{c:{key}}}", self.prefix))
             .arg(now)
-            .arg(now - window.as_secs() as i64)
+            .arg(now.saturating_sub(crate::domain::duration_secs(window)))
             .arg(cap)
             .arg(member)
             .arg(window.as_secs() + 1)
@@ -698,7 +699,7 @@ impl Store for RedisStore {
             .arg("1")
             .arg("NX")
             .arg("PX")
-            .arg(ttl.as_millis() as u64)
+            .arg(crate::domain::duration_millis(ttl))
             .query_async(&mut self.conn())
             .await
             .map_err(unavailable)?;
@@ -710,7 +711,7 @@ impl Store for RedisStore {
             .arg(format!("{}{{f:{name}}}", self.prefix))
             .arg("1")
             .arg("PX")
-            .arg(ttl.as_millis() as u64)
+            .arg(crate::domain::duration_millis(ttl))
             .query_async(&mut self.conn())
             .await
             .map_err(unavailable)?;

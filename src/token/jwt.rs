@@ -67,7 +67,7 @@ impl<'a> ParsedJwt<'a> {
     pub fn int_claim(&self, name: &str) -> Option<i64> {
         self.claims
             .get(name)
-            .and_then(|v| v.as_i64().or_else(|| v.as_f64().map(|f| f as i64)))
+            .and_then(|v| v.as_i64().or_else(|| v.as_f64().and_then(whole_seconds)))
     }
 
     /// True when `aud` (a string or an array of strings) contains `expected`.
@@ -78,4 +78,15 @@ impl<'a> ParsedJwt<'a> {
             _ => false,
         }
     }
+}
+
+/// A JSON number with a fraction, as whole seconds (NumericDate allows fractions); none when
+/// it is not finite or out of range.
+fn whole_seconds(f: f64) -> Option<i64> {
+    let t = f.trunc();
+    #[expect(
+        clippy::cast_possible_truncation,
+        reason = "range-checked just before; the fraction was dropped on purpose"
+    )]
+    (t.is_finite() && t >= i64::MIN as f64 && t < i64::MAX as f64).then_some(t as i64)
 }

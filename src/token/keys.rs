@@ -187,8 +187,11 @@ impl KeySet {
         })
     }
 
+    #[expect(
+        clippy::indexing_slicing,
+        reason = "`new` refuses an empty set, so there is always a first key"
+    )]
     pub fn active(&self) -> &SigningKey {
-        // `new` refuses an empty set, so there is always a first key.
         &self.keys[0]
     }
 

@@ -59,8 +59,10 @@ pub struct TaskClaims {
 #[non_exhaustive]
 #[derive(Debug, thiserror::Error)]
 pub enum TokenError {
-    #[error("cannot sign token: {0}")]
-    Sign(String),
+    #[error("signing key is not usable for verification")]
+    Key(#[source] serde_json::Error),
+    #[error("cannot sign or load a token key")]
+    Sign(#[source] jsonwebtoken::errors::Error),
     #[error("token is not one of ours or does not verify")]
     Invalid,
     #[error("token has expired")]
@@ -80,9 +82,9 @@ impl TokenIssuer {
         crypto::ensure_installed();
         let mut verify_keys = Vec::new();
         for k in keys.all() {
-            let jwk: jsonwebtoken::jwk::Jwk = serde_json::from_value(k.jwk().clone())
-                .map_err(|e| TokenError::Sign(e.to_string()))?;
-            let dk = DecodingKey::from_jwk(&jwk).map_err(|e| TokenError::Sign(e.to_string()))?;
+            let jwk: jsonwebtoken::jwk::Jwk =
+                serde_json::from_value(k.jwk().clone()).map_err(TokenError::Key)?;
+            let dk = DecodingKey::from_jwk(&jwk).map_err(TokenError::Sign)?;
             verify_keys.push((k.kid.clone(), k.alg.jwt_alg(), dk));
         }
         Ok(TokenIssuer {
@@ -105,8 +107,7 @@ impl TokenIssuer {
         let mut header = Header::new(key.alg.jwt_alg());
         header.typ = Some("at+jwt".into());
         header.kid = Some(key.kid.clone());
-        jsonwebtoken::encode(&header, claims, key.encoding_key())
-            .map_err(|e| TokenError::Sign(e.to_string()))
+        jsonwebtoken::encode(&header, claims, key.encoding_key()).map_err(TokenError::Sign)
     }
 
     /// Verifies a token this broker (or a replica with the same keys) issued, at `now`.
