@@ -12,6 +12,17 @@ use crate::domain::duration_millis;
 use crate::store::{BlockRecord, FeedEvent, Store};
 use crate::token::TaskClaims;
 
+/// Why a token is revoked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Revoked {
+    /// The token itself (RFC 7009, admin `jti`).
+    Token,
+    /// Its task was ended or revoked.
+    Task,
+    /// A subject, issuer or `all` revocation covers it.
+    Selector,
+}
+
 /// What this replica knows is revoked. Entries leave once what they revoke has expired.
 pub struct RevocationCache {
     jtis: RwLock<HashMap<String, i64>>,
@@ -130,18 +141,18 @@ impl RevocationCache {
     }
 
     /// Why a token (already verified) is no longer valid, if it is not.
-    pub fn revoked_reason(&self, c: &TaskClaims, now: i64) -> Option<&'static str> {
+    pub fn revoked_reason(&self, c: &TaskClaims, now: i64) -> Option<Revoked> {
         if self.jtis.read().contains_key(&c.jti) {
-            return Some("token revoked");
+            return Some(Revoked::Token);
         }
         if self.tasks.read().contains_key(&c.txn) {
-            return Some("task ended");
+            return Some(Revoked::Task);
         }
         let blocks = self.blocks.read();
         blocks
             .iter()
             .any(|b| c.iat <= b.created_at && now <= b.until && b.selector.matches(&c.sub))
-            .then_some("revoked by selector")
+            .then_some(Revoked::Selector)
     }
 
     /// The standing block or quarantine that refuses new exchanges for `subject` at `now`.

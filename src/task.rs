@@ -8,7 +8,9 @@ use crate::audit::{self, Event};
 use crate::broker::Broker;
 use crate::domain::{Subject, TaskId};
 use crate::error::BrokerError;
+use crate::revocation::Revoked;
 use crate::store::{FeedEvent, MintOutcome, TaskFilter, TaskRecord, TaskState, TokenEntry};
+use crate::token::TaskClaims;
 
 /// Most tasks one tree walk visits: a bound on the work of one end, whatever the store holds.
 const MAX_TREE_NODES: usize = 10_000;
@@ -118,7 +120,10 @@ impl Broker {
         Ok(closed)
     }
 
-    /// Closes one task if it is open, and publishes its revocation.
+    /// Closes one task if it is open. The revocation is published first and the task closed
+    /// only once the feed holds it: a task the store shows closed always has its revocation
+    /// on the feed, whatever failed in between, and a failure before the close leaves the
+    /// task open for a retry to finish (publishing again is harmless).
     async fn close_one(
         &self,
         id: &TaskId,
@@ -126,10 +131,17 @@ impl Broker {
         reason: &str,
         now: i64,
     ) -> Result<ClosedTree, BrokerError> {
-        let before = self.get_task(id).await?;
-        if before.is_none_or(|t| t.state != TaskState::Open) {
+        let Some(before) = self.get_task(id).await? else {
+            return Ok(ClosedTree::default());
+        };
+        if before.state != TaskState::Open {
             return Ok(ClosedTree::default());
         }
+        let event = FeedEvent::Task {
+            task_id: id.to_string(),
+            until: before.deadline,
+        };
+        self.publish(&event, now).await?;
         let after = self
             .store
             .close_task(id, state, reason, now)
@@ -138,11 +150,6 @@ impl Broker {
         let Some(after) = after else {
             return Ok(ClosedTree::default());
         };
-        let event = FeedEvent::Task {
-            task_id: id.to_string(),
-            until: after.deadline,
-        };
-        self.publish(&event, now).await?;
         let live_tokens = self
             .store
             .task_tokens(id)
@@ -164,14 +171,7 @@ impl Broker {
         bearer: &str,
         source_ip: Option<String>,
     ) -> Result<EndReply, BrokerError> {
-        let claims = self
-            .check_token(bearer)?
-            .ok_or_else(|| BrokerError::invalid_token("the bearer token is not valid"))?;
-        if claims.txn != id.as_str() {
-            return Err(BrokerError::access_denied(
-                "the bearer token belongs to another task",
-            ));
-        }
+        let claims = self.end_credential(id, bearer)?;
         let reason = "ended by its holder";
         let closed = self.close_task_tree(id, TaskState::Ended, reason).await?;
         self.record(
@@ -196,6 +196,29 @@ impl Broker {
             revoked_tasks: closed.tasks.len(),
             revoked_tokens: closed.live_tokens,
         })
+    }
+
+    /// The claims of a token that may end task `id`: a valid token of the task, or one whose
+    /// only revocation is this task's own end, so that an end that failed half-way (503) is
+    /// finished by a retry with the same token.
+    fn end_credential(&self, id: &TaskId, bearer: &str) -> Result<TaskClaims, BrokerError> {
+        if !self.revocations.is_fresh() {
+            return Err(BrokerError::unavailable());
+        }
+        let now = self.now();
+        let invalid = || BrokerError::invalid_token("the bearer token is not valid");
+        let claims = self.verified_token(bearer, now).ok_or_else(invalid)?;
+        match self.revocations.revoked_reason(&claims, now) {
+            None => {}
+            Some(Revoked::Task) if claims.txn == id.as_str() => {}
+            Some(_) => return Err(invalid()),
+        }
+        if claims.txn != id.as_str() {
+            return Err(BrokerError::access_denied(
+                "the bearer token belongs to another task",
+            ));
+        }
+        Ok(claims)
     }
 
     /// A task's state, for a holder of one of its tokens or an admin.

@@ -14,6 +14,7 @@
 #[path = "../support/redis.rs"]
 mod redis_support;
 
+mod chaos;
 mod exchange;
 mod helpers;
 mod oidc;
