@@ -30,13 +30,15 @@ echo "== cargo fmt --check"
 clear_devnull
 cargo fmt --all -- --check
 
+# `fuzzing` builds the fuzz target bodies (src/fuzzing.rs), which tests/fuzz_regressions.rs
+# runs over the kept inputs; it is the only feature, so this covers the default build too.
 echo "== cargo clippy"
 clear_devnull
-cargo clippy --all-targets --locked -- -D warnings
+cargo clippy --all-targets --locked --features fuzzing -- -D warnings
 
-echo "== cargo test"
+echo "== cargo test (with the fuzz regression tests)"
 clear_devnull
-cargo test --all-targets --locked
+cargo test --all-targets --locked --features fuzzing
 
 echo "== chart tests (Helm engine, kubernetes-validate --strict, checkov)"
 # checkov pins versions that the interop tools conflict with: the chart tools get their own venv.

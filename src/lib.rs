@@ -20,6 +20,7 @@ pub mod dev;
 pub mod domain;
 pub mod error;
 pub mod exchange;
+#[cfg(feature = "fuzzing")]
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod http;
