@@ -40,6 +40,29 @@ echo "== cargo test (with the fuzz regression tests)"
 clear_devnull
 cargo test --all-targets --locked --features fuzzing
 
+echo "== cargo deny: licenses, bans, sources (deny.toml)"
+if ! command -v cargo-deny >/dev/null 2>&1; then
+  # A one-off build from crates.io: about 10 minutes on two cores.
+  echo "installing cargo-deny"
+  clear_devnull
+  cargo install --locked cargo-deny
+fi
+clear_devnull
+cargo deny --locked check licenses bans sources
+# The RustSec advisory database is a git repository on GitHub. Fetch it when GitHub answers;
+# otherwise use a copy already on this machine; with neither, say so plainly.
+advisory_dbs="${CARGO_HOME:-$HOME/.cargo}/advisory-dbs"
+timeout 120 cargo deny fetch db >/dev/null 2>&1 || true
+if compgen -G "$advisory_dbs/*/crates" >/dev/null; then
+  echo "== cargo deny: advisories (database in $advisory_dbs)"
+  clear_devnull
+  cargo deny --frozen check advisories
+else
+  echo "== cargo deny: advisories SKIPPED: no RustSec advisory database in $advisory_dbs and" \
+       "github.com (where it is fetched from) is unreachable; run 'cargo deny check advisories'" \
+       "on a machine that reaches GitHub"
+fi
+
 echo "== chart tests (Helm engine, kubernetes-validate --strict, checkov)"
 # checkov pins versions that the interop tools conflict with: the chart tools get their own venv.
 if [ ! -x .venv-chart/bin/checkov ] || ! .venv-chart/bin/python -c "import helm_python, kubernetes_validate" 2>/dev/null; then
