@@ -30,13 +30,38 @@ echo "== cargo fmt --check"
 clear_devnull
 cargo fmt --all -- --check
 
+# `fuzzing` builds the fuzz target bodies (src/fuzzing.rs), which tests/fuzz_regressions.rs
+# runs over the kept inputs; it is the only feature, so this covers the default build too.
 echo "== cargo clippy"
 clear_devnull
-cargo clippy --all-targets --locked -- -D warnings
+cargo clippy --all-targets --locked --features fuzzing -- -D warnings
 
-echo "== cargo test"
+echo "== cargo test (with the fuzz regression tests)"
 clear_devnull
-cargo test --all-targets --locked
+cargo test --all-targets --locked --features fuzzing
+
+echo "== cargo deny: licenses, bans, sources (deny.toml)"
+if ! command -v cargo-deny >/dev/null 2>&1; then
+  # A one-off build from crates.io: about 10 minutes on two cores.
+  echo "installing cargo-deny"
+  clear_devnull
+  cargo install --locked cargo-deny
+fi
+clear_devnull
+cargo deny --locked check licenses bans sources
+# The RustSec advisory database is a git repository on GitHub. Fetch it when GitHub answers;
+# otherwise use a copy already on this machine; with neither, say so plainly.
+advisory_dbs="${CARGO_HOME:-$HOME/.cargo}/advisory-dbs"
+timeout 120 cargo deny fetch db >/dev/null 2>&1 || true
+if compgen -G "$advisory_dbs/*/crates" >/dev/null; then
+  echo "== cargo deny: advisories (database in $advisory_dbs)"
+  clear_devnull
+  cargo deny --frozen check advisories
+else
+  echo "== cargo deny: advisories SKIPPED: no RustSec advisory database in $advisory_dbs and" \
+       "github.com (where it is fetched from) is unreachable; run 'cargo deny check advisories'" \
+       "on a machine that reaches GitHub"
+fi
 
 echo "== chart tests (Helm engine, kubernetes-validate --strict, checkov)"
 # checkov pins versions that the interop tools conflict with: the chart tools get their own venv.

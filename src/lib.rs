@@ -15,6 +15,7 @@ pub mod dev;
 pub mod domain;
 pub mod error;
 pub mod exchange;
+#[cfg(feature = "fuzzing")]
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod health;

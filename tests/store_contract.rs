@@ -1,5 +1,7 @@
 //! One store contract, run against the memory store, a real redis-server and a real 3-node
-//! Redis Cluster, both started here on free loopback ports.
+//! Redis Cluster, both started here on free loopback ports: one test per case and backend.
+//! The Redis tests of this binary share one server and one cluster, each test under its own
+//! key prefix.
 
 #![allow(
     clippy::unwrap_used,
@@ -18,7 +20,7 @@ mod redis_support;
 use std::sync::Arc;
 use std::time::Duration;
 
-use redis_support::{RedisCluster, RedisServer};
+use redis_support::{shared_cluster_urls, shared_server_url};
 use writ::domain::{Subject, TaskId};
 use writ::store::memory::MemoryStore;
 use writ::store::redis::RedisStore;
@@ -56,16 +58,6 @@ fn tok(jti: &str, exp: i64) -> TokenEntry {
         jti: jti.into(),
         exp,
     }
-}
-
-async fn run_contract(make: &dyn Fn() -> futures_util::future::BoxFuture<'static, Arc<dyn Store>>) {
-    tasks_roundtrip(make().await).await;
-    minting(make().await).await;
-    concurrent_mints_respect_the_budget(make().await).await;
-    closing(make().await).await;
-    children_and_listing(make().await).await;
-    feed(make().await).await;
-    counters_and_claims(make().await).await;
 }
 
 async fn counters_and_claims(s: Arc<dyn Store>) {
@@ -375,45 +367,77 @@ async fn feed(s: Arc<dyn Store>) {
     let _ = FeedCursor::default();
 }
 
-#[tokio::test]
-async fn memory_store_meets_the_contract() {
-    run_contract(&|| Box::pin(async { Arc::new(MemoryStore::new()) as Arc<dyn Store> })).await;
+fn memory_store() -> Arc<dyn Store> {
+    Arc::new(MemoryStore::new())
 }
 
-fn prefix() -> String {
-    format!("t{}:", &TaskId::generate().as_str()[4..12])
+/// A key prefix of its own for each test, so the tests can share one server.
+fn prefix(case: &str) -> String {
+    format!("{case}:{}:", TaskId::generate().as_str())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_store_meets_the_contract() {
-    let server = RedisServer::start();
-    let url = server.url();
-    run_contract(&move || {
-        let url = url.clone();
-        Box::pin(async move {
-            Arc::new(
-                RedisStore::connect(Some(&url), &[], Some(&prefix()), Duration::from_secs(3600))
-                    .await
-                    .unwrap(),
-            ) as Arc<dyn Store>
-        })
-    })
-    .await;
+async fn redis_store(case: &str) -> Arc<dyn Store> {
+    let url = shared_server_url();
+    Arc::new(
+        RedisStore::connect(
+            Some(&url),
+            &[],
+            Some(&prefix(case)),
+            Duration::from_secs(3600),
+        )
+        .await
+        .unwrap(),
+    )
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_cluster_store_meets_the_contract() {
-    let cluster = RedisCluster::start();
-    let nodes = cluster.urls();
-    run_contract(&move || {
-        let nodes = nodes.clone();
-        Box::pin(async move {
-            Arc::new(
-                RedisStore::connect(None, &nodes, Some(&prefix()), Duration::from_secs(3600))
-                    .await
-                    .unwrap(),
-            ) as Arc<dyn Store>
-        })
-    })
-    .await;
+async fn redis_cluster_store(case: &str) -> Arc<dyn Store> {
+    let nodes = shared_cluster_urls();
+    Arc::new(
+        RedisStore::connect(None, &nodes, Some(&prefix(case)), Duration::from_secs(3600))
+            .await
+            .unwrap(),
+    )
 }
+
+/// One test per case and backend (`memory::minting`, `redis_cluster::feed`, ...), so a run
+/// reports every case that fails rather than the first of each backend.
+macro_rules! contract {
+    ($($case:ident),+ $(,)?) => {
+        mod memory {
+            $(
+                #[tokio::test]
+                async fn $case() {
+                    super::$case(super::memory_store()).await;
+                }
+            )+
+        }
+
+        mod redis_standalone {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    super::$case(super::redis_store(stringify!($case)).await).await;
+                }
+            )+
+        }
+
+        mod redis_cluster {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    super::$case(super::redis_cluster_store(stringify!($case)).await).await;
+                }
+            )+
+        }
+    };
+}
+
+contract!(
+    tasks_roundtrip,
+    minting,
+    concurrent_mints_respect_the_budget,
+    closing,
+    children_and_listing,
+    feed,
+    counters_and_claims,
+);

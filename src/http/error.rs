@@ -5,7 +5,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
-use crate::error::BrokerError;
+use crate::error::{BrokerError, ErrorCode};
 
 impl IntoResponse for BrokerError {
     fn into_response(self) -> Response {
@@ -39,4 +39,26 @@ pub fn no_store(resp: &mut Response) {
         .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     resp.headers_mut()
         .insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
+}
+
+/// The body-limit layer refuses a body whose `Content-Length` is over the limit with a plain
+/// text 413 before any handler runs; this gives that refusal the same OAuth error body as a
+/// handler that finds the body too large while reading it.
+pub async fn payload_too_large_as_oauth_error(resp: Response) -> Response {
+    let is_json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if resp.status() == StatusCode::PAYLOAD_TOO_LARGE && !is_json {
+        BrokerError::new(
+            ErrorCode::PayloadTooLarge,
+            format!(
+                "the body is larger than {} bytes",
+                super::oauth::MAX_BODY_BYTES
+            ),
+        )
+        .into_response()
+    } else {
+        resp
+    }
 }

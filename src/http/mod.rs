@@ -11,7 +11,10 @@ pub mod tasks;
 use std::sync::Arc;
 
 use axum::Router;
+use axum::middleware::{from_fn_with_state, map_request, map_response};
 use axum::routing::{delete, get, post};
+use tower_http::limit::RequestBodyLimitLayer;
+use tower_http::request_id::{PropagateRequestIdLayer, SetRequestIdLayer};
 
 use crate::broker::Broker;
 
@@ -61,9 +64,16 @@ pub fn router(broker: Arc<Broker>) -> Router {
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))
         .route("/openapi.json", get(ops::openapi))
-        .route_layer(axum::middleware::from_fn_with_state(
-            broker.clone(),
-            observe::observe,
+        // Layers run outermost last in this list: the request id is settled first, so every
+        // response (a refused body too) carries it and is counted by `observe`.
+        .route_layer(RequestBodyLimitLayer::new(oauth::MAX_BODY_BYTES))
+        .route_layer(map_response(error::payload_too_large_as_oauth_error))
+        .route_layer(from_fn_with_state(broker.clone(), observe::observe))
+        .route_layer(PropagateRequestIdLayer::new(observe::REQUEST_ID))
+        .route_layer(SetRequestIdLayer::new(
+            observe::REQUEST_ID,
+            observe::MakeWritRequestId,
         ))
+        .route_layer(map_request(observe::drop_unplain_request_id))
         .with_state(broker)
 }

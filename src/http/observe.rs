@@ -1,18 +1,27 @@
 //! Per-request observability: a request id on every log line of the request (taken from a
 //! well-formed `x-request-id` header or made here, and echoed back), and request counts and
 //! latency by route and status.
+//!
+//! The id travels with tower-http's request-id layers (see `super::router`): a caller's header
+//! that is not short and plain is dropped first ([`drop_unplain_request_id`]), then
+//! `SetRequestIdLayer` makes one where none is left ([`MakeWritRequestId`]) and
+//! `PropagateRequestIdLayer` echoes it on the response.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use axum::extract::{MatchedPath, Request, State};
-use axum::http::HeaderValue;
+use axum::http::{HeaderName, HeaderValue};
 use axum::middleware::Next;
 use axum::response::Response;
+use tower_http::request_id::{MakeRequestId, RequestId};
 use tracing::Instrument;
 
 use crate::broker::Broker;
+
+/// The request id header, read from the caller and written on every response.
+pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 static COUNTER: AtomicU64 = AtomicU64::new(0);
 
@@ -23,28 +32,44 @@ fn process_tag() -> &'static str {
 
 /// A caller-supplied id is kept when it is short and plain; anything else is replaced, so
 /// that nothing a caller sends can forge log structure.
-fn request_id(req: &Request) -> String {
-    req.headers()
-        .get("x-request-id")
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| {
-            !v.is_empty()
-                && v.len() <= 64
-                && v.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
-        })
-        .map(str::to_string)
-        .unwrap_or_else(|| {
-            format!(
-                "{}-{}",
-                process_tag(),
-                COUNTER.fetch_add(1, Ordering::Relaxed)
-            )
-        })
+fn is_plain(v: &HeaderValue) -> bool {
+    let b = v.as_bytes();
+    !b.is_empty()
+        && b.len() <= 64
+        && b.iter()
+            .all(|c| c.is_ascii_alphanumeric() || b"-_.:".contains(c))
+}
+
+/// Removes an `x-request-id` that is not short and plain, so that a fresh one is made.
+pub async fn drop_unplain_request_id(mut req: Request) -> Request {
+    if !req.headers().get(&REQUEST_ID).is_some_and(is_plain) {
+        req.headers_mut().remove(&REQUEST_ID);
+    }
+    req
+}
+
+/// Request ids made here: a tag of this process and a counter.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MakeWritRequestId;
+
+impl MakeRequestId for MakeWritRequestId {
+    fn make_request_id<B>(&mut self, _req: &axum::http::Request<B>) -> Option<RequestId> {
+        let id = format!(
+            "{}-{}",
+            process_tag(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        );
+        HeaderValue::from_str(&id).ok().map(RequestId::new)
+    }
 }
 
 pub async fn observe(State(broker): State<Arc<Broker>>, req: Request, next: Next) -> Response {
-    let id = request_id(&req);
+    let id = req
+        .extensions()
+        .get::<RequestId>()
+        .and_then(|r| r.header_value().to_str().ok())
+        .unwrap_or("-")
+        .to_string();
     let route = req
         .extensions()
         .get::<MatchedPath>()
@@ -52,7 +77,7 @@ pub async fn observe(State(broker): State<Arc<Broker>>, req: Request, next: Next
     let method = req.method().clone();
     let span = tracing::info_span!("request", request_id = %id, method = %method, route = %route);
     let started = Instant::now();
-    let mut resp = next.run(req).instrument(span.clone()).await;
+    let resp = next.run(req).instrument(span.clone()).await;
     let elapsed = started.elapsed().as_secs_f64();
     let status = resp.status().as_u16().to_string();
     broker.metrics.inc(
@@ -64,9 +89,6 @@ pub async fn observe(State(broker): State<Arc<Broker>>, req: Request, next: Next
         &[("route", &route)],
         elapsed,
     );
-    if let Ok(v) = HeaderValue::from_str(&id) {
-        resp.headers_mut().insert("x-request-id", v);
-    }
     span.in_scope(
         || tracing::debug!(status = %status, elapsed_ms = elapsed * 1000.0, "request done"),
     );

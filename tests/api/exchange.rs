@@ -716,39 +716,105 @@ async fn delegation_narrows_and_records_the_actor() {
     );
 }
 
+/// A JWT-SVID for `AGENT` signed by `key`; `n` makes each one distinct, so no verification
+/// result can be reused from an earlier check.
+fn svid_signed_by(app: &TestApp, key: &SigningKey, n: i64) -> String {
+    let now = app.clock.now();
+    let claims = json!({"sub": AGENT, "aud": [AUD], "iat": now, "exp": now + 300 + n});
+    sign_jwt(&json!({"alg": "ES256", "kid": key.kid}), &claims, key)
+}
+
+/// Replaces the trust bundle file. The watcher notices a change by size and modification
+/// time, so consecutive writes are spaced apart.
+fn replace_bundle(app: &TestApp, contents: Option<&[&SigningKey]>) {
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    match contents {
+        Some(keys) => write_bundle(&app.path("bundle.json"), keys),
+        None => std::fs::write(app.path("bundle.json"), "{broken").unwrap(),
+    }
+}
+
+/// Exchanges fresh tokens signed by `key` until one is accepted, within `limit`.
+async fn accepted_within(app: &TestApp, key: &SigningKey, limit: std::time::Duration) -> bool {
+    let start = std::time::Instant::now();
+    let mut n = 0;
+    while start.elapsed() < limit {
+        n += 1;
+        if app
+            .exchange(&svid_signed_by(app, key, n), "repo:read", &[])
+            .await
+            .0
+            == 200
+        {
+            return true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    false
+}
+
+fn new_key(name: &str) -> SigningKey {
+    SigningKey::from_pem(generate_pem(KeyAlg::Es256).unwrap().as_bytes(), name).unwrap()
+}
+
 #[tokio::test]
 async fn trust_bundle_changes_are_picked_up() {
+    // The watcher re-reads bundle files once a second.
+    const PERIOD: std::time::Duration = std::time::Duration::from_secs(1);
     let app = spawn_app().await;
-    let new_key =
-        SigningKey::from_pem(generate_pem(KeyAlg::Es256).unwrap().as_bytes(), "n").unwrap();
-    let now = app.clock.now();
-    let claims = json!({"sub": AGENT, "aud": [AUD], "iat": now, "exp": now + 300});
-    let token = sign_jwt(
-        &json!({"alg": "ES256", "kid": new_key.kid}),
-        &claims,
-        &new_key,
+    let second = new_key("second");
+    // Before the rotation a token signed by the new key is refused.
+    app.expect_error(
+        &svid_signed_by(&app, &second, 0),
+        "repo:read",
+        &[],
+        400,
+        "invalid_request",
+    )
+    .await;
+    // Rotate: the bundle now holds only the new key; the watcher picks it up.
+    replace_bundle(&app, Some(&[&second]));
+    assert!(
+        accepted_within(&app, &second, 5 * PERIOD).await,
+        "the rotated bundle was not picked up"
     );
-    app.expect_error(&token, "repo:read", &[], 400, "invalid_request")
-        .await;
-    // Rotate: the bundle now holds only the new key.
-    std::thread::sleep(std::time::Duration::from_millis(20));
-    write_bundle(&app.path("bundle.json"), &[&new_key]);
-    let mut ok = false;
-    for _ in 0..50 {
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        let (s, _) = app.exchange(&token, "repo:read", &[]).await;
-        if s == 200 {
-            ok = true;
-            break;
-        }
-    }
-    assert!(ok, "new bundle key was not picked up");
     // The old key is gone.
     app.expect_error(&app.svid(AGENT), "repo:read", &[], 400, "invalid_request")
         .await;
-    // A broken bundle file keeps the last good bundle serving.
-    std::fs::write(app.path("bundle.json"), "{broken").unwrap();
-    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
-    let (s, v) = app.exchange(&token, "repo:read", &[]).await;
-    assert_eq!(s, 200, "{v}");
+
+    // A broken bundle file keeps the last good bundle serving: for longer than two watcher
+    // periods, so the watcher has read the broken file, every new token from the current key
+    // is accepted.
+    replace_bundle(&app, None);
+    let start = std::time::Instant::now();
+    let mut n = 1000;
+    while start.elapsed() < 2 * PERIOD + PERIOD / 2 {
+        n += 1;
+        let (s, v) = app
+            .exchange(&svid_signed_by(&app, &second, n), "repo:read", &[])
+            .await;
+        assert_eq!(
+            s,
+            200,
+            "after {:?} with a broken file: {v}",
+            start.elapsed()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    // The watcher is still running, so it did see the broken file in that time: a good file
+    // written after it is picked up, and the key it dropped is refused.
+    let third = new_key("third");
+    replace_bundle(&app, Some(&[&third]));
+    assert!(
+        accepted_within(&app, &third, 5 * PERIOD).await,
+        "the watcher stopped after the broken bundle"
+    );
+    app.expect_error(
+        &svid_signed_by(&app, &second, 0),
+        "repo:read",
+        &[],
+        400,
+        "invalid_request",
+    )
+    .await;
 }

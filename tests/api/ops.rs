@@ -1,5 +1,9 @@
 //! JWKS, metadata, health and readiness.
 
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
 use crate::helpers::*;
 
 #[tokio::test]
@@ -118,6 +122,126 @@ async fn every_response_carries_a_request_id() {
         .await
         .unwrap();
     assert_ne!(resp.headers()["x-request-id"], "a\"b{c}");
+}
+
+const TOO_LARGE: &str = "the body is larger than 65536 bytes";
+
+/// Sends a raw HTTP/1.1 request with a chunked body (no `Content-Length`), so the size is only
+/// found while reading; answers the status and the JSON body.
+async fn post_chunked(app: &TestApp, path: &str, content_type: &str, body: &[u8]) -> (u16, Value) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = app.base.trim_start_matches("http://");
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut req = format!(
+        "POST {path} HTTP/1.1\r\nhost: {addr}\r\ncontent-type: {content_type}\r\n\
+         transfer-encoding: chunked\r\nconnection: close\r\nx-request-id: chunked-1\r\n\r\n"
+    )
+    .into_bytes();
+    for chunk in body.chunks(8 * 1024) {
+        req.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
+        req.extend_from_slice(chunk);
+        req.extend_from_slice(b"\r\n");
+    }
+    req.extend_from_slice(b"0\r\n\r\n");
+    // The broker may answer before it has read the whole body; the answer is what counts.
+    let _ = stream.write_all(&req).await;
+    let mut raw = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut raw)).await;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let status: u16 = text
+        .strip_prefix("HTTP/1.1 ")
+        .and_then(|t| t.get(..3))
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {text:?}"));
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("x-request-id: chunked-1"),
+        "{head}"
+    );
+    (
+        status,
+        serde_json::from_str(body).unwrap_or(Value::String(body.into())),
+    )
+}
+
+#[tokio::test]
+async fn a_too_large_body_gets_the_oauth_error_however_it_is_sent() {
+    let app = spawn_app().await;
+    let form = format!(
+        "grant_type={}&subject_token=x&pad={}",
+        GRANT,
+        "x".repeat(70 * 1024)
+    );
+    // Announced by Content-Length.
+    let resp = app
+        .http
+        .post(format!("{}/oauth2/token", app.base))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .header("x-request-id", "big-1")
+        .body(form.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 413);
+    assert_eq!(resp.headers()["x-request-id"], "big-1");
+    assert_eq!(resp.headers()["cache-control"], "no-store");
+    assert_eq!(
+        resp.json::<Value>().await.unwrap(),
+        json!({"error": "invalid_request", "error_description": TOO_LARGE})
+    );
+    // Streamed in chunks: found while reading.
+    let (s, v) = post_chunked(
+        &app,
+        "/oauth2/token",
+        "application/x-www-form-urlencoded",
+        form.as_bytes(),
+    )
+    .await;
+    assert_eq!(
+        (s, v),
+        (
+            413,
+            json!({"error": "invalid_request", "error_description": TOO_LARGE})
+        )
+    );
+    // The admin API has the same limit and answer.
+    let big_reason = json!({"subject": AGENT, "reason": "r".repeat(70 * 1024)}).to_string();
+    let (s, v) = app
+        .call(
+            reqwest::Method::POST,
+            "/admin/v1/revocations",
+            Some(ADMIN_TOKEN),
+            Some(("application/json", big_reason)),
+        )
+        .await;
+    assert_eq!(
+        (s, v),
+        (
+            413,
+            json!({"error": "invalid_request", "error_description": TOO_LARGE})
+        )
+    );
+    // Exactly the limit is not too large: the form is read and judged on its content.
+    let exact = format!("grant_type={GRANT}&pad=");
+    let exact = format!("{exact}{}", "x".repeat(64 * 1024 - exact.len()));
+    assert_eq!(exact.len(), 64 * 1024);
+    let (s, v, _) = app
+        .post_raw("/oauth2/token", "application/x-www-form-urlencoded", exact)
+        .await;
+    assert_eq!(
+        (s, v["error"].as_str()),
+        (400, Some("invalid_request")),
+        "{v}"
+    );
+    assert_ne!(v["error_description"], TOO_LARGE);
+    // Refusals are counted under their route.
+    let (_, metrics) = app.get("/metrics").await;
+    let metrics = metrics.as_str().unwrap();
+    assert!(
+        metrics.contains("writ_http_requests_total{route=\"/oauth2/token\",status=\"413\"} 2"),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]

@@ -389,8 +389,31 @@ async fn a_policy_change_revokes_exactly_the_tasks_that_lost_permission() {
         true,
         "a task that keeps its permission stays"
     );
-    // Give a straggler replica time to (not) do the work twice.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Both replicas load the new policy, and each load starts a re-evaluation; one of them
+    // did the work above. A replica that re-evaluates now (a straggler) must find the work
+    // done for this version and do nothing: it waits for the one in progress to finish and
+    // then reports that it did not run. Without that coordination it would evaluate the open
+    // task again (`ran_here`, `evaluated: 1`).
+    let new_version = a.broker.policy.current().version().to_string();
+    let start = Instant::now();
+    while b.broker.policy.current().version() != new_version {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "replica B did not load the new policy"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for replica in [&a, &b] {
+        assert_eq!(
+            replica
+                .broker
+                .reevaluate_open_tasks(&old_version)
+                .await
+                .unwrap(),
+            writ::trips::Reevaluation::default(),
+            "a straggler re-evaluation must not run again"
+        );
+    }
     let mut records = trip_records(&a, "policy_changed");
     records.extend(trip_records(&b, "policy_changed"));
     let mut tasks: Vec<String> = records
@@ -401,7 +424,6 @@ async fn a_policy_change_revokes_exactly_the_tasks_that_lost_permission() {
     let mut want = vec![t1.clone(), t2.clone()];
     want.sort();
     assert_eq!(tasks, want, "exactly the two tasks, once each");
-    let new_version = a.broker.policy.current().version().to_string();
     for r in &records {
         assert_eq!(
             r["detail"]["evidence"]["granted_under"],

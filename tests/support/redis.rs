@@ -1,11 +1,20 @@
 //! Real Redis servers for tests: each on a free loopback port, in its own directory, stopped
 //! when dropped. Never the shared port 6379.
+//!
+//! Every server is tied to the test process: it is started with a parent-death signal, so it
+//! goes away even when the test binary is killed. The servers shared by all tests of a binary
+//! ([`shared_server_url`], [`shared_cluster_urls`]) live in statics, which are never dropped;
+//! they are stopped and their directories removed by an exit handler.
 
+// Each test binary that includes this file uses a different part of it.
 #![allow(dead_code)]
 
 use std::net::TcpListener;
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::sync::{Mutex, Once, OnceLock};
 use std::time::{Duration, Instant};
 
 pub fn free_port() -> u16 {
@@ -39,6 +48,100 @@ fn wait_for(what: &str, deadline: Duration, mut ok: impl FnMut() -> bool) {
     panic!("{what} did not come up within {deadline:?}");
 }
 
+/// Runs `f` on one thread that lives as long as the test process. A parent-death signal fires
+/// when the *thread* that started the child ends, not the process, and each test runs on its
+/// own short-lived thread; so servers are started from this thread.
+fn on_keeper_thread<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    type Job = Box<dyn FnOnce() + Send>;
+    static JOBS: OnceLock<mpsc::Sender<Job>> = OnceLock::new();
+    let jobs = JOBS.get_or_init(|| {
+        let (tx, rx) = mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name("redis-keeper".into())
+            // The sender lives in a static, so this loop ends only with the process.
+            .spawn(move || rx.into_iter().for_each(|job| job()))
+            .unwrap();
+        tx
+    });
+    let (tx, rx) = mpsc::channel();
+    jobs.send(Box::new(move || {
+        let _ = tx.send(f());
+    }))
+    .unwrap();
+    rx.recv().unwrap()
+}
+
+/// Spawns `cmd` so that the kernel kills it when this test process ends, however it ends.
+fn spawn_tied_to_this_process(mut cmd: Command) -> std::io::Result<Child> {
+    let parent = std::process::id();
+    // SAFETY: the closure runs in the forked child before exec and only makes two
+    // async-signal-safe system calls; it does not allocate.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The parent may have gone between fork and prctl: then nothing would kill us.
+            if u32::try_from(libc::getppid()).ok() != Some(parent) {
+                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+            }
+            Ok(())
+        });
+    }
+    on_keeper_thread(move || cmd.spawn())
+}
+
+/// Values dropped when the test process exits normally (all tests done, failed or not).
+static AT_EXIT: Mutex<Vec<Box<dyn Send>>> = Mutex::new(Vec::new());
+
+extern "C" fn drop_at_exit() {
+    let kept = match AT_EXIT.lock() {
+        Ok(mut v) => std::mem::take(&mut *v),
+        Err(poisoned) => std::mem::take(&mut *poisoned.into_inner()),
+    };
+    drop(kept);
+}
+
+/// Keeps `value` alive until the test process exits, then drops it.
+fn keep_until_exit(value: impl Send + 'static) {
+    static REGISTER: Once = Once::new();
+    REGISTER.call_once(|| {
+        // SAFETY: registers a plain function with the C runtime; it runs once, at exit.
+        let rc = unsafe { libc::atexit(drop_at_exit) };
+        assert_eq!(rc, 0, "atexit failed");
+    });
+    AT_EXIT
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .push(Box::new(value));
+}
+
+/// The URL of a redis-server shared by all tests of this binary, started on first use.
+/// Tests sharing it must keep apart by key prefix.
+pub fn shared_server_url() -> String {
+    static URL: OnceLock<String> = OnceLock::new();
+    URL.get_or_init(|| {
+        let server = RedisServer::start();
+        let url = server.url();
+        keep_until_exit(server);
+        url
+    })
+    .clone()
+}
+
+/// The node URLs of a 3-node Redis Cluster shared by all tests of this binary, started on
+/// first use. Tests sharing it must keep apart by key prefix.
+pub fn shared_cluster_urls() -> Vec<String> {
+    static URLS: OnceLock<Vec<String>> = OnceLock::new();
+    URLS.get_or_init(|| {
+        let cluster = RedisCluster::start();
+        let urls = cluster.urls();
+        keep_until_exit(cluster);
+        urls
+    })
+    .clone()
+}
+
 pub struct RedisServer {
     pub port: u16,
     dir: tempfile::TempDir,
@@ -63,8 +166,8 @@ impl RedisServer {
     }
 
     fn spawn(&mut self) {
-        let child = Command::new("redis-server")
-            .arg("--port")
+        let mut cmd = Command::new("redis-server");
+        cmd.arg("--port")
             .arg(self.port.to_string())
             .args([
                 "--bind",
@@ -80,8 +183,8 @@ impl RedisServer {
             .arg(self.dir.path())
             .args(&self.extra)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
+            .stderr(Stdio::null());
+        let child = spawn_tied_to_this_process(cmd)
             .expect("redis-server must be installed (scripts/test.sh installs it)");
         self.child = Some(child);
         let port = self.port;
