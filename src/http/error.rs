@@ -54,7 +54,7 @@ pub async fn payload_too_large_as_oauth_error(resp: Response) -> Response {
             ErrorCode::PayloadTooLarge,
             format!(
                 "the body is larger than {} bytes",
-                super::oauth::MAX_BODY_BYTES
+                super::extract::MAX_BODY_BYTES
             ),
         )
         .into_response()

@@ -66,7 +66,7 @@ pub fn router(broker: Arc<Broker>) -> Router {
         .route("/openapi.json", get(ops::openapi))
         // Layers run outermost last in this list: the request id is settled first, so every
         // response (a refused body too) carries it and is counted by `observe`.
-        .route_layer(RequestBodyLimitLayer::new(oauth::MAX_BODY_BYTES))
+        .route_layer(RequestBodyLimitLayer::new(extract::MAX_BODY_BYTES))
         .route_layer(map_response(error::payload_too_large_as_oauth_error))
         .route_layer(from_fn_with_state(broker.clone(), observe::observe))
         .route_layer(PropagateRequestIdLayer::new(observe::REQUEST_ID))

@@ -30,7 +30,7 @@ fn chaos(redis: Arc<Mutex<RedisServer>>, stop: Arc<AtomicBool>) -> std::thread::
             {
                 let r = redis.lock();
                 let _ = r.cli(&["CLIENT", "KILL", "TYPE", "normal"]);
-                if round % 4 == 0 {
+                if round.is_multiple_of(4) {
                     let _ = r.cli(&["CLIENT", "PAUSE", "2500", "WRITE"]);
                 }
             }
