@@ -54,6 +54,11 @@ impl Broker {
             &[],
             u64::from(self.revocations.is_fresh()),
         );
+        m.set(
+            "writ_revocation_feed_corrupt_reads_total",
+            &[],
+            self.revocations.corrupt_reads(),
+        );
         let (jtis, tasks, blocks) = self.revocations.counts();
         for (kind, n) in [("token", jtis), ("task", tasks), ("block", blocks)] {
             m.set(

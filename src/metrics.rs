@@ -240,6 +240,10 @@ impl Metrics {
             "1 when this replica's revocation view is confirmed.",
         );
         m.describe(
+            "writ_revocation_feed_corrupt_reads_total",
+            "Feed reads that met an entry this replica cannot read (the view stays stale).",
+        );
+        m.describe(
             "writ_revocation_cache_entries",
             "Entries of this replica's revocation cache, by kind.",
         );

@@ -34,6 +34,7 @@ pub struct RevocationCache {
     epoch: Instant,
     max_staleness: Duration,
     applied: AtomicU64,
+    corrupt: AtomicU64,
     /// The store is in this process (memory): every revocation is applied here as it is
     /// taken, so the view cannot be stale.
     local: bool,
@@ -59,6 +60,7 @@ impl RevocationCache {
             epoch: Instant::now(),
             max_staleness,
             applied: AtomicU64::new(0),
+            corrupt: AtomicU64::new(0),
             local,
         };
         if fresh {
@@ -75,6 +77,20 @@ impl RevocationCache {
 
     pub fn mark_stale(&self) {
         self.healthy.store(false, Ordering::SeqCst);
+    }
+
+    /// Reading the feed failed: the view is stale at once; an entry that cannot be read is
+    /// also counted (it keeps the view stale until an operator resolves it).
+    pub fn failed(&self, e: &crate::store::StoreError) {
+        self.mark_stale();
+        if matches!(e, crate::store::StoreError::Corrupt { .. }) {
+            self.corrupt.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// Feed reads that met an entry this replica cannot read.
+    pub fn corrupt_reads(&self) -> u64 {
+        self.corrupt.load(Ordering::SeqCst)
     }
 
     /// True when the cache reflects the feed within the staleness bound.
@@ -245,20 +261,23 @@ pub async fn follow(
                             cache.mark_ok();
                             if last_prune.elapsed() > Duration::from_secs(10) {
                                 cache.prune(clock.now());
+                                if let Err(e) = store.prune(clock.now()).await {
+                                    tracing::warn!(error = %crate::error::chain(&e), "cannot prune the store");
+                                }
                                 last_prune = Instant::now();
                             }
                         }
                         Err(e) => {
-                            cache.mark_stale();
-                            tracing::error!(error = %e, "revocation feed lost; resynchronising");
+                            cache.failed(&e);
+                            tracing::error!(error = %crate::error::chain(&e), "revocation feed lost; resynchronising");
                             break;
                         }
                     }
                 }
             }
             Err(e) => {
-                cache.mark_stale();
-                tracing::error!(error = %e, "cannot load revocation state");
+                cache.failed(&e);
+                tracing::error!(error = %crate::error::chain(&e), "cannot load revocation state");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(2));
             }

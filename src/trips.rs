@@ -173,7 +173,7 @@ impl Broker {
         let expires_at = now.saturating_add(i64::try_from(q.as_secs()).unwrap_or(i64::MAX));
         let record = BlockRecord {
             id: crate::revoke::new_block_id("qtn"),
-            selector: BlockSelector::Subject(subject.to_string()),
+            selector: BlockSelector::Exact(subject.to_string()),
             reason: format!("trip:{rule}"),
             actor: "writ".into(),
             created_at: now,

@@ -372,6 +372,60 @@ fn memory_store() -> Arc<dyn Store> {
 }
 
 /// A key prefix of its own for each test, so the tests can share one server.
+/// Expired quarantines and lifted blocks past their cut-off leave the store; tasks leave it
+/// once past their deadline and the retention after it. Counted by what the store lists.
+async fn pruning(s: Arc<dyn Store>) {
+    let block = |id: &str, created_at: i64, until: i64, expires_at: Option<i64>| BlockRecord {
+        id: id.into(),
+        selector: BlockSelector::Exact("spiffe://example.org/agent/a".into()),
+        reason: "trip:denials".into(),
+        actor: "writ".into(),
+        created_at,
+        until,
+        lifted_at: None,
+        kind: writ::store::BlockKind::Quarantine,
+        expires_at,
+    };
+    // Expired a day ago, its cut-off long passed.
+    let old = block("qtn_old", NOW - 90_000, NOW - 89_000, Some(NOW - 86_400));
+    // Still refusing exchanges.
+    let live = block("qtn_live", NOW - 10, NOW + 900, Some(NOW + 600));
+    for record in [old, live] {
+        s.publish(&FeedEvent::Block { record }, NOW - 100_000)
+            .await
+            .unwrap();
+    }
+    assert_eq!(s.list_blocks().await.unwrap().len(), 2);
+    let removed = s.prune(NOW).await.unwrap();
+    assert!(removed >= 1, "nothing pruned");
+    let left: Vec<String> = s
+        .list_blocks()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|b| b.id)
+        .collect();
+    assert_eq!(left, vec!["qtn_live".to_string()]);
+    // Idempotent.
+    s.prune(NOW).await.unwrap();
+    assert_eq!(s.list_blocks().await.unwrap().len(), 1);
+}
+
+/// The memory store forgets a task once its deadline and the retention after it have passed
+/// (Redis does the same by key expiry).
+#[tokio::test]
+async fn memory_store_forgets_tasks_after_retention() {
+    let s = memory_store();
+    let t = task("spiffe://example.org/agent/a", NOW - 7200);
+    s.create_task(&t, &tok("j1", NOW - 3600)).await.unwrap();
+    let recent = task("spiffe://example.org/agent/a", NOW - 600);
+    s.create_task(&recent, &tok("j2", NOW)).await.unwrap();
+    // Deadline NOW - 3600: past the retention (15 min) at NOW.
+    s.prune(NOW).await.unwrap();
+    assert!(s.get_task(&t.id).await.unwrap().is_none());
+    assert!(s.get_task(&recent.id).await.unwrap().is_some());
+}
+
 fn prefix(case: &str) -> String {
     format!("{case}:{}:", TaskId::generate().as_str())
 }
@@ -440,4 +494,5 @@ contract!(
     children_and_listing,
     feed,
     counters_and_claims,
+    pruning,
 );

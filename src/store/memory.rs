@@ -19,7 +19,7 @@ use crate::domain::{Subject, TaskId};
 
 const SHARDS: usize = 32;
 /// How long a task is kept after its deadline (its tokens expire by then).
-const RETAIN_AFTER_DEADLINE: i64 = 24 * 3600;
+use super::RETAIN_AFTER_DEADLINE;
 /// A shard is swept for expired tasks every this many inserts.
 const SWEEP_EVERY: u32 = 4096;
 
@@ -99,6 +99,24 @@ impl MemoryStore {
 impl Store for MemoryStore {
     async fn ping(&self) -> Result<(), StoreError> {
         Ok(())
+    }
+
+    async fn prune(&self, now: i64) -> Result<u64, StoreError> {
+        let horizon = now.saturating_sub(RETAIN_AFTER_DEADLINE);
+        let mut removed = 0;
+        for shard in &self.shards {
+            let mut shard = shard.lock();
+            let before = shard.tasks.len();
+            shard.tasks.retain(|_, e| e.task.deadline > horizon);
+            removed += before - shard.tasks.len();
+        }
+        let mut feed = self.feed.lock();
+        let before = feed.blocks.len();
+        feed.blocks.retain(|b| b.relevant_at(now));
+        removed += before - feed.blocks.len();
+        feed.events
+            .retain(|(_, e)| e.until().is_none_or(|u| u >= now));
+        Ok(u64::try_from(removed).unwrap_or(u64::MAX))
     }
 
     async fn create_task(&self, task: &TaskRecord, first: &TokenEntry) -> Result<(), StoreError> {

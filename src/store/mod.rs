@@ -11,6 +11,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::domain::{Subject, TaskId};
 
+/// How long a task record is kept after its deadline (for task state and audits), on every
+/// store.
+pub const RETAIN_AFTER_DEADLINE: i64 = 15 * 60;
+
 #[non_exhaustive]
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -118,6 +122,9 @@ pub enum BlockSelector {
     Issuer(String),
     /// Every subject; on the wire `{"all": true}`.
     All(Everything),
+    /// Exactly one subject, even one that ends in `/*` (a quarantine names the subject that
+    /// tripped, never a prefix).
+    Exact(String),
 }
 
 /// The value of an `all` selector: only `true` is one.
@@ -193,6 +200,7 @@ impl BlockSelector {
             BlockSelector::Subject(p) => crate::domain::subject_matches(subject, p),
             BlockSelector::Issuer(i) => crate::domain::issuer_of(subject) == i,
             BlockSelector::All(_) => true,
+            BlockSelector::Exact(s) => s == subject,
         }
     }
 }
@@ -356,6 +364,11 @@ pub trait Store: Send + Sync + std::fmt::Debug {
 
     /// True when the flag is set.
     async fn flag(&self, name: &str) -> Result<bool, StoreError>;
+
+    /// Forgets what no longer matters at `now`: blocks that neither refuse exchanges nor cut
+    /// off live tokens, and tasks past [`RETAIN_AFTER_DEADLINE`]. Returns how many records it
+    /// removed. Every replica calls it now and then; it is idempotent.
+    async fn prune(&self, now: i64) -> Result<u64, StoreError>;
 
     /// Open tasks at `now` (Redis: tasks whose deadline has not passed, ended or not; an
     /// upper bound that costs one command).

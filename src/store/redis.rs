@@ -34,7 +34,7 @@ use super::{
 use crate::domain::{Subject, TaskId};
 
 /// How long task keys outlive the task's deadline.
-pub const RETAIN_AFTER_DEADLINE: i64 = 15 * 60;
+pub use super::RETAIN_AFTER_DEADLINE;
 const TIMEOUT: Duration = Duration::from_secs(2);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -329,13 +329,37 @@ impl RedisStore {
     }
 }
 
-fn parse_event(id: &redis::streams::StreamId) -> Option<FeedEvent> {
-    let raw: String = id.get("e")?;
-    serde_json::from_str(&raw).ok()
+/// A feed entry; one that does not parse (corrupt, or of a version this broker does not
+/// know) is an error, never skipped: the replica's view is then stale until it is resolved.
+fn parse_event(id: &redis::streams::StreamId) -> Result<FeedEvent, StoreError> {
+    let raw: String = id
+        .get("e")
+        .ok_or_else(|| StoreError::invalid(format!("feed entry {} has no event", id.id)))?;
+    serde_json::from_str(&raw).map_err(|e| StoreError::corrupt(format!("feed entry {}", id.id), e))
 }
 
 #[async_trait]
 impl Store for RedisStore {
+    async fn prune(&self, now: i64) -> Result<u64, StoreError> {
+        let stale: Vec<String> = self
+            .list_blocks()
+            .await?
+            .into_iter()
+            .filter(|b| !b.relevant_at(now))
+            .map(|b| b.id)
+            .collect();
+        if stale.is_empty() {
+            return Ok(0);
+        }
+        let removed: u64 = redis::cmd("HDEL")
+            .arg(self.k_blocks())
+            .arg(&stale)
+            .query_async(&mut self.conn())
+            .await
+            .map_err(unavailable)?;
+        Ok(removed)
+    }
+
     async fn ping(&self) -> Result<(), StoreError> {
         let _: String = redis::cmd("PING")
             .query_async(&mut self.conn())
@@ -617,13 +641,12 @@ impl Store for RedisStore {
             .last()
             .map(|i| i.id.clone())
             .unwrap_or_else(|| "0-0".to_string());
-        events.extend(
-            reply
-                .ids
-                .iter()
-                .filter_map(parse_event)
-                .filter(|e| e.until().is_none_or(|u| u >= now)),
-        );
+        for id in &reply.ids {
+            let e = parse_event(id)?;
+            if e.until().is_none_or(|u| u >= now) {
+                events.push(e);
+            }
+        }
         Ok((events, FeedCursor(cursor)))
     }
 
@@ -661,9 +684,7 @@ impl Store for RedisStore {
         if let Some(reply) = reply {
             for key in reply.keys {
                 for id in key.ids {
-                    if let Some(e) = parse_event(&id) {
-                        events.push(e);
-                    }
+                    events.push(parse_event(&id)?);
                     cursor = id.id;
                 }
             }
@@ -743,10 +764,12 @@ impl Store for RedisStore {
             .query_async(&mut self.conn())
             .await
             .map_err(unavailable)?;
-        let mut out: Vec<BlockRecord> = raw
-            .values()
-            .filter_map(|v| serde_json::from_str(v).ok())
-            .collect();
+        let mut out = Vec::with_capacity(raw.len());
+        for (id, v) in &raw {
+            let record: BlockRecord = serde_json::from_str(v)
+                .map_err(|e| StoreError::corrupt(format!("block record `{id}`"), e))?;
+            out.push(record);
+        }
         out.sort_by(|a, b| {
             a.created_at
                 .cmp(&b.created_at)

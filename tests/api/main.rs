@@ -16,6 +16,7 @@ mod redis_support;
 
 mod chaos;
 mod exchange;
+mod feed;
 mod helpers;
 mod oidc;
 mod ops;

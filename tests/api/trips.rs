@@ -99,7 +99,10 @@ async fn denials_trip_at_the_threshold(app: &TestApp) {
         )
         .await;
     assert_eq!(s, 200);
-    assert_eq!(q["quarantines"][0]["selector"]["subject"], AGENT);
+    assert_eq!(
+        q["quarantines"][0]["selector"]["exact"], AGENT,
+        "a quarantine names exactly the subject that tripped"
+    );
     assert!(
         metrics(app)
             .await

@@ -1,0 +1,72 @@
+//! The revocation feed under entries a replica cannot read: the replica fails closed (503,
+//! not ready), logs and counts it, and recovers once the entry is gone.
+
+use std::time::{Duration, Instant};
+
+use crate::helpers::*;
+use crate::redis_support::RedisServer;
+
+async fn until_status(app: &TestApp, path: &str, want: u16) {
+    let start = Instant::now();
+    loop {
+        let (s, _) = app.get(path).await;
+        if s == want {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "{path} answered {s}, not {want}, for 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_feed_entry_makes_the_view_stale_until_it_is_removed() {
+    let redis = RedisServer::start();
+    let a = spawn_app_with(Options {
+        extra_config: redis_store(&redis.url()),
+        ..Options::default()
+    })
+    .await;
+    let (token, _) = a.task_token(AGENT, "repo:read").await;
+    assert_eq!(a.introspect(&token).await["active"], true);
+
+    let id = redis
+        .cli(&[
+            "XADD",
+            "writ:{feed}:stream",
+            "*",
+            "e",
+            "{\"kind\":\"from_the_future\"}",
+        ])
+        .unwrap();
+    let id = id.trim().to_string();
+    until_status(&a, "/readyz", 503).await;
+    // Fail closed: no introspection answer and no exchange while the view is unconfirmed.
+    let (s, v) = a.introspect_as(ADMIN_TOKEN, &token).await;
+    assert_eq!(
+        (s, v["error"].as_str()),
+        (503, Some("temporarily_unavailable")),
+        "{v}"
+    );
+    let (s, v) = a.exchange(&a.svid(AGENT), "repo:read", &[]).await;
+    assert_eq!(
+        (s, v["error"].as_str()),
+        (503, Some("temporarily_unavailable")),
+        "{v}"
+    );
+    let (_, metrics) = a.get("/metrics").await;
+    let metrics = metrics.as_str().unwrap_or_default().to_string();
+    let corrupt = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("writ_revocation_feed_corrupt_reads_total "))
+        .and_then(|n| n.trim().parse::<u64>().ok())
+        .unwrap_or(0);
+    assert!(corrupt >= 1, "corrupt reads not counted:\n{metrics}");
+
+    // An operator removes the entry: the replica recovers without a restart.
+    redis.cli(&["XDEL", "writ:{feed}:stream", &id]).unwrap();
+    until_status(&a, "/readyz", 200).await;
+    assert_eq!(a.introspect(&token).await["active"], true);
+}
