@@ -216,6 +216,39 @@ impl Audience {
     }
 }
 
+/// Why a list of requested audiences was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AudienceListError<'a> {
+    /// A value that is not an audience (the raw value, for the error description).
+    Invalid(&'a str),
+    /// More than [`MAX_AUDIENCES`] distinct values.
+    TooMany,
+}
+
+/// Parses the repeated `audience` / `resource` parameters: every value valid, duplicates
+/// folded, order of first appearance kept, at most [`MAX_AUDIENCES`] distinct values.
+///
+/// The bound is applied as the values are read, before any value past it is parsed or
+/// compared: a 64 KiB body holds thousands of values, and parsing and de-duplicating all of
+/// them before counting would let an unauthenticated caller buy quadratic work.
+pub fn parse_audiences<'a>(
+    raws: impl IntoIterator<Item = &'a str>,
+) -> Result<Vec<Audience>, AudienceListError<'a>> {
+    let mut audiences: Vec<Audience> = Vec::with_capacity(MAX_AUDIENCES);
+    for raw in raws {
+        // An audience is its raw value, so equal values are equal audiences; the scan is
+        // over at most MAX_AUDIENCES entries.
+        if audiences.iter().any(|a| a.as_str() == raw) {
+            continue;
+        }
+        if audiences.len() == MAX_AUDIENCES {
+            return Err(AudienceListError::TooMany);
+        }
+        audiences.push(Audience::parse(raw).ok_or(AudienceListError::Invalid(raw))?);
+    }
+    Ok(audiences)
+}
+
 /// Unix time in seconds.
 pub trait Clock: Send + Sync + fmt::Debug {
     fn now(&self) -> i64;
@@ -292,6 +325,45 @@ mod tests {
         assert!(Audience::parse("https://a b").is_none());
         assert!(Audience::parse(&format!("https://a.org/{}", "x".repeat(250))).is_none());
         assert!(Audience::parse("").is_none());
+    }
+
+    #[test]
+    fn audience_lists_fold_duplicates_and_are_bounded() {
+        let a = parse_audiences(["https://a.org", "urn:x", "https://a.org"]).unwrap();
+        let got: Vec<&str> = a.iter().map(Audience::as_str).collect();
+        assert_eq!(got, ["https://a.org", "urn:x"]);
+        assert_eq!(
+            parse_audiences(["https://a.org", "api"]),
+            Err(AudienceListError::Invalid("api"))
+        );
+        let eight: Vec<String> = (0..8).map(|i| format!("urn:a:{i}")).collect();
+        assert_eq!(
+            parse_audiences(eight.iter().map(String::as_str))
+                .unwrap()
+                .len(),
+            8
+        );
+        // The same value many times is one audience.
+        let same = vec!["urn:a:0"; 5000];
+        assert_eq!(parse_audiences(same).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn audience_lists_stop_at_the_first_value_past_the_bound() {
+        // 3,400 distinct values: the refusal must come from the 9th, without reading (let
+        // alone parsing and comparing) the rest, so the work does not grow with the input.
+        let values: Vec<String> = (0..3400).map(|i| format!("urn:a:{i}")).collect();
+        let pulled = std::cell::Cell::new(0usize);
+        let result = parse_audiences(values.iter().map(|v| {
+            pulled.set(pulled.get() + 1);
+            v.as_str()
+        }));
+        assert_eq!(result, Err(AudienceListError::TooMany));
+        assert_eq!(pulled.get(), MAX_AUDIENCES + 1);
+        // A malformed value after the bound is never looked at: the answer is the bound.
+        let mut values: Vec<&str> = values.iter().take(9).map(String::as_str).collect();
+        values.push("not an audience");
+        assert_eq!(parse_audiences(values), Err(AudienceListError::TooMany));
     }
 
     #[test]
