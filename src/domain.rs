@@ -71,14 +71,41 @@ impl fmt::Display for Subject {
     }
 }
 
-fn random_b64(bytes: usize) -> String {
-    let mut buf = vec![0u8; bytes];
-    // The system RNG failing is not something a broker can work around; fall back to an
-    // all-zero id would be unsafe, so the caller gets a distinguishable value instead.
-    if ring::rand::SystemRandom::new().fill(&mut buf).is_err() {
-        buf.clear();
+/// The system random number generator failed. Nothing that needs an unguessable id can be
+/// made; callers answer 503 rather than fall back to a weaker id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the system random number generator failed")]
+pub struct RngError;
+
+impl From<RngError> for crate::error::BrokerError {
+    fn from(e: RngError) -> Self {
+        tracing::error!(error = %e, "cannot make a random id");
+        crate::error::BrokerError::unavailable()
     }
-    B64.encode(buf)
+}
+
+/// `bytes` random bytes, base64url: an error, never an empty or partial value, when the
+/// system RNG fails.
+fn random_b64(bytes: usize) -> Result<String, RngError> {
+    encode_random(bytes, |buf| {
+        ring::rand::SystemRandom::new()
+            .fill(buf)
+            .map_err(|_| RngError)
+    })
+}
+
+fn encode_random(
+    bytes: usize,
+    fill: impl FnOnce(&mut [u8]) -> Result<(), RngError>,
+) -> Result<String, RngError> {
+    let mut buf = vec![0u8; bytes];
+    fill(&mut buf)?;
+    Ok(B64.encode(buf))
+}
+
+/// `prefix` and 128 random bits (22 base64url characters).
+pub fn random_id(prefix: &str) -> Result<String, RngError> {
+    Ok(format!("{prefix}{}", random_b64(16)?))
 }
 
 /// A task id (`txn`): `tsk_` and 128 random bits.
@@ -87,8 +114,8 @@ fn random_b64(bytes: usize) -> String {
 pub struct TaskId(String);
 
 impl TaskId {
-    pub fn generate() -> Self {
-        TaskId(format!("tsk_{}", random_b64(16)))
+    pub fn generate() -> Result<Self, RngError> {
+        random_id("tsk_").map(TaskId)
     }
     /// Parses a caller-supplied task id; `None` when it cannot be one of ours.
     pub fn parse(s: &str) -> Option<Self> {
@@ -116,8 +143,8 @@ fn is_b64url(b: u8) -> bool {
 pub struct TokenId(String);
 
 impl TokenId {
-    pub fn generate() -> Self {
-        TokenId(random_b64(16))
+    pub fn generate() -> Result<Self, RngError> {
+        random_b64(16).map(TokenId)
     }
     pub fn from_trusted(s: String) -> Self {
         TokenId(s)
@@ -401,10 +428,26 @@ mod tests {
 
     #[test]
     fn ids_are_random_and_parse_back() {
-        let a = TaskId::generate();
-        assert_ne!(a, TaskId::generate());
+        let a = TaskId::generate().unwrap();
+        assert_ne!(a, TaskId::generate().unwrap());
         assert_eq!(TaskId::parse(a.as_str()), Some(a));
         assert!(TaskId::parse("tsk_short").is_none());
-        assert_eq!(TokenId::generate().as_str().len(), 22);
+        assert_eq!(TokenId::generate().unwrap().as_str().len(), 22);
+        assert_eq!(random_id("rev_").unwrap().len(), 26);
+    }
+
+    #[test]
+    fn a_failing_rng_is_an_error_not_an_empty_id() {
+        assert_eq!(encode_random(16, |_| Err(RngError)), Err(RngError));
+        assert_eq!(
+            encode_random(3, |b| {
+                b.fill(0xff);
+                Ok(())
+            }),
+            Ok("____".to_string())
+        );
+        let e = crate::error::BrokerError::from(RngError);
+        assert_eq!(e.code, crate::error::ErrorCode::TemporarilyUnavailable);
+        assert_eq!(e.code.status(), 503);
     }
 }

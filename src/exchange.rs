@@ -349,7 +349,7 @@ impl Broker {
             return Err(self.grant_refused(base_entry(), "task deadline has passed"));
         }
         let exp = now + ttl as i64;
-        let jti = TokenId::generate();
+        let jti = TokenId::generate()?;
         let token_entry = TokenEntry {
             jti: jti.to_string(),
             exp,
@@ -404,7 +404,7 @@ impl Broker {
             }
             None => {
                 let task = TaskRecord {
-                    id: TaskId::generate(),
+                    id: TaskId::generate()?,
                     owner: caller.subject.clone(),
                     issuer: caller.issuer.clone(),
                     purpose: req.purpose.clone(),

@@ -334,8 +334,8 @@ pub struct EndReply {
     pub revoked_tokens: usize,
 }
 
-fn new_revocation_id() -> String {
-    format!("rev_{}", &TaskId::generate().as_str()[4..])
+fn new_revocation_id() -> Result<String, crate::domain::RngError> {
+    crate::domain::random_id("rev_")
 }
 
 impl Broker {
@@ -529,7 +529,7 @@ impl Broker {
         source_ip: Option<String>,
     ) -> Result<RevocationReply, BrokerError> {
         let now = self.now();
-        let id = new_revocation_id();
+        let id = new_revocation_id()?;
         let (tasks, tokens, detail) = match &selector {
             Selector::Jti(jti) => {
                 self.publish(

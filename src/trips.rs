@@ -8,7 +8,7 @@ use serde_json::{Value, json};
 
 use crate::audit::{self, Event};
 use crate::broker::Broker;
-use crate::domain::{Subject, TaskId};
+use crate::domain::Subject;
 use crate::error::{BrokerError, ErrorCode};
 use crate::exchange::principal_of_task;
 use crate::policy::{PolicyAction, PolicyContext};
@@ -133,7 +133,7 @@ impl Broker {
             }
             if let Some(q) = self.config.trips.as_ref().and_then(|t| t.quarantine) {
                 let record = BlockRecord {
-                    id: format!("qtn_{}", &TaskId::generate().as_str()[4..]),
+                    id: crate::domain::random_id("qtn_")?,
                     selector: BlockSelector::Subject(subject.to_string()),
                     reason: format!("trip:{rule}"),
                     actor: "writ".into(),

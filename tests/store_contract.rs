@@ -20,7 +20,7 @@ const NOW: i64 = 1_800_000_000;
 
 fn task(owner: &str, created: i64) -> TaskRecord {
     TaskRecord {
-        id: TaskId::generate(),
+        id: TaskId::generate().unwrap(),
         owner: Subject::from_trusted(owner.into()),
         issuer: "example.org".into(),
         purpose: "p".into(),
@@ -102,7 +102,12 @@ async fn tasks_roundtrip(s: Arc<dyn Store>) {
     s.create_task(&t, &tok("j1", NOW + 300)).await.unwrap();
     let got = s.get_task(&t.id).await.unwrap().unwrap();
     assert_eq!(got, t);
-    assert!(s.get_task(&TaskId::generate()).await.unwrap().is_none());
+    assert!(
+        s.get_task(&TaskId::generate().unwrap())
+            .await
+            .unwrap()
+            .is_none()
+    );
     assert_eq!(
         s.task_tokens(&t.id).await.unwrap(),
         vec![tok("j1", NOW + 300)]
@@ -139,7 +144,7 @@ async fn minting(s: Arc<dyn Store>) {
         MintOutcome::NotOwner
     );
     assert_eq!(
-        s.mint_into_task(&TaskId::generate(), &owner, &tok("x", NOW), 9, NOW)
+        s.mint_into_task(&TaskId::generate().unwrap(), &owner, &tok("x", NOW), 9, NOW)
             .await
             .unwrap(),
         MintOutcome::NotFound
@@ -207,7 +212,7 @@ async fn closing(s: Arc<dyn Store>) {
         (TaskState::Ended, Some(NOW + 5))
     );
     assert!(
-        s.close_task(&TaskId::generate(), TaskState::Ended, "x", NOW)
+        s.close_task(&TaskId::generate().unwrap(), TaskState::Ended, "x", NOW)
             .await
             .unwrap()
             .is_none()
@@ -370,7 +375,7 @@ async fn memory_store_meets_the_contract() {
 }
 
 fn prefix() -> String {
-    format!("t{}:", &TaskId::generate().as_str()[4..12])
+    format!("t{}:", &TaskId::generate().unwrap().as_str()[4..12])
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
