@@ -5,6 +5,7 @@ pub mod error;
 pub mod oauth;
 pub mod observe;
 pub mod ops;
+pub mod serve;
 pub mod tasks;
 
 use std::sync::Arc;
@@ -58,11 +59,26 @@ pub fn router(broker: Arc<Broker>) -> Router {
         .route("/admin/v1/tasks", get(admin::list_tasks))
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
-        .route("/metrics", get(ops::metrics))
+        .merge(metrics_on_main_listener(&broker))
         .route("/openapi.json", get(ops::openapi))
         .route_layer(axum::middleware::from_fn_with_state(
             broker.clone(),
             observe::observe,
         ))
+        .with_state(broker)
+}
+
+/// `/metrics` stays on the main listener unless `[metrics] listen` moves it.
+fn metrics_on_main_listener(broker: &Arc<Broker>) -> Router<Arc<Broker>> {
+    match broker.config.metrics.listen {
+        None => Router::new().route("/metrics", get(ops::metrics)),
+        Some(_) => Router::new(),
+    }
+}
+
+/// The router of the `[metrics] listen` address: `/metrics` and nothing else.
+pub fn metrics_router(broker: Arc<Broker>) -> Router {
+    Router::new()
+        .route("/metrics", get(ops::metrics))
         .with_state(broker)
 }

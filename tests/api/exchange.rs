@@ -766,7 +766,7 @@ async fn thousands_of_audiences_are_refused_at_the_bound() {
     ])
     .unwrap();
     for i in 0..3400usize {
-        let d = |n: usize| char::from(DIGITS[n % DIGITS.len()]);
+        let d = |n: usize| char::from(*DIGITS.get(n % DIGITS.len()).unwrap());
         let id: String = [d(i / (62 * 62)), d(i / 62), d(i)].iter().collect();
         body.push_str(&format!("&audience=urn:{id}"));
     }

@@ -10,4 +10,5 @@ mod ops;
 mod replicas;
 mod revocation;
 mod rotation;
+mod serving;
 mod trips;
