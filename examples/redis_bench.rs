@@ -75,7 +75,7 @@ async fn main() -> anyhow::Result<()> {
     };
     let mut lat = Vec::with_capacity(1000);
     for i in 0..1000 {
-        let jti = format!("bench-{i}-{}", TaskId::generate());
+        let jti = format!("bench-{i}-{}", TaskId::generate()?);
         let claims = probe(&jti);
         let start = Instant::now();
         a.publish(
@@ -119,7 +119,7 @@ async fn main() -> anyhow::Result<()> {
         handles.push(tokio::spawn(async move {
             for i in (w..N).step_by(32) {
                 let t = TaskRecord {
-                    id: TaskId::generate(),
+                    id: TaskId::generate()?,
                     owner: Subject::from_trusted(format!(
                         "spiffe://example.org/agent/worker-{}",
                         i % 1000
@@ -141,7 +141,7 @@ async fn main() -> anyhow::Result<()> {
                     source: "jwt-svid".into(),
                     claims: Default::default(),
                 };
-                let jti = TaskId::generate().as_str()[4..].to_string();
+                let jti = writ::domain::random_id("")?;
                 store
                     .create_task(
                         &t,

@@ -39,7 +39,11 @@ async fn main() -> anyhow::Result<()> {
     )?;
     std::fs::create_dir_all(p("policies"))?;
     std::fs::write(p("policies/p.cedar"), OLD)?;
-    let prefix = format!("reeval{}:", &TaskId::generate().as_str()[4..10]);
+    let prefix = writ::domain::random_id("reeval")?
+        .chars()
+        .take(12)
+        .collect::<String>()
+        + ":";
     let text = format!(
         "[server]\nissuer = \"https://writ.bench\"\n[tokens]\nsigning_keys = [\"{}\"]\n[policy]\ndir = \"{}\"\n[audit]\npath = \"{}\"\n[store]\nbackend = \"redis\"\nurl = \"{url}\"\nkey_prefix = \"{prefix}\"\n[trips]\nreevaluate_on_policy_change = true\n",
         p("k.pem").display(),
@@ -73,7 +77,7 @@ async fn main() -> anyhow::Result<()> {
                     vec!["repo:read".to_string()]
                 };
                 let t = TaskRecord {
-                    id: TaskId::generate(),
+                    id: TaskId::generate()?,
                     owner: Subject::from_trusted(format!("spiffe://example.org/agent/a{i}")),
                     issuer: "example.org".into(),
                     purpose: String::new(),
@@ -91,7 +95,7 @@ async fn main() -> anyhow::Result<()> {
                     source: "jwt-svid".into(),
                     claims: Default::default(),
                 };
-                let jti = TaskId::generate().as_str()[4..].to_string();
+                let jti = writ::domain::random_id("")?;
                 b.store
                     .create_task(
                         &t,

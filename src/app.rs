@@ -4,12 +4,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use std::future::IntoFuture;
-
 use tokio::net::TcpListener;
 
 use crate::broker::Broker;
 use crate::config::Config;
+use crate::http::serve::{Limits, serve};
 use crate::policy::{ReloadOutcome, spawn_watcher};
 
 /// How long in-flight requests may take to finish after SIGTERM (Kubernetes' default grace
@@ -18,8 +17,10 @@ pub const DRAIN_BOUND: Duration = Duration::from_secs(20);
 
 pub struct Application {
     listener: TcpListener,
+    metrics_listener: Option<TcpListener>,
     broker: Arc<Broker>,
     addr: SocketAddr,
+    metrics_addr: Option<SocketAddr>,
 }
 
 impl Application {
@@ -32,10 +33,24 @@ impl Application {
     pub async fn from_broker(broker: Arc<Broker>) -> anyhow::Result<Application> {
         let listener = TcpListener::bind(&broker.config.server.listen).await?;
         let addr = listener.local_addr()?;
+        let metrics_listener = match &broker.config.metrics.listen {
+            Some(a) => Some(
+                TcpListener::bind(a)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("cannot listen on metrics.listen `{a}`: {e}"))?,
+            ),
+            None => None,
+        };
+        let metrics_addr = match &metrics_listener {
+            Some(l) => Some(l.local_addr()?),
+            None => None,
+        };
         Ok(Application {
             listener,
+            metrics_listener,
             broker,
             addr,
+            metrics_addr,
         })
     }
 
@@ -43,41 +58,56 @@ impl Application {
         self.addr
     }
 
+    /// Where `/metrics` is served when `[metrics] listen` is set.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
+    }
+
     pub fn broker(&self) -> Arc<Broker> {
         self.broker.clone()
     }
 
     /// Serves until `shutdown` resolves, then stops accepting and finishes in-flight
-    /// requests.
+    /// requests (for at most DRAIN_BOUND).
     pub async fn run_until(
         self,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         let background = spawn_background(self.broker.clone());
-        let app = crate::http::router(self.broker.clone());
-        let (stopping_tx, mut stopping_rx) = tokio::sync::watch::channel(false);
-        let graceful = async move {
-            shutdown.await;
-            tracing::info!("stopping: no new connections, finishing requests in flight");
-            let _ = stopping_tx.send(true);
-        };
-        let serve = axum::serve(
+        let limits = Limits::from_config(&self.broker.config.server);
+        let (stopping_tx, stopping_rx) = tokio::sync::watch::channel(false);
+        let main = serve(
             self.listener,
-            app.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(graceful);
-        // In-flight requests get DRAIN_BOUND to finish once the signal came.
-        let bound = async move {
-            let _ = stopping_rx.wait_for(|s| *s).await;
-            tokio::time::sleep(DRAIN_BOUND).await;
-        };
-        let result = tokio::select! {
-            r = serve.into_future() => r.map_err(anyhow::Error::from),
-            _ = bound => {
-                tracing::warn!(bound_secs = DRAIN_BOUND.as_secs(), "requests still in flight at the bound; stopping anyway");
-                Ok(())
+            crate::http::router(self.broker.clone()),
+            limits,
+            self.broker.clone(),
+            "main",
+            stopping_rx.clone(),
+        );
+        let metrics = {
+            let listener = self.metrics_listener;
+            let router = crate::http::metrics_router(self.broker.clone());
+            let m = self.broker.clone();
+            async move {
+                if let Some(l) = listener {
+                    serve(l, router, limits, m, "metrics", stopping_rx).await;
+                }
             }
         };
+        let serving = async move {
+            tokio::join!(main, metrics);
+        };
+        tokio::pin!(serving);
+        tokio::select! {
+            _ = &mut serving => {}
+            _ = shutdown => {
+                tracing::info!("stopping: no new connections, finishing requests in flight");
+                let _ = stopping_tx.send(true);
+                if tokio::time::timeout(DRAIN_BOUND, &mut serving).await.is_err() {
+                    tracing::warn!(bound_secs = DRAIN_BOUND.as_secs(), "requests still in flight at the bound; stopping anyway");
+                }
+            }
+        }
         for h in background {
             h.abort();
         }
@@ -85,7 +115,7 @@ impl Application {
             tracing::error!(error = %e, "cannot flush the decision log");
         }
         tracing::info!("stopped; decision log flushed");
-        result
+        Ok(())
     }
 }
 

@@ -60,6 +60,8 @@ pub struct Config {
     pub introspection: IntrospectionConfig,
     #[serde(default)]
     pub trips: Option<TripsConfig>,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -70,10 +72,53 @@ pub struct ServerConfig {
     pub issuer: String,
     #[serde(default)]
     pub tls: Option<TlsConfig>,
+    /// A request's headers must arrive within this (for a new connection: from accept; on
+    /// a kept-alive one: from the request's first byte).
+    #[serde(default = "default_header_timeout", deserialize_with = "de_duration")]
+    pub header_timeout: Duration,
+    /// A request's body must arrive within this, counted from the end of its headers.
+    #[serde(default = "default_body_timeout", deserialize_with = "de_duration")]
+    pub body_timeout: Duration,
+    /// A kept-alive connection with no request in progress is closed after this.
+    #[serde(default = "default_idle_timeout", deserialize_with = "de_duration")]
+    pub idle_timeout: Duration,
+    /// Connections served at once; past it new connections wait in the listen backlog.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: u32,
+    /// Largest request line and headers together; a larger head is answered 431.
+    #[serde(default = "default_max_header_bytes")]
+    pub max_header_bytes: u32,
 }
 
 fn default_listen() -> String {
     "127.0.0.1:8080".into()
+}
+fn default_header_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_body_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_idle_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_max_connections() -> u32 {
+    10_000
+}
+fn default_max_header_bytes() -> u32 {
+    16 * 1024
+}
+
+/// Most connections one listener may be told to serve at once.
+pub const MAX_MAX_CONNECTIONS: u32 = 1_000_000;
+
+/// `[metrics]`: where `/metrics` is served.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Serve `/metrics` on this address only (and not on `server.listen`).
+    #[serde(default)]
+    pub listen: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -338,6 +383,53 @@ impl Config {
             )
         })?;
         check_issuer_url("server.issuer", &s.issuer)?;
+        check_duration_range(
+            "server.header_timeout",
+            s.header_timeout,
+            Duration::from_millis(100),
+            Duration::from_secs(300),
+            "100ms and 5m",
+        )?;
+        check_duration_range(
+            "server.body_timeout",
+            s.body_timeout,
+            Duration::from_millis(100),
+            Duration::from_secs(300),
+            "100ms and 5m",
+        )?;
+        check_duration_range(
+            "server.idle_timeout",
+            s.idle_timeout,
+            Duration::from_millis(100),
+            Duration::from_secs(3600),
+            "100ms and 1h",
+        )?;
+        if s.max_connections == 0 || s.max_connections > MAX_MAX_CONNECTIONS {
+            return Err(ConfigError::new(
+                "server.max_connections",
+                format!("must be between 1 and {MAX_MAX_CONNECTIONS}"),
+            ));
+        }
+        if !(8 * 1024..=1024 * 1024).contains(&s.max_header_bytes) {
+            return Err(ConfigError::new(
+                "server.max_header_bytes",
+                "must be between 8192 and 1048576",
+            ));
+        }
+        if let Some(m) = &self.metrics.listen {
+            let addr = m.parse::<SocketAddr>().map_err(|_| {
+                ConfigError::new(
+                    "metrics.listen",
+                    format!("`{m}` is not a host:port socket address"),
+                )
+            })?;
+            if addr.port() != 0 && s.listen.parse::<SocketAddr>().ok() == Some(addr) {
+                return Err(ConfigError::new(
+                    "metrics.listen",
+                    "must differ from server.listen (leave it unset to serve /metrics there)",
+                ));
+            }
+        }
         if s.tls.is_some() {
             return Err(ConfigError::new(
                 "server.tls",
@@ -555,6 +647,19 @@ impl Config {
     }
 }
 
+fn check_duration_range(
+    key: &str,
+    value: Duration,
+    min: Duration,
+    max: Duration,
+    range: &str,
+) -> Result<(), ConfigError> {
+    if value < min || value > max {
+        return Err(ConfigError::new(key, format!("must be between {range}")));
+    }
+    Ok(())
+}
+
 fn check_count_window(key: &str, cw: CountWindow) -> Result<(), ConfigError> {
     if cw.count == 0 {
         return Err(ConfigError::new(
@@ -686,6 +791,73 @@ dir = "p"
         assert_eq!(c.tasks.max_tokens, 50);
         assert_eq!(c.store.backend, StoreBackend::Memory);
         assert_eq!(c.server.listen, "127.0.0.1:8080");
+        assert_eq!(c.server.header_timeout, Duration::from_secs(10));
+        assert_eq!(c.server.body_timeout, Duration::from_secs(10));
+        assert_eq!(c.server.idle_timeout, Duration::from_secs(60));
+        assert_eq!(c.server.max_connections, 10_000);
+        assert_eq!(c.server.max_header_bytes, 16 * 1024);
+        assert_eq!(c.metrics.listen, None);
+    }
+
+    #[test]
+    fn serving_limits_are_read_and_checked() {
+        let with = |server: &str, rest: &str| {
+            Config::from_toml_with_env(
+                &format!(
+                    "{}{rest}",
+                    BASE.replace("[server]\n", &format!("[server]\n{server}\n"))
+                ),
+                Vec::new(),
+            )
+        };
+        let c = with(
+            "header_timeout = \"2s\"\nbody_timeout = \"3s\"\nidle_timeout = \"90s\"\nmax_connections = 7\nmax_header_bytes = 32768",
+            "[metrics]\nlisten = \"127.0.0.1:9464\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.server.header_timeout, Duration::from_secs(2));
+        assert_eq!(c.server.body_timeout, Duration::from_secs(3));
+        assert_eq!(c.server.idle_timeout, Duration::from_secs(90));
+        assert_eq!(c.server.max_connections, 7);
+        assert_eq!(c.server.max_header_bytes, 32768);
+        assert_eq!(c.metrics.listen.as_deref(), Some("127.0.0.1:9464"));
+        let cases = [
+            ("header_timeout = \"0s\"", "", "server.header_timeout"),
+            ("header_timeout = \"1h\"", "", "server.header_timeout"),
+            ("header_timeout = \"soon\"", "", "server.header_timeout"),
+            ("body_timeout = \"50ms\"", "", "server.body_timeout"),
+            ("body_timeout = \"6m\"", "", "server.body_timeout"),
+            ("idle_timeout = \"0s\"", "", "server.idle_timeout"),
+            ("idle_timeout = \"2h\"", "", "server.idle_timeout"),
+            ("max_connections = 0", "", "server.max_connections"),
+            ("max_connections = 1000001", "", "server.max_connections"),
+            ("max_connections = -1", "", "server.max_connections"),
+            ("max_connections = \"many\"", "", "server.max_connections"),
+            ("max_header_bytes = 8191", "", "server.max_header_bytes"),
+            ("max_header_bytes = 1048577", "", "server.max_header_bytes"),
+            ("", "[metrics]\nlisten = \"nowhere\"\n", "metrics.listen"),
+            ("", "[metrics]\nlisten = 9464\n", "metrics.listen"),
+            (
+                "",
+                "[metrics]\nlisten = \"127.0.0.1:8080\"\n",
+                "metrics.listen",
+            ),
+            ("", "[metrics]\npath = \"/m\"\n", "metrics.path"),
+        ];
+        for (server, rest, key) in cases {
+            let e = with(server, rest).unwrap_err();
+            assert_eq!(e.key, key, "{server} {rest} -> {e}");
+        }
+        let c = Config::from_toml_with_env(
+            BASE,
+            vec![
+                ("WRIT_SERVER__IDLE_TIMEOUT".into(), "5s".into()),
+                ("WRIT_METRICS__LISTEN".into(), "127.0.0.1:0".into()),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.server.idle_timeout, Duration::from_secs(5));
+        assert_eq!(c.metrics.listen.as_deref(), Some("127.0.0.1:0"));
     }
 
     #[test]

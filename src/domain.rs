@@ -103,14 +103,34 @@ impl fmt::Display for Subject {
     }
 }
 
-fn random_b64(bytes: usize) -> String {
+/// The system random number generator failed. Nothing that needs an unguessable id can be
+/// made; callers answer 503 rather than fall back to a weaker id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the system random number generator failed")]
+pub struct RngError;
+
+/// `bytes` random bytes, base64url: an error, never an empty or partial value, when the
+/// system RNG fails.
+fn random_b64(bytes: usize) -> Result<String, RngError> {
+    encode_random(bytes, |buf| {
+        ring::rand::SystemRandom::new()
+            .fill(buf)
+            .map_err(|_| RngError)
+    })
+}
+
+fn encode_random(
+    bytes: usize,
+    fill: impl FnOnce(&mut [u8]) -> Result<(), RngError>,
+) -> Result<String, RngError> {
     let mut buf = vec![0u8; bytes];
-    // The system RNG failing is not something a broker can work around; fall back to an
-    // all-zero id would be unsafe, so the caller gets a distinguishable value instead.
-    if ring::rand::SystemRandom::new().fill(&mut buf).is_err() {
-        buf.clear();
-    }
-    B64.encode(buf)
+    fill(&mut buf)?;
+    Ok(B64.encode(buf))
+}
+
+/// `prefix` and 128 random bits (22 base64url characters).
+pub fn random_id(prefix: &str) -> Result<String, RngError> {
+    Ok(format!("{prefix}{}", random_b64(16)?))
 }
 
 /// A task id (`txn`): `tsk_` and 128 random bits.
@@ -119,8 +139,8 @@ fn random_b64(bytes: usize) -> String {
 pub struct TaskId(String);
 
 impl TaskId {
-    pub fn generate() -> Self {
-        TaskId(format!("tsk_{}", random_b64(16)))
+    pub fn generate() -> Result<Self, RngError> {
+        random_id("tsk_").map(TaskId)
     }
     /// Parses a caller-supplied task id; `None` when it cannot be one of ours.
     pub fn parse(s: &str) -> Option<Self> {
@@ -148,8 +168,8 @@ fn is_b64url(b: u8) -> bool {
 pub struct TokenId(String);
 
 impl TokenId {
-    pub fn generate() -> Self {
-        TokenId(random_b64(16))
+    pub fn generate() -> Result<Self, RngError> {
+        random_b64(16).map(TokenId)
     }
     pub fn from_trusted(s: String) -> Self {
         TokenId(s)
@@ -266,6 +286,39 @@ impl Audience {
     }
 }
 
+/// Why a list of requested audiences was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AudienceListError<'a> {
+    /// A value that is not an audience (the raw value, for the error description).
+    Invalid(&'a str),
+    /// More than [`MAX_AUDIENCES`] distinct values.
+    TooMany,
+}
+
+/// Parses the repeated `audience` / `resource` parameters: every value valid, duplicates
+/// folded, order of first appearance kept, at most [`MAX_AUDIENCES`] distinct values.
+///
+/// The bound is applied as the values are read, before any value past it is parsed or
+/// compared: a 64 KiB body holds thousands of values, and parsing and de-duplicating all of
+/// them before counting would let an unauthenticated caller buy quadratic work.
+pub fn parse_audiences<'a>(
+    raws: impl IntoIterator<Item = &'a str>,
+) -> Result<Vec<Audience>, AudienceListError<'a>> {
+    let mut audiences: Vec<Audience> = Vec::with_capacity(MAX_AUDIENCES);
+    for raw in raws {
+        // An audience is its raw value, so equal values are equal audiences; the scan is
+        // over at most MAX_AUDIENCES entries.
+        if audiences.iter().any(|a| a.as_str() == raw) {
+            continue;
+        }
+        if audiences.len() == MAX_AUDIENCES {
+            return Err(AudienceListError::TooMany);
+        }
+        audiences.push(Audience::parse(raw).ok_or(AudienceListError::Invalid(raw))?);
+    }
+    Ok(audiences)
+}
+
 /// Unix time in seconds.
 pub trait Clock: Send + Sync + fmt::Debug {
     fn now(&self) -> i64;
@@ -360,6 +413,45 @@ mod tests {
     }
 
     #[test]
+    fn audience_lists_fold_duplicates_and_are_bounded() {
+        let a = parse_audiences(["https://a.org", "urn:x", "https://a.org"]).unwrap();
+        let got: Vec<&str> = a.iter().map(Audience::as_str).collect();
+        assert_eq!(got, ["https://a.org", "urn:x"]);
+        assert_eq!(
+            parse_audiences(["https://a.org", "api"]),
+            Err(AudienceListError::Invalid("api"))
+        );
+        let eight: Vec<String> = (0..8).map(|i| format!("urn:a:{i}")).collect();
+        assert_eq!(
+            parse_audiences(eight.iter().map(String::as_str))
+                .unwrap()
+                .len(),
+            8
+        );
+        // The same value many times is one audience.
+        let same = vec!["urn:a:0"; 5000];
+        assert_eq!(parse_audiences(same).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn audience_lists_stop_at_the_first_value_past_the_bound() {
+        // 3,400 distinct values: the refusal must come from the 9th, without reading (let
+        // alone parsing and comparing) the rest, so the work does not grow with the input.
+        let values: Vec<String> = (0..3400).map(|i| format!("urn:a:{i}")).collect();
+        let pulled = std::cell::Cell::new(0usize);
+        let result = parse_audiences(values.iter().map(|v| {
+            pulled.set(pulled.get() + 1);
+            v.as_str()
+        }));
+        assert_eq!(result, Err(AudienceListError::TooMany));
+        assert_eq!(pulled.get(), MAX_AUDIENCES + 1);
+        // A malformed value after the bound is never looked at: the answer is the bound.
+        let mut values: Vec<&str> = values.iter().take(9).map(String::as_str).collect();
+        values.push("not an audience");
+        assert_eq!(parse_audiences(values), Err(AudienceListError::TooMany));
+    }
+
+    #[test]
     fn spiffe_ids_parse_strictly() {
         assert!(parse_spiffe_id("spiffe://example.org/agent/demo").is_some());
         assert!(parse_spiffe_id("spiffe://example.org").is_some());
@@ -394,10 +486,28 @@ mod tests {
 
     #[test]
     fn ids_are_random_and_parse_back() {
-        let a = TaskId::generate();
-        assert_ne!(a, TaskId::generate());
+        let a = TaskId::generate().unwrap();
+        assert_ne!(a, TaskId::generate().unwrap());
         assert_eq!(TaskId::parse(a.as_str()), Some(a));
         assert!(TaskId::parse("tsk_short").is_none());
-        assert_eq!(TokenId::generate().as_str().len(), 22);
+        assert_eq!(TokenId::generate().unwrap().as_str().len(), 22);
+        assert_eq!(random_id("rev_").unwrap().len(), 26);
+    }
+
+    #[test]
+    fn a_failing_rng_is_an_error_not_an_empty_id() {
+        assert_eq!(encode_random(16, |_| Err(RngError)), Err(RngError));
+        assert_eq!(
+            encode_random(3, |b| {
+                b.fill(0xff);
+                Ok(())
+            }),
+            Ok("____".to_string())
+        );
+        let f = crate::error::Failure::from(RngError);
+        assert_eq!(f.part(), "random");
+        let e = f.logged(&crate::metrics::Metrics::default());
+        assert_eq!(e.code, crate::error::ErrorCode::TemporarilyUnavailable);
+        assert_eq!(e.code.status(), 503);
     }
 }

@@ -134,6 +134,8 @@ pub enum Failure {
     Token(#[from] TokenError),
     #[error("identity source unavailable")]
     Identity(#[from] IdentityError),
+    #[error("cannot make a random id")]
+    Random(#[from] crate::domain::RngError),
 }
 
 impl Failure {
@@ -144,6 +146,7 @@ impl Failure {
             Failure::Audit(_) => "audit",
             Failure::Token(_) => "signing",
             Failure::Identity(_) => "identity",
+            Failure::Random(_) => "random",
         }
     }
 

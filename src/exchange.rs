@@ -298,7 +298,7 @@ impl Broker {
             return Err(Refusal::grant("task deadline has passed").into());
         }
         let token = TokenEntry {
-            jti: TokenId::generate().to_string(),
+            jti: TokenId::generate().map_err(|e| self.fail(e))?.to_string(),
             exp: now.saturating_add(secs_i64(ttl)),
         };
         let task = match existing {
@@ -312,7 +312,8 @@ impl Broker {
                 task
             }
             None => {
-                let task = self.new_task(req, who, ask, &decision.version, deadline, now);
+                let id = TaskId::generate().map_err(|e| self.fail(e))?;
+                let task = self.new_task(id, req, who, ask, &decision.version, deadline, now);
                 self.open_task(&task, &token).await?;
                 task
             }
@@ -549,8 +550,13 @@ impl Broker {
     }
 
     /// The record of a task opened by this exchange.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "a task record is made of each part of the request and decision"
+    )]
     fn new_task(
         &self,
+        id: TaskId,
         req: &ExchangeRequest,
         who: &Requester,
         ask: &Ask,
@@ -559,7 +565,7 @@ impl Broker {
         now: i64,
     ) -> TaskRecord {
         TaskRecord {
-            id: TaskId::generate(),
+            id,
             owner: who.subject.clone(),
             issuer: who.issuer.clone(),
             purpose: req.purpose.clone(),

@@ -67,7 +67,7 @@ fn svid_verifier() -> &'static JwtSvidVerifier {
         let dir = std::env::temp_dir().join(format!(
             "writ-fuzz-{}-{}",
             std::process::id(),
-            crate::domain::TokenId::generate()
+            crate::domain::TokenId::generate().expect("random")
         ));
         std::fs::create_dir_all(&dir).expect("temporary directory");
         let key_path = dir.join("td.pem");

@@ -27,10 +27,8 @@ pub struct RevocationReply {
 }
 
 /// A fresh block id with the given prefix (`rev`, `qtn`).
-pub fn new_block_id(prefix: &str) -> String {
-    let task = TaskId::generate();
-    let random = task.as_str().strip_prefix("tsk_").unwrap_or(task.as_str());
-    format!("{prefix}_{random}")
+pub fn new_block_id(prefix: &str) -> Result<String, crate::domain::RngError> {
+    crate::domain::random_id(&format!("{prefix}_"))
 }
 
 impl Broker {
@@ -73,7 +71,7 @@ impl Broker {
         source_ip: Option<String>,
     ) -> Result<RevocationReply, BrokerError> {
         let now = self.now();
-        let id = new_block_id("rev");
+        let id = new_block_id("rev").map_err(|e| self.fail(e))?;
         let (closed, detail) = match &selector {
             Selector::Jti(jti) => {
                 let event = FeedEvent::Token {

@@ -172,7 +172,7 @@ impl Broker {
         let now = self.now();
         let expires_at = now.saturating_add(i64::try_from(q.as_secs()).unwrap_or(i64::MAX));
         let record = BlockRecord {
-            id: crate::revoke::new_block_id("qtn"),
+            id: crate::revoke::new_block_id("qtn").map_err(|e| self.fail(e))?,
             selector: BlockSelector::Exact(subject.to_string()),
             reason: format!("trip:{rule}"),
             actor: "writ".into(),

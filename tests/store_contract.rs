@@ -33,7 +33,7 @@ const NOW: i64 = 1_800_000_000;
 
 fn task(owner: &str, created: i64) -> TaskRecord {
     TaskRecord {
-        id: TaskId::generate(),
+        id: TaskId::generate().unwrap(),
         owner: Subject::from_trusted(owner.into()),
         issuer: "example.org".into(),
         purpose: "p".into(),
@@ -105,7 +105,12 @@ async fn tasks_roundtrip(s: Arc<dyn Store>) {
     s.create_task(&t, &tok("j1", NOW + 300)).await.unwrap();
     let got = s.get_task(&t.id).await.unwrap().unwrap();
     assert_eq!(got, t);
-    assert!(s.get_task(&TaskId::generate()).await.unwrap().is_none());
+    assert!(
+        s.get_task(&TaskId::generate().unwrap())
+            .await
+            .unwrap()
+            .is_none()
+    );
     assert_eq!(
         s.task_tokens(&t.id).await.unwrap(),
         vec![tok("j1", NOW + 300)]
@@ -142,7 +147,7 @@ async fn minting(s: Arc<dyn Store>) {
         MintOutcome::NotOwner
     );
     assert_eq!(
-        s.mint_into_task(&TaskId::generate(), &owner, &tok("x", NOW), 9, NOW)
+        s.mint_into_task(&TaskId::generate().unwrap(), &owner, &tok("x", NOW), 9, NOW)
             .await
             .unwrap(),
         MintOutcome::NotFound
@@ -210,7 +215,7 @@ async fn closing(s: Arc<dyn Store>) {
         (TaskState::Ended, Some(NOW + 5))
     );
     assert!(
-        s.close_task(&TaskId::generate(), TaskState::Ended, "x", NOW)
+        s.close_task(&TaskId::generate().unwrap(), TaskState::Ended, "x", NOW)
             .await
             .unwrap()
             .is_none()
@@ -427,7 +432,7 @@ async fn memory_store_forgets_tasks_after_retention() {
 }
 
 fn prefix(case: &str) -> String {
-    format!("{case}:{}:", TaskId::generate().as_str())
+    format!("{case}:{}:", TaskId::generate().unwrap().as_str())
 }
 
 async fn redis_store(case: &str) -> Arc<dyn Store> {

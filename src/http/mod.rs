@@ -6,6 +6,7 @@ pub mod extract;
 pub mod oauth;
 pub mod observe;
 pub mod ops;
+pub mod serve;
 pub mod tasks;
 
 use std::sync::Arc;
@@ -62,7 +63,7 @@ pub fn router(broker: Arc<Broker>) -> Router {
         .route("/admin/v1/tasks", get(admin::list_tasks))
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
-        .route("/metrics", get(ops::metrics))
+        .merge(metrics_on_main_listener(&broker))
         .route("/openapi.json", get(ops::openapi))
         // Layers run outermost last in this list: the request id is settled first, so every
         // response (a refused body too) carries it and is counted by `observe`.
@@ -75,5 +76,20 @@ pub fn router(broker: Arc<Broker>) -> Router {
             observe::MakeWritRequestId,
         ))
         .route_layer(map_request(observe::drop_unplain_request_id))
+        .with_state(broker)
+}
+
+/// `/metrics` stays on the main listener unless `[metrics] listen` moves it.
+fn metrics_on_main_listener(broker: &Arc<Broker>) -> Router<Arc<Broker>> {
+    match broker.config.metrics.listen {
+        None => Router::new().route("/metrics", get(ops::metrics)),
+        Some(_) => Router::new(),
+    }
+}
+
+/// The router of the `[metrics] listen` address: `/metrics` and nothing else.
+pub fn metrics_router(broker: Arc<Broker>) -> Router {
+    Router::new()
+        .route("/metrics", get(ops::metrics))
         .with_state(broker)
 }

@@ -12,7 +12,9 @@ use serde_json::json;
 use super::error::{json_no_store, no_store};
 use super::extract::{Authorization, FormPairs, SourceIp};
 use crate::broker::Broker;
-use crate::domain::{Audience, MAX_AUDIENCES, MAX_PURPOSE_LEN, TaskId, parse_scopes};
+use crate::domain::{
+    AudienceListError, MAX_AUDIENCES, MAX_PURPOSE_LEN, TaskId, parse_audiences, parse_scopes,
+};
 use crate::error::{BrokerError, ErrorCode};
 use crate::exchange::{
     ExchangeRequest, GRANT_TYPE, SubjectTokenType, TYPE_ACCESS_TOKEN, TYPE_ID_TOKEN, TYPE_JWT,
@@ -109,27 +111,21 @@ pub fn parse_exchange(
             "scope must be up to 32 space-separated scope tokens",
         )
     })?;
-    let mut audiences: Vec<Audience> = Vec::new();
-    for raw in form.all("audience").chain(form.all("resource")) {
-        let aud = Audience::parse(raw).ok_or_else(|| {
-            BrokerError::new(
+    let audiences = parse_audiences(form.all("audience").chain(form.all("resource"))).map_err(
+        |e| match e {
+            AudienceListError::Invalid(raw) => BrokerError::new(
                 ErrorCode::InvalidTarget,
                 format!(
                     "`{}` is not an absolute URI without fragment or a SPIFFE ID of at most 255 bytes",
                     clip(raw)
                 ),
-            )
-        })?;
-        if !audiences.contains(&aud) {
-            audiences.push(aud);
-        }
-    }
-    if audiences.len() > MAX_AUDIENCES {
-        return Err(BrokerError::new(
-            ErrorCode::InvalidTarget,
-            format!("at most {MAX_AUDIENCES} audiences may be requested"),
-        ));
-    }
+            ),
+            AudienceListError::TooMany => BrokerError::new(
+                ErrorCode::InvalidTarget,
+                format!("at most {MAX_AUDIENCES} audiences may be requested"),
+            ),
+        },
+    )?;
     let purpose = form.get("task_purpose").unwrap_or("").to_string();
     if purpose.len() > MAX_PURPOSE_LEN {
         return Err(BrokerError::invalid_request(format!(

@@ -27,7 +27,16 @@ static COUNTER: AtomicU64 = AtomicU64::new(0);
 
 fn process_tag() -> &'static str {
     static TAG: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    TAG.get_or_init(|| crate::domain::TokenId::generate().as_str()[..8].to_string())
+    TAG.get_or_init(|| tag_of(crate::domain::random_id("")))
+}
+
+/// Eight characters of a random id; when the RNG failed, the process id, which is unique
+/// enough for correlating log lines (request ids are not secrets).
+fn tag_of(random: Result<String, crate::domain::RngError>) -> String {
+    random
+        .ok()
+        .and_then(|id| id.get(..8).map(str::to_string))
+        .unwrap_or_else(|| format!("pid{}", std::process::id()))
 }
 
 /// A caller-supplied id is kept when it is short and plain; anything else is replaced, so
@@ -93,4 +102,20 @@ pub async fn observe(State(broker): State<Arc<Broker>>, req: Request, next: Next
         || tracing::debug!(status = %status, elapsed_ms = elapsed * 1000.0, "request done"),
     );
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::tag_of;
+    use crate::domain::RngError;
+
+    #[test]
+    fn request_ids_survive_a_failing_rng() {
+        assert_eq!(tag_of(Err(RngError)), format!("pid{}", std::process::id()));
+        assert_eq!(tag_of(Ok("abcdefghijk".into())), "abcdefgh");
+        assert_eq!(
+            tag_of(Ok("short".into())),
+            format!("pid{}", std::process::id())
+        );
+    }
 }

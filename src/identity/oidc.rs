@@ -51,7 +51,9 @@ pub struct OidcOptions {
     pub hard_max_age: Duration,
     /// Clock skew tolerated on `exp`, `nbf` and `iat`.
     pub max_skew: Duration,
-    /// Allow `http://` for loopback hosts (local issuers, tests); otherwise https only.
+    /// Allow `http://` for loopback hosts in the configured issuer and `jwks_uri` (local
+    /// issuers, tests); otherwise https only. A `jwks_uri` found by discovery follows its
+    /// own, stricter rule (see `targets`).
     pub allow_http_loopback: bool,
 }
 
@@ -165,7 +167,12 @@ struct IssuerState {
 
 pub struct OidcVerifier {
     issuers: HashMap<String, IssuerState>,
+    /// For configured URLs (discovery at the issuer, a configured `jwks_uri`).
     http: reqwest::Client,
+    /// For a `jwks_uri` found by discovery: resolves host names to public addresses only.
+    discovered_http: reqwest::Client,
+    /// The same, for an issuer on loopback, whose keys may be on loopback too.
+    discovered_http_loopback: reqwest::Client,
     opts: OidcOptions,
 }
 
@@ -185,12 +192,23 @@ struct Discovery {
 
 impl OidcVerifier {
     pub fn new(issuers: Vec<OidcIssuerConfig>, opts: OidcOptions) -> Result<Self, OidcError> {
-        let http = reqwest::Client::builder()
-            .timeout(opts.http_timeout)
-            .connect_timeout(opts.http_timeout)
-            .redirect(reqwest::redirect::Policy::none())
-            .build()
-            .map_err(|e| OidcError::Config(e.to_string()))?;
+        let client = |resolver: Option<targets::PublicOnly>| {
+            let mut b = reqwest::Client::builder()
+                .timeout(opts.http_timeout)
+                .connect_timeout(opts.http_timeout)
+                .redirect(reqwest::redirect::Policy::none());
+            if let Some(r) = resolver {
+                b = b.dns_resolver(Arc::new(r));
+            }
+            b.build().map_err(|e| OidcError::Config(e.to_string()))
+        };
+        let http = client(None)?;
+        let discovered_http = client(Some(targets::PublicOnly {
+            allow_loopback: false,
+        }))?;
+        let discovered_http_loopback = client(Some(targets::PublicOnly {
+            allow_loopback: true,
+        }))?;
         let mut map = HashMap::new();
         for cfg in issuers {
             if let Some(u) = &cfg.jwks_uri {
@@ -210,6 +228,8 @@ impl OidcVerifier {
         Ok(OidcVerifier {
             issuers: map,
             http,
+            discovered_http,
+            discovered_http_loopback,
             opts,
         })
     }
@@ -360,7 +380,14 @@ impl OidcVerifier {
         }
         *last = Some(Instant::now());
         let uri = self.jwks_uri(state).await?;
-        let body = self.get_json(&uri).await.map_err(|e| match e {
+        let client = if state.cfg.jwks_uri.is_some() {
+            &self.http
+        } else if targets::issuer_is_loopback(&state.cfg.issuer) {
+            &self.discovered_http_loopback
+        } else {
+            &self.discovered_http
+        };
+        let body = self.get_json(client, &uri).await.map_err(|e| match e {
             OidcError::Discovery(m) => OidcError::Jwks(m),
             other => other,
         })?;
@@ -388,7 +415,7 @@ impl OidcVerifier {
             "{}/.well-known/openid-configuration",
             state.cfg.issuer.trim_end_matches('/')
         );
-        let doc: Discovery = serde_json::from_value(self.get_json(&url).await?)
+        let doc: Discovery = serde_json::from_value(self.get_json(&self.http, &url).await?)
             .map_err(|e| OidcError::Discovery(format!("`{url}`: {e}")))?;
         // OpenID Connect Discovery §4.3: the document's issuer must be exactly ours.
         if doc.issuer != state.cfg.issuer {
@@ -397,13 +424,16 @@ impl OidcVerifier {
                 doc.issuer, state.cfg.issuer
             )));
         }
-        check_url(&doc.jwks_uri, self.opts.allow_http_loopback).map_err(OidcError::Discovery)?;
+        // The document is the issuer's word, not the operator's: it may not send the broker
+        // to loopback (unless the issuer is there), private or link-local addresses.
+        targets::check_discovered_jwks_uri(&doc.jwks_uri, &state.cfg.issuer)
+            .map_err(OidcError::Discovery)?;
         *state.jwks_uri.write() = Some(doc.jwks_uri.clone());
         Ok(doc.jwks_uri)
     }
 
     /// GET with the timeout and the size cap enforced while reading.
-    async fn get_json(&self, url: &str) -> Result<Value, OidcError> {
+    async fn get_json(&self, http: &reqwest::Client, url: &str) -> Result<Value, OidcError> {
         let fail = |e: reqwest::Error| {
             if e.is_timeout() {
                 OidcError::Timeout(url.to_string())
@@ -411,7 +441,7 @@ impl OidcVerifier {
                 OidcError::Discovery(format!("`{url}`: {e}"))
             }
         };
-        let mut resp = self.http.get(url).send().await.map_err(fail)?;
+        let mut resp = http.get(url).send().await.map_err(fail)?;
         if !resp.status().is_success() {
             return Err(OidcError::Discovery(format!(
                 "`{url}` answered {}",
@@ -470,7 +500,7 @@ pub(crate) fn key_alg(ka: KeyAlgorithm) -> Option<Algorithm> {
     })
 }
 
-/// https, or http to a loopback host when allowed.
+/// A configured URL: https, or http to a loopback host when allowed.
 fn check_url(u: &str, allow_http_loopback: bool) -> Result<(), String> {
     let url = url::Url::parse(u).map_err(|_| format!("`{u}` is not a URL"))?;
     let loopback = matches!(url.host_str(), Some("127.0.0.1" | "localhost" | "[::1]"));
@@ -480,6 +510,8 @@ fn check_url(u: &str, allow_http_loopback: bool) -> Result<(), String> {
         _ => Err(format!("`{u}` must use https")),
     }
 }
+
+mod targets;
 
 #[cfg(test)]
 mod tests;

@@ -20,6 +20,8 @@ pub const RETAIN_AFTER_DEADLINE: i64 = 15 * 60;
 pub enum StoreError {
     #[error("store unavailable")]
     Unavailable(#[source] ::redis::RedisError),
+    #[error("cannot make a random id")]
+    Random(#[source] crate::domain::RngError),
     #[error("store is not configured: {0}")]
     NotConfigured(&'static str),
     #[error("store returned corrupt data: {what}")]

@@ -699,7 +699,7 @@ impl Store for RedisStore {
         window: Duration,
         cap: u64,
     ) -> Result<u64, StoreError> {
-        let member = format!("{now}:{}", &TaskId::generate().as_str()[4..]);
+        let member = crate::domain::random_id(&format!("{now}:")).map_err(StoreError::Random)?;
         let count: u64 = self
             .hit
             .key(format!("{}{{c:{key}}}", self.prefix))

@@ -818,3 +818,39 @@ async fn trust_bundle_changes_are_picked_up() {
     )
     .await;
 }
+
+#[tokio::test]
+async fn thousands_of_audiences_are_refused_at_the_bound() {
+    let app = spawn_app().await;
+    // 3,400 distinct, well-formed audiences in one body under 64 KiB.
+    const DIGITS: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ";
+    let mut body = serde_urlencoded::to_string([
+        ("grant_type", GRANT),
+        ("subject_token", &app.svid(AGENT)),
+        ("subject_token_type", JWT_TYPE),
+        ("scope", "repo:read"),
+    ])
+    .unwrap();
+    for i in 0..3400usize {
+        let d = |n: usize| char::from(*DIGITS.get(n % DIGITS.len()).unwrap());
+        let id: String = [d(i / (62 * 62)), d(i / 62), d(i)].iter().collect();
+        body.push_str(&format!("&audience=urn:{id}"));
+    }
+    assert!(body.len() < 64 * 1024, "{}", body.len());
+    let started = std::time::Instant::now();
+    let (s, v, _) = app
+        .post_raw("/oauth2/token", "application/x-www-form-urlencoded", body)
+        .await;
+    let elapsed = started.elapsed();
+    assert_eq!(
+        (s, v["error"].as_str().unwrap_or("")),
+        (400, "invalid_target"),
+        "{v}"
+    );
+    assert_eq!(
+        v["error_description"],
+        "at most 8 audiences may be requested"
+    );
+    eprintln!("3,400 audiences refused in {elapsed:?}");
+    app.assert_still_serving().await;
+}

@@ -87,6 +87,8 @@ pub fn now() -> i64 {
 /// Options for a test broker.
 pub struct Options {
     pub extra_config: String,
+    /// Lines added to the `[server]` section.
+    pub server_extra: String,
     pub max_tokens: u32,
     pub signing_alg: KeyAlg,
 }
@@ -95,6 +97,7 @@ impl Default for Options {
     fn default() -> Self {
         Options {
             extra_config: String::new(),
+            server_extra: String::new(),
             max_tokens: 50,
             signing_alg: KeyAlg::Es256,
         }
@@ -119,6 +122,7 @@ pub async fn spawn_app_with(opts: Options) -> TestApp {
 [server]
 listen = "127.0.0.1:0"
 issuer = "https://writ.test"
+{server_extra}
 [tokens]
 default_ttl = "5m"
 max_ttl = "15m"
@@ -147,6 +151,7 @@ principals = ["spiffe://example.org/resource/*"]
         audit = p("audit.jsonl").display(),
         max_tokens = opts.max_tokens,
         extra = opts.extra_config,
+        server_extra = opts.server_extra,
         admin_hash = writ::domain::sha256_hex(ADMIN_TOKEN.as_bytes()),
     );
     let mut app = start(config_text, dir, svid_key).await;

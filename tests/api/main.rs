@@ -23,4 +23,5 @@ mod ops;
 mod replicas;
 mod revocation;
 mod rotation;
+mod serving;
 mod trips;

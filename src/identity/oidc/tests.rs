@@ -19,6 +19,7 @@ struct Fake {
     base: Arc<RwLock<String>>,
     huge: Arc<RwLock<bool>>,
     hang: Arc<RwLock<bool>>,
+    jwks_uri_override: Arc<RwLock<Option<String>>>,
 }
 
 async fn discovery(State(f): State<Fake>) -> axum::Json<Value> {
@@ -29,7 +30,12 @@ async fn discovery(State(f): State<Fake>) -> axum::Json<Value> {
         .read()
         .clone()
         .unwrap_or_else(|| base.clone());
-    axum::Json(json!({"issuer": issuer, "jwks_uri": format!("{base}/jwks")}))
+    let jwks_uri = f
+        .jwks_uri_override
+        .read()
+        .clone()
+        .unwrap_or_else(|| format!("{base}/jwks"));
+    axum::Json(json!({"issuer": issuer, "jwks_uri": jwks_uri}))
 }
 
 async fn jwks(State(f): State<Fake>) -> axum::response::Response {
@@ -59,6 +65,7 @@ async fn fake(keys: &[&SigningKey]) -> (String, Fake) {
         base: Arc::default(),
         huge: Arc::default(),
         hang: Arc::default(),
+        jwks_uri_override: Arc::default(),
     };
     let app = Router::new()
         .route("/.well-known/openid-configuration", get(discovery))
@@ -342,4 +349,54 @@ async fn configured_jwks_uri_skips_discovery() {
         )
         .is_err()
     );
+}
+
+/// The `jwks_uri` a discovery document leads to, without fetching the keys (so that no test
+/// ever connects anywhere but loopback).
+async fn discovered(base: &str, jwks_uri: &str, f: &Fake) -> Result<String, OidcError> {
+    *f.jwks_uri_override.write() = Some(jwks_uri.to_string());
+    let v = verifier(base, opts());
+    let state = v.issuers.get(base).unwrap();
+    v.jwks_uri(state).await
+}
+
+#[tokio::test]
+async fn discovery_cannot_point_the_broker_at_internal_addresses() {
+    let k = key(KeyAlg::Es256);
+    let (base, f) = fake(&[&k]).await;
+    // The issuer is on loopback, so its keys may be too (local issuers, tests)...
+    let own = format!("{base}/jwks");
+    assert_eq!(discovered(&base, &own, &f).await.unwrap(), own);
+    // ...but a discovery document is not trusted to name private or link-local addresses.
+    for target in [
+        "https://10.0.0.5/keys",
+        "https://172.16.3.4/keys",
+        "https://192.168.1.1/keys",
+        "https://169.254.169.254/latest/meta-data/keys",
+        "https://[fe80::1]/keys",
+        "https://[fd00::1]/keys",
+        "https://[::ffff:10.0.0.5]/keys",
+        "http://10.0.0.5/keys",
+        "http://issuer.example/keys",
+    ] {
+        let e = discovered(&base, target, &f).await.unwrap_err();
+        assert!(matches!(e, OidcError::Discovery(_)), "{target}: {e}");
+        assert!(e.is_unavailable(), "{target}");
+    }
+}
+
+#[test]
+fn configured_jwks_uris_are_trusted_with_internal_addresses() {
+    // An operator's own configuration may name internal addresses; nothing is fetched here.
+    for jwks_uri in ["https://10.0.0.5/keys", "https://169.254.169.254/keys"] {
+        OidcVerifier::new(
+            vec![OidcIssuerConfig {
+                issuer: "https://issuer.example".into(),
+                audience: "writ".into(),
+                jwks_uri: Some(jwks_uri.into()),
+            }],
+            opts(),
+        )
+        .unwrap();
+    }
 }
