@@ -121,49 +121,34 @@ impl Application {
 
 /// Policy hot reload (file changes and SIGHUP) and trust bundle re-reads.
 pub fn spawn_background(broker: Arc<Broker>) -> Vec<tokio::task::JoinHandle<()>> {
-    let mut handles = Vec::new();
+    vec![
+        spawn_policy_watcher(broker.clone()),
+        spawn_bundle_reloader(broker.clone()),
+        tokio::spawn(crate::revocation::follow(
+            broker.store.clone(),
+            broker.revocations.clone(),
+            broker.clock.clone(),
+        )),
+        spawn_log_sync(broker),
+    ]
+}
+
+/// Reloads the policy set on file changes and SIGHUP; a change is recorded and, with
+/// `trips.reevaluate_on_policy_change`, re-evaluates the open tasks.
+fn spawn_policy_watcher(broker: Arc<Broker>) -> tokio::task::JoinHandle<()> {
     let b = broker.clone();
     let on_event = Arc::new(
-        move |event: Result<ReloadOutcome, crate::policy::PolicyError>| match event {
-            Ok(outcome) if outcome.changed => {
-                tracing::info!(old = %outcome.old_version, new = %outcome.new_version, "policy set reloaded");
-                b.record_policy_load(Some(&outcome.old_version), "reloaded");
-                if b.config
-                    .trips
-                    .as_ref()
-                    .is_some_and(|t| t.reevaluate_on_policy_change)
-                {
-                    let b = b.clone();
-                    tokio::spawn(async move {
-                        if let Err(e) = b.reevaluate_open_tasks(&outcome.old_version).await {
-                            tracing::error!(error = %e, "re-evaluation of open tasks failed");
-                        }
-                    });
-                }
-            }
-            Ok(_) => {}
-            Err(e) => {
-                tracing::error!(error = %e, "new policy set refused; the previous one keeps serving");
-                let entry = crate::audit::Entry {
-                    decision: Some("deny"),
-                    policy_version: Some(b.policy.current().version().to_string()),
-                    reason: format!("policy reload refused: {e}"),
-                    ..crate::audit::Entry::default()
-                };
-                if let Err(err) = b.audit.append(crate::audit::Event::PolicyLoad, entry) {
-                    tracing::error!(error = %err, "cannot record refused policy reload");
-                }
-            }
+        move |event: Result<ReloadOutcome, crate::policy::PolicyError>| {
+            b.clone().policy_event(event);
         },
     );
-    handles.push(spawn_watcher(
-        broker.policy.clone(),
-        Duration::from_secs(1),
-        on_event,
-    ));
+    spawn_watcher(broker.policy.clone(), Duration::from_secs(1), on_event)
+}
 
-    let b = broker.clone();
-    handles.push(tokio::spawn(async move {
+/// Re-reads trust bundle files once a second; cached credentials are verified again after
+/// a change.
+fn spawn_bundle_reloader(b: Arc<Broker>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             tick.tick().await;
@@ -174,20 +159,18 @@ pub fn spawn_background(broker: Arc<Broker>) -> Vec<tokio::task::JoinHandle<()>>
                         b.forget_verified_credentials();
                     }
                     Ok(false) => {}
-                    Err(e) => tracing::error!(trust_domain = td, error = %e, "trust bundle refused; the previous one keeps serving"),
+                    Err(e) => {
+                        tracing::error!(trust_domain = td, error = %e, "trust bundle refused; the previous one keeps serving")
+                    }
                 }
             }
         }
-    }));
+    })
+}
 
-    handles.push(tokio::spawn(crate::revocation::follow(
-        broker.store.clone(),
-        broker.revocations.clone(),
-        broker.clock.clone(),
-    )));
-
-    let b = broker;
-    handles.push(tokio::spawn(async move {
+/// Flushes the decision log to disk once a second.
+fn spawn_log_sync(b: Arc<Broker>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             tick.tick().await;
@@ -198,29 +181,45 @@ pub fn spawn_background(broker: Arc<Broker>) -> Vec<tokio::task::JoinHandle<()>>
                 Ok(Ok(())) => {}
             }
         }
-    }));
-    handles
+    })
 }
 
-/// Resolves on SIGTERM or Ctrl-C.
-pub async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+/// Resolves on SIGTERM or Ctrl-C. The handlers are installed when this is called, not when
+/// the future is first polled, so a signal sent as soon as the broker says it is listening
+/// stops it cleanly instead of killing it.
+pub fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send + 'static {
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    #[cfg(unix)]
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).ok();
+    async move {
+        #[cfg(unix)]
+        {
+            let term = async {
+                match term.as_mut() {
+                    Some(s) => {
+                        s.recv().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            let int = async {
+                match int.as_mut() {
+                    Some(s) => {
+                        s.recv().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            tokio::select! {
+                _ = term => {},
+                _ = int => {},
             }
-            Err(_) => std::future::pending::<()>().await,
         }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = term => {},
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+        tracing::info!("shutting down");
     }
-    tracing::info!("shutting down");
 }

@@ -1,7 +1,6 @@
 //! The `writ` command line.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -269,8 +268,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve { config } => {
             let config = Config::load(&config)?;
             let app = Application::build(config).await?;
+            let stop = shutdown_signal();
             tracing::info!(addr = %app.local_addr(), "writ listening");
-            app.run_until(shutdown_signal()).await
+            app.run_until(stop).await
         }
         Command::Dev(args) => match args.command {
             Some(DevCommand::Svid {
@@ -453,6 +453,7 @@ async fn run_dev(listen: &str) -> anyhow::Result<()> {
         Duration::from_secs(3600),
     )?;
     keys::write_private(&files.demo_svid(), svid.as_bytes())?;
+    let stop = shutdown_signal();
     // A closed stdout (a reader that went away) must not take the broker down.
     {
         use std::io::Write;
@@ -460,7 +461,5 @@ async fn run_dev(listen: &str) -> anyhow::Result<()> {
         let _ = writeln!(out, "{}", dev::banner(&files, &base, &admin, &svid))
             .and_then(|_| out.flush());
     }
-    let broker: Arc<crate::broker::Broker> = app.broker();
-    let _ = broker;
-    app.run_until(shutdown_signal()).await
+    app.run_until(stop).await
 }

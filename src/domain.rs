@@ -504,10 +504,5 @@ mod tests {
             }),
             Ok("____".to_string())
         );
-        let f = crate::error::Failure::from(RngError);
-        assert_eq!(f.part(), "random");
-        let e = f.logged(&crate::metrics::Metrics::default());
-        assert_eq!(e.code, crate::error::ErrorCode::TemporarilyUnavailable);
-        assert_eq!(e.code.status(), 503);
     }
 }

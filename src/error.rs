@@ -172,3 +172,21 @@ pub fn chain(e: &dyn std::error::Error) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failure_is_counted_once_and_answered_with_503() {
+        let metrics = Metrics::default();
+        let e = Failure::from(crate::domain::RngError).logged(&metrics);
+        assert_eq!(e.code, ErrorCode::TemporarilyUnavailable);
+        assert_eq!(e.code.status(), 503);
+        let text = metrics.render();
+        assert!(
+            text.contains("writ_failures_total{part=\"random\"} 1"),
+            "{text}"
+        );
+    }
+}

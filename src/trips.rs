@@ -24,6 +24,46 @@ pub const ESCALATION: &str = "escalation";
 pub const TASK_BUDGET: &str = "task_budget";
 pub const POLICY_CHANGED: &str = "policy_changed";
 
+impl Broker {
+    /// A policy reload happened (or was refused): recorded, and with
+    /// `trips.reevaluate_on_policy_change` the open tasks are decided again.
+    pub fn policy_event(
+        self: std::sync::Arc<Self>,
+        event: Result<crate::policy::ReloadOutcome, crate::policy::PolicyError>,
+    ) {
+        match event {
+            Ok(outcome) if outcome.changed => {
+                tracing::info!(old = %outcome.old_version, new = %outcome.new_version, "policy set reloaded");
+                self.record_policy_load(Some(&outcome.old_version), "reloaded");
+                let reevaluate = self
+                    .config
+                    .trips
+                    .as_ref()
+                    .is_some_and(|t| t.reevaluate_on_policy_change);
+                if reevaluate {
+                    tokio::spawn(async move {
+                        if let Err(e) = self.reevaluate_open_tasks(&outcome.old_version).await {
+                            tracing::error!(error = %e, "re-evaluation of open tasks failed");
+                        }
+                    });
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::error!(error = %e, "new policy set refused; the previous one keeps serving");
+                let entry = audit::Entry {
+                    decision: Some("deny"),
+                    policy_version: Some(self.policy.current().version().to_string()),
+                    reason: format!("policy reload refused: {e}"),
+                    ..audit::Entry::default()
+                };
+                // A failed append is logged and counted by `record`.
+                let _ = self.record(Event::PolicyLoad, entry);
+            }
+        }
+    }
+}
+
 /// What a trip does besides being recorded and counted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Consequence {

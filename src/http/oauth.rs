@@ -13,7 +13,8 @@ use super::error::{json_no_store, no_store};
 use super::extract::{Authorization, FormPairs, SourceIp};
 use crate::broker::Broker;
 use crate::domain::{
-    AudienceListError, MAX_AUDIENCES, MAX_PURPOSE_LEN, TaskId, parse_audiences, parse_scopes,
+    Audience, AudienceListError, MAX_AUDIENCES, MAX_PURPOSE_LEN, TaskId, parse_audiences,
+    parse_scopes,
 };
 use crate::error::{BrokerError, ErrorCode};
 use crate::exchange::{
@@ -82,17 +83,7 @@ pub fn parse_exchange(
         ));
     }
     let subject_token = form.required("subject_token")?;
-    let subject_token_type = match form.required("subject_token_type")? {
-        TYPE_JWT => SubjectTokenType::Jwt,
-        TYPE_ID_TOKEN => SubjectTokenType::IdToken,
-        TYPE_ACCESS_TOKEN => SubjectTokenType::AccessToken,
-        other => {
-            return Err(BrokerError::invalid_request(format!(
-                "subject_token_type `{}` is not supported",
-                clip(other)
-            )));
-        }
-    };
+    let subject_token_type = subject_token_type(form)?;
     if let Some(t) = form.get("requested_token_type")
         && t != TYPE_ACCESS_TOKEN
     {
@@ -111,44 +102,15 @@ pub fn parse_exchange(
             "scope must be up to 32 space-separated scope tokens",
         )
     })?;
-    let audiences = parse_audiences(form.all("audience").chain(form.all("resource"))).map_err(
-        |e| match e {
-            AudienceListError::Invalid(raw) => BrokerError::new(
-                ErrorCode::InvalidTarget,
-                format!(
-                    "`{}` is not an absolute URI without fragment or a SPIFFE ID of at most 255 bytes",
-                    clip(raw)
-                ),
-            ),
-            AudienceListError::TooMany => BrokerError::new(
-                ErrorCode::InvalidTarget,
-                format!("at most {MAX_AUDIENCES} audiences may be requested"),
-            ),
-        },
-    )?;
+    let audiences = audiences(form)?;
     let purpose = form.get("task_purpose").unwrap_or("").to_string();
     if purpose.len() > MAX_PURPOSE_LEN {
         return Err(BrokerError::invalid_request(format!(
             "task_purpose is longer than {MAX_PURPOSE_LEN} bytes"
         )));
     }
-    let task_id = match form.get("task_id") {
-        None => None,
-        Some(raw) => Some(TaskId::parse(raw).ok_or_else(|| {
-            BrokerError::invalid_request(format!("task_id `{}` is not a task id", clip(raw)))
-        })?),
-    };
-    let expires_in = match form.get("expires_in") {
-        None => None,
-        Some(raw) => match raw.parse::<u64>() {
-            Ok(n) if n > 0 => Some(n),
-            _ => {
-                return Err(BrokerError::invalid_request(
-                    "expires_in must be a positive number of seconds",
-                ));
-            }
-        },
-    };
+    let task_id = task_id(form)?;
+    let expires_in = expires_in(form)?;
     Ok(ExchangeRequest {
         subject_token: subject_token.into(),
         subject_token_type,
@@ -159,6 +121,52 @@ pub fn parse_exchange(
         expires_in,
         source_ip,
     })
+}
+
+fn subject_token_type(form: &Form) -> Result<SubjectTokenType, BrokerError> {
+    match form.required("subject_token_type")? {
+        TYPE_JWT => Ok(SubjectTokenType::Jwt),
+        TYPE_ID_TOKEN => Ok(SubjectTokenType::IdToken),
+        TYPE_ACCESS_TOKEN => Ok(SubjectTokenType::AccessToken),
+        other => Err(BrokerError::invalid_request(format!(
+            "subject_token_type `{}` is not supported",
+            clip(other)
+        ))),
+    }
+}
+
+/// `audience` and `resource` together: distinct, valid, and bounded before they are parsed.
+fn audiences(form: &Form) -> Result<Vec<Audience>, BrokerError> {
+    parse_audiences(form.all("audience").chain(form.all("resource"))).map_err(|e| match e {
+        AudienceListError::Invalid(raw) => BrokerError::invalid_target(format!(
+            "`{}` is not an absolute URI without fragment or a SPIFFE ID of at most 255 bytes",
+            clip(raw)
+        )),
+        AudienceListError::TooMany => BrokerError::invalid_target(format!(
+            "at most {MAX_AUDIENCES} audiences may be requested"
+        )),
+    })
+}
+
+fn task_id(form: &Form) -> Result<Option<TaskId>, BrokerError> {
+    form.get("task_id")
+        .map(|raw| {
+            TaskId::parse(raw).ok_or_else(|| {
+                BrokerError::invalid_request(format!("task_id `{}` is not a task id", clip(raw)))
+            })
+        })
+        .transpose()
+}
+
+fn expires_in(form: &Form) -> Result<Option<u64>, BrokerError> {
+    form.get("expires_in")
+        .map(|raw| match raw.parse::<u64>() {
+            Ok(n) if n > 0 => Ok(n),
+            _ => Err(BrokerError::invalid_request(
+                "expires_in must be a positive number of seconds",
+            )),
+        })
+        .transpose()
 }
 
 pub async fn token(
