@@ -3,14 +3,9 @@
 //! code the broker uses. Prints `ops_per_sec=N`.
 
 #![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::panic,
-    clippy::indexing_slicing,
-    clippy::cast_possible_truncation,
-    clippy::cast_possible_wrap,
-    clippy::cast_sign_loss,
-    reason = "a test or benchmark that fails should fail loudly"
+    clippy::restriction,
+    clippy::pedantic,
+    reason = "tests and benchmarks fail loudly"
 )]
 
 use std::collections::HashMap;

@@ -5,14 +5,9 @@
 //! - Redis memory per open task at 100,000 open tasks (used_memory before and after).
 
 #![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::panic,
-    clippy::indexing_slicing,
-    clippy::cast_possible_truncation,
-    clippy::cast_possible_wrap,
-    clippy::cast_sign_loss,
-    reason = "a test or benchmark that fails should fail loudly"
+    clippy::restriction,
+    clippy::pedantic,
+    reason = "tests and benchmarks fail loudly"
 )]
 
 use std::sync::Arc;

@@ -32,14 +32,8 @@ cleanup() {
 }
 trap cleanup EXIT
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_ready() {
-  for _ in $(seq 1 200); do
-    curl -sf "http://127.0.0.1:$1/readyz" >/dev/null 2>&1 && return 0
-    sleep 0.05
-  done
-  echo "broker on port $1 did not become ready" >&2; exit 1
-}
+# shellcheck source=scripts/bench/lib.sh
+. "$ROOT/scripts/bench/lib.sh"
 run_wrk() { # url script
   wrk -t1 -c"$CONNS" -d"$DURATION" --latency -s "$2" "$1" | grep -E '^(wrk_[a-z_]+|p50_ms|p99_ms|rps)='
 }

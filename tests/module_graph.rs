@@ -2,10 +2,9 @@
 //! back, directly or through others.
 
 #![allow(
-    clippy::unwrap_used,
-    clippy::panic,
-    clippy::indexing_slicing,
-    reason = "a test that fails should fail loudly"
+    clippy::restriction,
+    clippy::pedantic,
+    reason = "tests and benchmarks fail loudly"
 )]
 
 use std::collections::{BTreeMap, BTreeSet};

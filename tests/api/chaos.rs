@@ -7,7 +7,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
-use reqwest::Method;
 use serde_json::json;
 
 use crate::helpers::*;
@@ -53,14 +52,7 @@ async fn end_with_retries(
 ) -> (u16, serde_json::Value) {
     let started = Instant::now();
     loop {
-        let (s, v) = app
-            .call(
-                Method::POST,
-                &format!("/v1/tasks/{task}/end"),
-                Some(token),
-                None,
-            )
-            .await;
+        let (s, v) = app.end_task(task, token).await;
         if s != 503 || started.elapsed() > Duration::from_secs(90) {
             return (s, v);
         }
@@ -73,11 +65,7 @@ async fn end_with_retries(
 async fn ended_tasks_stay_ended_through_killed_paused_and_restarted_redis() {
     // Persistent, so that a restart keeps what was written (as a production Redis must).
     let redis = RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"]);
-    let a = spawn_app_with(Options {
-        extra_config: redis_store(&redis.url()),
-        ..Options::default()
-    })
-    .await;
+    let a = spawn_on_redis(&redis.url()).await;
     let b = spawn_replica(&a).await;
     let mut tasks = Vec::new();
     for i in 0..TASKS {
@@ -140,25 +128,14 @@ async fn ended_tasks_stay_ended_through_killed_paused_and_restarted_redis() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_end_cut_between_its_writes_is_finished_by_its_retry() {
     let redis = RedisServer::start();
-    let a = spawn_app_with(Options {
-        extra_config: redis_store(&redis.url()),
-        ..Options::default()
-    })
-    .await;
+    let a = spawn_on_redis(&redis.url()).await;
     let b = spawn_replica(&a).await;
     let (token, task) = a.task_token(AGENT, "repo:read").await;
     assert_eq!(b.introspect(&token).await["active"], true);
 
     // Appends to the feed fail; reads (the replicas' feed followers) and task writes work.
     redis.cli(&["ACL", "SETUSER", "default", "-xadd"]).unwrap();
-    let (s, v) = a
-        .call(
-            Method::POST,
-            &format!("/v1/tasks/{task}/end"),
-            Some(&token),
-            None,
-        )
-        .await;
+    let (s, v) = a.end_task(&task, &token).await;
     assert_eq!(
         (s, v["error"].as_str()),
         (503, Some("temporarily_unavailable")),

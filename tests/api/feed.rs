@@ -1,34 +1,13 @@
 //! The revocation feed under entries a replica cannot read: the replica fails closed (503,
 //! not ready), logs and counts it, and recovers once the entry is gone.
 
-use std::time::{Duration, Instant};
-
 use crate::helpers::*;
 use crate::redis_support::RedisServer;
-
-async fn until_status(app: &TestApp, path: &str, want: u16) {
-    let start = Instant::now();
-    loop {
-        let (s, _) = app.get(path).await;
-        if s == want {
-            return;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "{path} answered {s}, not {want}, for 10 s"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_corrupt_feed_entry_makes_the_view_stale_until_it_is_removed() {
     let redis = RedisServer::start();
-    let a = spawn_app_with(Options {
-        extra_config: redis_store(&redis.url()),
-        ..Options::default()
-    })
-    .await;
+    let a = spawn_on_redis(&redis.url()).await;
     let (token, _) = a.task_token(AGENT, "repo:read").await;
     assert_eq!(a.introspect(&token).await["active"], true);
 
@@ -42,7 +21,7 @@ async fn a_corrupt_feed_entry_makes_the_view_stale_until_it_is_removed() {
         ])
         .unwrap();
     let id = id.trim().to_string();
-    until_status(&a, "/readyz", 503).await;
+    a.wait_status("/readyz", 503).await;
     // Fail closed: no introspection answer and no exchange while the view is unconfirmed.
     let (s, v) = a.introspect_as(ADMIN_TOKEN, &token).await;
     assert_eq!(
@@ -67,6 +46,6 @@ async fn a_corrupt_feed_entry_makes_the_view_stale_until_it_is_removed() {
 
     // An operator removes the entry: the replica recovers without a restart.
     redis.cli(&["XDEL", "writ:{feed}:stream", &id]).unwrap();
-    until_status(&a, "/readyz", 200).await;
+    a.wait_status("/readyz", 200).await;
     assert_eq!(a.introspect(&token).await["active"], true);
 }

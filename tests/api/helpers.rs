@@ -478,3 +478,41 @@ pub fn header_of(token: &str) -> Value {
     let h = token.split('.').next().unwrap();
     serde_json::from_slice(&B64.decode(h).unwrap()).unwrap()
 }
+
+/// A broker on a Redis server (standalone).
+pub async fn spawn_on_redis(url: &str) -> TestApp {
+    spawn_app_with(Options {
+        extra_config: redis_store(url),
+        ..Options::default()
+    })
+    .await
+}
+
+impl TestApp {
+    /// `POST /v1/tasks/{task}/end` with a token of the task.
+    pub async fn end_task(&self, task: &str, token: &str) -> (u16, Value) {
+        self.call(
+            reqwest::Method::POST,
+            &format!("/v1/tasks/{task}/end"),
+            Some(token),
+            None,
+        )
+        .await
+    }
+
+    /// Polls `GET path` until it answers `want` (10 s at most).
+    pub async fn wait_status(&self, path: &str, want: u16) {
+        let start = std::time::Instant::now();
+        loop {
+            let (s, _) = self.get(path).await;
+            if s == want {
+                return;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "{path} answered {s}, not {want}, for 10 s"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
