@@ -376,3 +376,20 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// upper bound that costs one command).
     async fn count_open_tasks(&self, now: i64) -> Result<u64, StoreError>;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_quarantine_of_a_subject_ending_in_a_wildcard_covers_only_that_subject() {
+        let tripped = "https://issuer.example#team/*";
+        let exact = BlockSelector::Exact(tripped.into());
+        assert!(exact.matches(tripped));
+        assert!(!exact.matches("https://issuer.example#team/other"));
+        // What a quarantine used to be: a pattern that covers every subject under it.
+        assert!(
+            BlockSelector::Subject(tripped.into()).matches("https://issuer.example#team/other")
+        );
+    }
+}
