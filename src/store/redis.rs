@@ -11,6 +11,8 @@
 //! | `writ:{idx}:tasks` | sorted set | task ids by deadline, for listings |
 //! | `writ:{feed}:stream` | stream | revocation events (`e` = JSON), trimmed by age |
 //! | `writ:{feed}:blocks` | hash | standing blocks by id |
+//! | `writ:{feed}:p:j:<jti>`, `writ:{feed}:p:t:<task id>` | string | the revocation was published (expires with it) |
+//! | `writ:{feed}:epoch` | string | the store's generation: random, set once, never expires |
 //!
 //! Every task key expires 15 minutes after the task's deadline (its tokens expire by the
 //! deadline), so memory stays bounded by live tasks. The mutable hash holds only short
@@ -189,17 +191,18 @@ redis.call('XADD', KEYS[2], 'MINID', '~', ARGV[4], '*', 'e', ARGV[3])
 return 1
 ";
 
-/// Publishes a revocation event. A token or task revocation first sets a marker (KEYS[3],
-/// expiring when the revocation no longer matters): if it is already there the event was
-/// published before and nothing is appended, so repeats cannot grow the stream. A block is
-/// stored in the blocks hash (KEYS[2]) with its event. One script, so the cluster client
-/// routes it to the feed's slot and follows redirects.
+/// Publishes a revocation event. A token or task revocation has a marker (KEYS[3],
+/// expiring when the revocation no longer matters): if it is there the event was published
+/// before and nothing is appended, so repeats cannot grow the stream. The marker is set
+/// last: a script that fails half-way is not rolled back, and a marker without its entry
+/// would make every retry a no-op. A block is stored in the blocks hash (KEYS[2]) with its
+/// event. One script, so the cluster client routes it to the feed's slot and follows
+/// redirects.
 const PUBLISH_LUA: &str = r"
-if ARGV[3] ~= '0' then
-  if not redis.call('SET', KEYS[3], '1', 'NX', 'EX', ARGV[3]) then return 0 end
-end
+if ARGV[3] ~= '0' and redis.call('EXISTS', KEYS[3]) == 1 then return 0 end
 if ARGV[4] ~= '' then redis.call('HSET', KEYS[2], ARGV[4], ARGV[5]) end
 redis.call('XADD', KEYS[1], 'MINID', '~', ARGV[2], '*', 'e', ARGV[1])
+if ARGV[3] ~= '0' then redis.call('SET', KEYS[3], '1', 'EX', ARGV[3]) end
 return 1
 ";
 
@@ -269,6 +272,9 @@ impl RedisStore {
     }
     fn k_blocks(&self) -> String {
         format!("{}{{feed}}:blocks", self.prefix)
+    }
+    fn k_epoch(&self) -> String {
+        format!("{}{{feed}}:epoch", self.prefix)
     }
     /// The marker that a token (`j`) or task (`t`) revocation was published.
     fn k_published(&self, kind: &str, id: &str) -> String {
@@ -807,6 +813,56 @@ impl Store for RedisStore {
             .await
             .map_err(unavailable)?;
         Ok(n == 1)
+    }
+
+    async fn epoch(&self) -> Result<Option<String>, StoreError> {
+        redis::cmd("GET")
+            .arg(self.k_epoch())
+            .query_async(&mut self.conn())
+            .await
+            .map_err(unavailable)
+    }
+
+    async fn init_epoch(&self, fresh: &str) -> Result<String, StoreError> {
+        let mut conn = self.conn();
+        let _: Option<String> = redis::cmd("SET")
+            .arg(self.k_epoch())
+            .arg(fresh)
+            .arg("NX")
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        let now: Option<String> = redis::cmd("GET")
+            .arg(self.k_epoch())
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        now.ok_or_else(|| StoreError::invalid("the store generation vanished as it was set"))
+    }
+
+    async fn holds_state(&self) -> Result<bool, StoreError> {
+        let mut conn = self.conn();
+        for key in [self.k_index(), self.k_stream(), self.k_blocks()] {
+            let n: i64 = redis::cmd("EXISTS")
+                .arg(key)
+                .query_async(&mut conn)
+                .await
+                .map_err(unavailable)?;
+            if n > 0 {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    async fn eviction_policy(&self) -> Result<Option<String>, StoreError> {
+        let reply: Vec<String> = redis::cmd("CONFIG")
+            .arg("GET")
+            .arg("maxmemory-policy")
+            .query_async(&mut self.conn())
+            .await
+            .map_err(unavailable)?;
+        Ok(reply.into_iter().nth(1))
     }
 
     async fn list_blocks(&self) -> Result<Vec<BlockRecord>, StoreError> {

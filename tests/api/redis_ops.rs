@@ -118,3 +118,178 @@ async fn publishing_the_same_revocation_twice_appends_it_once() {
         "one token and one task entry"
     );
 }
+
+const BLOCKED: &str = "spiffe://example.org/agent/blocked";
+
+/// What the flush tests revoke: a holder-revoked token, a token of an ended task, and a
+/// token of a blocked subject.
+struct Revoked {
+    token: String,
+    ended: String,
+    blocked: String,
+}
+
+async fn revoke_three(app: &TestApp) -> Revoked {
+    let (token, _) = app.task_token(AGENT, "repo:read").await;
+    revoke(app, &token).await;
+    let (ended, task) = app.task_token(AGENT, "repo:read").await;
+    let (s, v) = app
+        .call(
+            Method::POST,
+            &format!("/v1/tasks/{task}/end"),
+            Some(&ended),
+            None,
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let (blocked, _) = app.task_token(BLOCKED, "repo:read").await;
+    let (s, v) = app
+        .admin_revoke(json!({"selector": {"subject": BLOCKED}, "reason": "compromised"}))
+        .await;
+    assert_eq!(s, 200, "{v}");
+    Revoked {
+        token,
+        ended,
+        blocked,
+    }
+}
+
+async fn refuses_all_three(app: &TestApp, r: &Revoked) {
+    for t in [&r.token, &r.ended, &r.blocked] {
+        assert_eq!(app.introspect(t).await, json!({"active": false}));
+    }
+    app.expect_error(&app.svid(BLOCKED), "repo:read", &[], 400, "invalid_grant")
+        .await;
+}
+
+/// Waits until `check` holds, for at most 10 s.
+async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !check() {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "{what}: not after 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_flush_running_replicas_keep_refusing_and_publish_again() {
+    let redis = RedisServer::start();
+    let a = spawn_app_with(Options {
+        extra_config: redis_store(&redis.url()),
+        ..Options::default()
+    })
+    .await;
+    let b = spawn_replica(&a).await;
+    wait_ready(&b).await;
+    let r = revoke_three(&a).await;
+    refuses_all_three(&b, &r).await;
+
+    assert_eq!(redis.cli(&["FLUSHALL"]).unwrap().trim(), "OK");
+    refuses_all_three(&a, &r).await;
+    refuses_all_three(&b, &r).await;
+    // The replicas notice the lost generation and publish what they remember again.
+    eventually("the store holds the revocations again", || {
+        let blocks = redis.cli(&["HLEN", "writ:{feed}:blocks"]).unwrap();
+        let epoch = redis.cli(&["EXISTS", "writ:{feed}:epoch"]).unwrap();
+        stream_len(&redis) >= 3 && blocks.trim() == "1" && epoch.trim() == "1"
+    })
+    .await;
+    wait_ready(&a).await;
+    wait_ready(&b).await;
+    // A replica started now learns them from the store alone.
+    let c = spawn_replica(&a).await;
+    refuses_all_three(&c, &r).await;
+    refuses_all_three(&a, &r).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_refuses_a_store_that_lost_its_state_until_an_operator_confirms() {
+    let redis = RedisServer::start();
+    let a = spawn_app_with(Options {
+        extra_config: redis_store(&redis.url()),
+        ..Options::default()
+    })
+    .await;
+    let _ = revoke_three(&a).await;
+    let (config, pem) = (a.config_text.clone(), a.svid_key_pem.clone());
+    let dir = a.stop().await;
+    // Nobody runs; the store loses its revocation state (evicted) but still holds tasks.
+    redis
+        .cli(&[
+            "DEL",
+            "writ:{feed}:epoch",
+            "writ:{feed}:stream",
+            "writ:{feed}:blocks",
+        ])
+        .unwrap();
+    let c = spawn_replica_unready(&config, dir.path(), &pem).await;
+    let start = Instant::now();
+    let body = loop {
+        let (s, v) = c.get("/readyz").await;
+        assert_eq!(s, 503, "ready on a store that lost its state: {v}");
+        if v["checks"]["revocation_state"] != "ok" {
+            break v;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "{v}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(
+        body["checks"]["revocation_state"]
+            .as_str()
+            .unwrap()
+            .contains("confirm-reset"),
+        "{body}"
+    );
+    // Still refused a second later: it waits for an operator, not for time.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(c.get("/readyz").await.0, 503);
+
+    // Only an admin may confirm.
+    let (s, _) = c
+        .call(Method::POST, "/admin/v1/store/confirm-reset", None, None)
+        .await;
+    assert_eq!(s, 401);
+    let (s, v) = c
+        .call(
+            Method::POST,
+            "/admin/v1/store/confirm-reset",
+            Some(ADMIN_TOKEN),
+            None,
+        )
+        .await;
+    assert_eq!((s, v), (200, json!({"confirmed": true})));
+    wait_ready(&c).await;
+    let (s, v) = c
+        .call(
+            Method::POST,
+            "/admin/v1/store/confirm-reset",
+            Some(ADMIN_TOKEN),
+            None,
+        )
+        .await;
+    assert_eq!((s, v), (200, json!({"confirmed": false})));
+    assert!(c.audit_text().contains("confirm_store_reset"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_shows_the_stores_eviction_policy() {
+    for (extra, want) in [
+        (&[][..], "noeviction"),
+        (&["--maxmemory-policy", "allkeys-lru"][..], "allkeys-lru"),
+        // CONFIG not permitted: the broker cannot tell.
+        (&["--rename-command", "CONFIG", ""][..], "unknown"),
+    ] {
+        let redis = RedisServer::start_with(extra);
+        let app = spawn_app_with(Options {
+            extra_config: redis_store(&redis.url()),
+            ..Options::default()
+        })
+        .await;
+        let (s, v) = app.get("/readyz").await;
+        assert_eq!(s, 200, "{v}");
+        assert_eq!(v["checks"]["store_eviction_policy"], want, "{v}");
+    }
+}
