@@ -4,7 +4,8 @@
 #   2. exchange throughput and latency on the memory store (wrk, 32 connections, 10 s)
 #   3. exchange throughput on Redis
 #   4. introspection throughput (Redis-backed broker)
-#   5. revocation propagation A -> B over 1,000 revocations, and Redis memory per open task
+#   5. revocation propagation A -> B over 1,000 revocations, Redis memory per open task,
+#      feed load time for 100,000 live revocations, Redis memory after 10,000 revokes of one token
 #   6. trips: re-evaluation of 10,000 open tasks on Redis; exchange throughput, trips on vs off
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -122,7 +123,7 @@ TOKEN=$(cd "$work" && "$WRIT" token exchange --broker "http://127.0.0.1:$PORT" -
 BEARER=$(cat "$work/.writ-dev/admin-token")
 run_wrk "http://127.0.0.1:$PORT/oauth2/introspect" scripts/bench/introspect.lua
 
-echo "== revocation propagation A -> B (1,000 revocations) and Redis memory per open task (100,000 tasks)"
+echo "== revocation propagation A -> B (1,000 revocations), Redis memory per open task (100,000 tasks), feed load (100,000 live revocations) and memory after 10,000 revokes of one token"
 REDIS_URL="redis://127.0.0.1:$RPORT/0" target/release/examples/redis_bench
 
 echo "== re-evaluation of 10,000 open tasks after a policy change (Redis)"

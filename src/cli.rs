@@ -60,6 +60,11 @@ pub enum Command {
     },
     /// Emergency revocation (security teams).
     Revoke(RevokeArgs),
+    /// Operations on the shared store.
+    Store {
+        #[command(subcommand)]
+        command: StoreCommand,
+    },
     /// List or lift standing revocations.
     Revocations {
         #[command(subcommand)]
@@ -230,6 +235,18 @@ pub enum BlocksCommand {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum StoreCommand {
+    /// Confirm that the store lost its revocation state (flushed or evicted while no replica
+    /// remembered it): replicas waiting for this become ready; what was lost stays lost.
+    ConfirmReset {
+        #[arg(long, value_name = "URL")]
+        broker: String,
+        #[arg(long, value_name = "FILE|-")]
+        admin_token: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 pub enum AuditCommand {
     /// Verify the decision log's hash chain; report the first broken record.
     Verify { file: PathBuf },
@@ -310,6 +327,20 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         } => token_exchange(args).await,
         Command::Task { command } => task_command(command).await,
         Command::Revoke(args) => revoke_command(args).await,
+        Command::Store {
+            command:
+                StoreCommand::ConfirmReset {
+                    broker,
+                    admin_token,
+                },
+        } => {
+            let admin = secret(&admin_token)?;
+            let out = crate::client::Client::new(&broker)?
+                .confirm_store_reset(&admin)
+                .await?;
+            println!("{}", serde_json::to_string_pretty(&out)?);
+            Ok(())
+        }
         Command::Revocations { command } => blocks_command(BlockKind::Revocation, command).await,
         Command::Quarantines { command } => blocks_command(BlockKind::Quarantine, command).await,
         Command::Audit {

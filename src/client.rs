@@ -169,6 +169,12 @@ impl Client {
         self.send(self.http.delete(url).bearer_auth(admin)).await
     }
 
+    /// Confirms that the store lost its revocation state (`POST /admin/v1/store/confirm-reset`).
+    pub async fn confirm_store_reset(&self, admin: &str) -> Result<Value, ClientError> {
+        let url = self.admin_url(&["store", "confirm-reset"])?;
+        self.send(self.http.post(url).bearer_auth(admin)).await
+    }
+
     fn admin_url(&self, segments: &[&str]) -> Result<reqwest::Url, ClientError> {
         let mut url = reqwest::Url::parse(&format!("{}/admin/v1", self.base))
             .map_err(|e| ClientError::Transport(format!("`{}`: {e}", self.base)))?;

@@ -27,6 +27,8 @@ impl Broker {
                 "checks": {
                     "store": if store_ok { "ok" } else { "unreachable" },
                     "revocation_feed": if feed_ok { "ok" } else { "stale" },
+                    "revocation_state": self.revocations.problem().unwrap_or("ok"),
+                    "store_eviction_policy": self.revocations.eviction_policy(),
                     "signing_keys": keys,
                     "policy_version": policy.version(),
                 }

@@ -24,6 +24,7 @@ pub mod identity;
 pub mod introspect;
 pub mod metrics;
 pub mod policy;
+pub mod reset;
 pub mod revocation;
 pub mod revoke;
 pub mod store;

@@ -38,6 +38,10 @@ pub struct RevocationCache {
     /// The store is in this process (memory): every revocation is applied here as it is
     /// taken, so the view cannot be stale.
     local: bool,
+    /// Why the view cannot be trusted beyond staleness (shown by /readyz), if it cannot.
+    problem: RwLock<Option<&'static str>>,
+    /// The store's `maxmemory-policy`, once read (shown by /readyz).
+    eviction: RwLock<Option<String>>,
 }
 
 impl std::fmt::Debug for RevocationCache {
@@ -62,6 +66,8 @@ impl RevocationCache {
             applied: AtomicU64::new(0),
             corrupt: AtomicU64::new(0),
             local,
+            problem: RwLock::new(None),
+            eviction: RwLock::new(None),
         };
         if fresh {
             c.mark_ok();
@@ -86,6 +92,20 @@ impl RevocationCache {
         if matches!(e, crate::store::StoreError::Corrupt { .. }) {
             self.corrupt.fetch_add(1, Ordering::SeqCst);
         }
+    }
+
+    /// Why the view cannot be trusted, if an operator must act.
+    pub fn problem(&self) -> Option<&'static str> {
+        *self.problem.read()
+    }
+
+    /// The store's eviction policy, if it was read.
+    pub fn eviction_policy(&self) -> Option<String> {
+        self.eviction.read().clone()
+    }
+
+    fn set_problem(&self, problem: Option<&'static str>) {
+        *self.problem.write() = problem;
     }
 
     /// Feed reads that met an entry this replica cannot read.
@@ -238,42 +258,36 @@ fn missing_from(snapshot: &[FeedEvent], local: Vec<FeedEvent>, now: i64) -> Vec<
         .collect()
 }
 
+/// Shown by /readyz while a replica waits for an operator to confirm a store reset.
+pub const UNCONFIRMED_RESET: &str = "the store holds Writ state but no generation key: it \
+lost its revocation state (flushed or evicted) and no running replica remembers it; confirm \
+with `writ store confirm-reset` (POST /admin/v1/store/confirm-reset)";
+
 /// Follows the store's feed into the cache: a snapshot, then events as they come; on any
-/// error the cache is marked stale at once and rebuilt from a fresh snapshot.
+/// error the cache is marked stale at once and rebuilt from a fresh snapshot. After every
+/// read the store's generation is checked: if it vanished or changed, the store lost its
+/// state and this replica publishes again what it remembers.
 pub async fn follow(
     store: Arc<dyn Store>,
     cache: Arc<RevocationCache>,
     clock: Arc<dyn crate::domain::Clock>,
 ) {
     let mut backoff = Duration::from_millis(50);
+    let mut known: Option<String> = None;
+    let mut policy_read = false;
     loop {
-        match resync(&*store, &cache, clock.now()).await {
-            Ok(mut cursor) => {
+        if !policy_read {
+            policy_read = check_eviction(&*store, &cache).await;
+        }
+        match resync(&*store, &cache, clock.now(), &mut known).await {
+            Ok(Some(cursor)) => {
                 backoff = Duration::from_millis(50);
-                let mut last_prune = Instant::now();
-                loop {
-                    match store.read_feed(&cursor, Duration::from_millis(500)).await {
-                        Ok((events, next)) => {
-                            for e in &events {
-                                cache.apply(e);
-                            }
-                            cursor = next;
-                            cache.mark_ok();
-                            if last_prune.elapsed() > Duration::from_secs(10) {
-                                cache.prune(clock.now());
-                                if let Err(e) = store.prune(clock.now()).await {
-                                    tracing::warn!(error = %crate::error::chain(&e), "cannot prune the store");
-                                }
-                                last_prune = Instant::now();
-                            }
-                        }
-                        Err(e) => {
-                            cache.failed(&e);
-                            tracing::error!(error = %crate::error::chain(&e), "revocation feed lost; resynchronising");
-                            break;
-                        }
-                    }
-                }
+                tail(&*store, &cache, &*clock, cursor, known.as_deref()).await;
+            }
+            Ok(None) => {
+                cache.mark_stale();
+                tracing::error!("{UNCONFIRMED_RESET}");
+                tokio::time::sleep(Duration::from_secs(1)).await;
             }
             Err(e) => {
                 cache.failed(&e);
@@ -285,12 +299,93 @@ pub async fn follow(
     }
 }
 
-/// Loads a snapshot, restores what the store lost, and resets the cache from both.
+/// Reads the store's eviction policy and warns if it may evict keys: an evicted feed loses
+/// revocations. Returns whether the question was answered (or cannot be).
+async fn check_eviction(store: &dyn Store, cache: &RevocationCache) -> bool {
+    match store.eviction_policy().await {
+        Ok(Some(policy)) => {
+            if policy != "noeviction" {
+                tracing::warn!(%policy, "the store may evict keys under memory pressure, and revocations with them: set maxmemory-policy noeviction");
+            }
+            *cache.eviction.write() = Some(policy);
+            true
+        }
+        Ok(None) => true,
+        Err(crate::store::StoreError::Unavailable(e))
+            if !(e.is_io_error()
+                || e.is_timeout()
+                || e.is_connection_dropped()
+                || e.is_connection_refusal()) =>
+        {
+            tracing::warn!(error = %e, "cannot read the store's maxmemory-policy (CONFIG GET not permitted); make sure it is noeviction");
+            *cache.eviction.write() = Some("unknown".to_string());
+            true
+        }
+        Err(_) => false,
+    }
+}
+
+/// Reads the feed from `cursor` into the cache until a read fails or the store's
+/// generation is no longer `known`.
+async fn tail(
+    store: &dyn Store,
+    cache: &RevocationCache,
+    clock: &dyn crate::domain::Clock,
+    mut cursor: crate::store::FeedCursor,
+    known: Option<&str>,
+) {
+    let mut last_prune = Instant::now();
+    loop {
+        let read = store.read_feed(&cursor, Duration::from_millis(500)).await;
+        let epoch = match &read {
+            Ok(_) => store.epoch().await,
+            Err(_) => Ok(None),
+        };
+        let (events, next) = match (read, epoch) {
+            (Ok(r), Ok(epoch)) if epoch.as_deref() == known => r,
+            (Ok(_), Ok(_)) => {
+                cache.mark_stale();
+                tracing::error!(
+                    "the store lost its state (its generation key changed or vanished); publishing again what this replica remembers"
+                );
+                return;
+            }
+            (Err(e), _) | (_, Err(e)) => {
+                cache.failed(&e);
+                tracing::error!(error = %crate::error::chain(&e), "revocation feed lost; resynchronising");
+                return;
+            }
+        };
+        for e in &events {
+            cache.apply(e);
+        }
+        cursor = next;
+        cache.mark_ok();
+        if last_prune.elapsed() > Duration::from_secs(10) {
+            cache.prune(clock.now());
+            if let Err(e) = store.prune(clock.now()).await {
+                tracing::warn!(error = %crate::error::chain(&e), "cannot prune the store");
+            }
+            last_prune = Instant::now();
+        }
+    }
+}
+
+/// Loads a snapshot, restores what the store lost, resets the cache from both, and sets the
+/// store's generation if it is absent. `None` when the store lost its state and nothing
+/// here remembers it: an operator must confirm before this replica trusts it.
 async fn resync(
     store: &dyn Store,
     cache: &RevocationCache,
     now: i64,
-) -> Result<crate::store::FeedCursor, crate::store::StoreError> {
+    known: &mut Option<String>,
+) -> Result<Option<crate::store::FeedCursor>, crate::store::StoreError> {
+    let current = store.epoch().await?;
+    if current.is_none() && known.is_none() && store.holds_state().await? {
+        cache.set_problem(Some(UNCONFIRMED_RESET));
+        return Ok(None);
+    }
+    cache.set_problem(None);
     let (mut events, cursor) = store.feed_snapshot(now).await?;
     let missing = missing_from(&events, cache.export(), now);
     if !missing.is_empty() {
@@ -303,8 +398,18 @@ async fn resync(
         }
         events.extend(missing);
     }
+    // Only once what this replica remembers is back: a replica that then starts trusts it.
+    let epoch = match current {
+        Some(e) => e,
+        None => {
+            let fresh =
+                crate::domain::random_id("gen_").map_err(crate::store::StoreError::Random)?;
+            store.init_epoch(&fresh).await?
+        }
+    };
+    *known = Some(epoch);
     cache.reset(&events);
-    Ok(cursor)
+    Ok(Some(cursor))
 }
 
 #[cfg(test)]

@@ -43,6 +43,11 @@ impl Broker {
         let Some(claims) = self.verified_token(token, now) else {
             return Ok(());
         };
+        // Already revoked (by itself, its task or a selector): nothing to publish or log, so
+        // one holder cannot grow the feed or the decision log by repeating the call.
+        if self.revocations.revoked_reason(&claims, now).is_some() {
+            return Ok(());
+        }
         let event = FeedEvent::Token {
             jti: claims.jti.clone(),
             until: claims.exp,

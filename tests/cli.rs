@@ -312,6 +312,37 @@ fn start_dev() -> Dev {
 }
 
 #[test]
+fn store_confirm_reset_from_the_command_line() {
+    let dev = start_dev();
+    let d = dev.dir.path();
+    // The embedded store cannot lose its state: nothing to confirm.
+    let (ok, stdout, err) = run(writ().current_dir(d).args([
+        "store",
+        "confirm-reset",
+        "--broker",
+        &dev.url,
+        "--admin-token",
+        ".writ-dev/admin-token",
+    ]));
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(v, serde_json::json!({"confirmed": false}));
+    // A workload's credential is not an admin's.
+    let (ok, _, err) = run(writ().current_dir(d).args([
+        "store",
+        "confirm-reset",
+        "--broker",
+        &dev.url,
+        "--admin-token",
+        ".writ-dev/demo.svid",
+    ]));
+    assert!(
+        !ok && err.contains("(403)") && err.contains("access_denied"),
+        "{err}"
+    );
+}
+
+#[test]
 fn task_end_revoke_and_listings_from_the_command_line() {
     let dev = start_dev();
     let d = dev.dir.path();

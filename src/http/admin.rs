@@ -253,3 +253,22 @@ pub async fn list_tasks(
         Err(e) => e.into_response(),
     }
 }
+
+/// An operator confirms that the store lost its revocation state (README, Redis operations).
+pub async fn confirm_store_reset(
+    State(broker): State<Arc<Broker>>,
+    SourceIp(ip): SourceIp,
+    auth: Authorization,
+) -> Response {
+    let result = async {
+        let caller = broker
+            .authorize(auth.as_deref(), Role::Admin, ip.clone())
+            .await?;
+        broker.confirm_store_reset(&caller.name(), ip).await
+    }
+    .await;
+    match result {
+        Ok(confirmed) => json_no_store(json!({"confirmed": confirmed})),
+        Err(e) => e.into_response(),
+    }
+}

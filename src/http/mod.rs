@@ -35,6 +35,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/admin/v1/quarantines"),
     ("DELETE", "/admin/v1/quarantines/{id}"),
     ("GET", "/admin/v1/tasks"),
+    ("POST", "/admin/v1/store/confirm-reset"),
     ("GET", "/healthz"),
     ("GET", "/readyz"),
     ("GET", "/metrics"),
@@ -61,6 +62,10 @@ pub fn router(broker: Arc<Broker>) -> Router {
         .route("/admin/v1/quarantines", get(admin::list_quarantines))
         .route("/admin/v1/quarantines/{id}", delete(admin::lift_quarantine))
         .route("/admin/v1/tasks", get(admin::list_tasks))
+        .route(
+            "/admin/v1/store/confirm-reset",
+            post(admin::confirm_store_reset),
+        )
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
         .merge(metrics_on_main_listener(&broker))

@@ -375,6 +375,29 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// Open tasks at `now` (Redis: tasks whose deadline has not passed, ended or not; an
     /// upper bound that costs one command).
     async fn count_open_tasks(&self, now: i64) -> Result<u64, StoreError>;
+
+    /// The store's generation: a random value set once and never expiring, so that a store
+    /// that lost its state (flushed, evicted, restarted empty) is noticed even though no
+    /// connection dropped. `None` when absent. A store in this process cannot lose it.
+    async fn epoch(&self) -> Result<Option<String>, StoreError> {
+        Ok(Some("local".to_string()))
+    }
+
+    /// Sets the generation to `fresh` if it is absent; returns the one now in place.
+    async fn init_epoch(&self, fresh: &str) -> Result<String, StoreError> {
+        let _ = fresh;
+        Ok("local".to_string())
+    }
+
+    /// Whether the store holds any of this broker's state (tasks, blocks, feed).
+    async fn holds_state(&self) -> Result<bool, StoreError> {
+        Ok(false)
+    }
+
+    /// The eviction policy of the store, when it has one and lets this broker read it.
+    async fn eviction_policy(&self) -> Result<Option<String>, StoreError> {
+        Ok(None)
+    }
 }
 
 #[cfg(test)]

@@ -11,6 +11,8 @@
 //! | `writ:{idx}:tasks` | sorted set | task ids by deadline, for listings |
 //! | `writ:{feed}:stream` | stream | revocation events (`e` = JSON), trimmed by age |
 //! | `writ:{feed}:blocks` | hash | standing blocks by id |
+//! | `writ:{feed}:p:j:<jti>`, `writ:{feed}:p:t:<task id>` | string | the revocation was published (expires with it) |
+//! | `writ:{feed}:epoch` | string | the store's generation: random, set once, never expires |
 //!
 //! Every task key expires 15 minutes after the task's deadline (its tokens expire by the
 //! deadline), so memory stays bounded by live tasks. The mutable hash holds only short
@@ -94,6 +96,7 @@ pub struct RedisStore {
     close: Script,
     lift: Script,
     hit: Script,
+    publish: Script,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -188,6 +191,25 @@ redis.call('XADD', KEYS[2], 'MINID', '~', ARGV[4], '*', 'e', ARGV[3])
 return 1
 ";
 
+/// Publishes a revocation event. A token or task revocation has a marker (KEYS[3],
+/// expiring when the revocation no longer matters): if it is there the event was published
+/// before and nothing is appended, so repeats cannot grow the stream. The marker is set
+/// last: a script that fails half-way is not rolled back, and a marker without its entry
+/// would make every retry a no-op. A block is stored in the blocks hash (KEYS[2]) with its
+/// event. One script, so the cluster client routes it to the feed's slot and follows
+/// redirects.
+const PUBLISH_LUA: &str = r"
+if ARGV[3] ~= '0' and redis.call('EXISTS', KEYS[3]) == 1 then return 0 end
+if ARGV[4] ~= '' then redis.call('HSET', KEYS[2], ARGV[4], ARGV[5]) end
+redis.call('XADD', KEYS[1], 'MINID', '~', ARGV[2], '*', 'e', ARGV[1])
+if ARGV[3] ~= '0' then redis.call('SET', KEYS[3], '1', 'EX', ARGV[3]) end
+return 1
+";
+
+/// Feed entries read per call when loading a snapshot: each call stays short, however long
+/// the stream.
+const SNAPSHOT_PAGE: usize = 10_000;
+
 impl RedisStore {
     /// Connects to a standalone server (`url`) or a cluster (`nodes`).
     pub async fn connect(
@@ -228,6 +250,7 @@ impl RedisStore {
             close: Script::new(CLOSE_LUA),
             lift: Script::new(LIFT_LUA),
             hit: Script::new(HIT_LUA),
+            publish: Script::new(PUBLISH_LUA),
         })
     }
 
@@ -249,6 +272,13 @@ impl RedisStore {
     }
     fn k_blocks(&self) -> String {
         format!("{}{{feed}}:blocks", self.prefix)
+    }
+    fn k_epoch(&self) -> String {
+        format!("{}{{feed}}:epoch", self.prefix)
+    }
+    /// The marker that a token (`j`) or task (`t`) revocation was published.
+    fn k_published(&self, kind: &str, id: &str) -> String {
+        format!("{}{{feed}}:p:{kind}:{id}", self.prefix)
     }
 
     fn conn(&self) -> Conn {
@@ -279,6 +309,44 @@ impl RedisStore {
         };
         *slot = Some(c.clone());
         Ok(c)
+    }
+
+    /// Appends a token, task or block event to the feed (once for a token or task).
+    async fn append(
+        &self,
+        event: &FeedEvent,
+        json: &str,
+        now: i64,
+        conn: &mut Conn,
+    ) -> Result<(), StoreError> {
+        // A marker lasts one second past `until` (never less than a second); none for blocks.
+        let ttl = |until: i64| until.saturating_sub(now).saturating_add(1).max(1);
+        let (marker, ttl) = match event {
+            FeedEvent::Token { jti, until } => (self.k_published("j", jti), ttl(*until)),
+            FeedEvent::Task { task_id, until } => (self.k_published("t", task_id), ttl(*until)),
+            _ => (self.k_published("-", "-"), 0),
+        };
+        let (block_id, block) = match event {
+            FeedEvent::Block { record } => (
+                record.id.clone(),
+                serde_json::to_string(record).map_err(|e| StoreError::corrupt("feed record", e))?,
+            ),
+            _ => (String::new(), String::new()),
+        };
+        let _: i64 = self
+            .publish
+            .key(self.k_stream())
+            .key(self.k_blocks())
+            .key(marker)
+            .arg(json)
+            .arg(self.min_stream_id(now))
+            .arg(ttl)
+            .arg(block_id)
+            .arg(block)
+            .invoke_async(conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
     }
 
     fn min_stream_id(&self, now: i64) -> String {
@@ -597,25 +665,7 @@ impl Store for RedisStore {
                     .await
                     .map_err(unavailable)?;
             }
-            _ => {
-                let mut p = redis::pipe();
-                p.atomic();
-                if let FeedEvent::Block { record } = event {
-                    let rec = serde_json::to_string(record)
-                        .map_err(|e| StoreError::corrupt("feed record", e))?;
-                    p.hset(self.k_blocks(), &record.id, rec).ignore();
-                }
-                p.cmd("XADD")
-                    .arg(self.k_stream())
-                    .arg("MINID")
-                    .arg("~")
-                    .arg(self.min_stream_id(now))
-                    .arg("*")
-                    .arg("e")
-                    .arg(&json)
-                    .ignore();
-                p.query_async::<()>(&mut conn).await.map_err(unavailable)?;
-            }
+            _ => self.append(event, &json, now, &mut conn).await?,
         }
         Ok(())
     }
@@ -629,23 +679,30 @@ impl Store for RedisStore {
             .filter(|b| b.relevant_at(now))
             .map(|record| FeedEvent::Block { record })
             .collect();
-        let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
-            .arg(self.k_stream())
-            .arg(self.min_stream_id(now))
-            .arg("+")
-            .query_async(&mut conn)
-            .await
-            .map_err(unavailable)?;
-        let cursor = reply
-            .ids
-            .last()
-            .map(|i| i.id.clone())
-            .unwrap_or_else(|| "0-0".to_string());
-        for id in &reply.ids {
-            let e = parse_event(id)?;
-            if e.until().is_none_or(|u| u >= now) {
-                events.push(e);
+        let mut start = self.min_stream_id(now);
+        let mut cursor = "0-0".to_string();
+        loop {
+            let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+                .arg(self.k_stream())
+                .arg(&start)
+                .arg("+")
+                .arg("COUNT")
+                .arg(SNAPSHOT_PAGE)
+                .query_async(&mut conn)
+                .await
+                .map_err(unavailable)?;
+            for id in &reply.ids {
+                let e = parse_event(id)?;
+                if e.until().is_none_or(|u| u >= now) {
+                    events.push(e);
+                }
             }
+            let Some(last) = reply.ids.last() else { break };
+            cursor.clone_from(&last.id);
+            if reply.ids.len() < SNAPSHOT_PAGE {
+                break;
+            }
+            start = format!("({cursor}");
         }
         Ok((events, FeedCursor(cursor)))
     }
@@ -756,6 +813,56 @@ impl Store for RedisStore {
             .await
             .map_err(unavailable)?;
         Ok(n == 1)
+    }
+
+    async fn epoch(&self) -> Result<Option<String>, StoreError> {
+        redis::cmd("GET")
+            .arg(self.k_epoch())
+            .query_async(&mut self.conn())
+            .await
+            .map_err(unavailable)
+    }
+
+    async fn init_epoch(&self, fresh: &str) -> Result<String, StoreError> {
+        let mut conn = self.conn();
+        let _: Option<String> = redis::cmd("SET")
+            .arg(self.k_epoch())
+            .arg(fresh)
+            .arg("NX")
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        let now: Option<String> = redis::cmd("GET")
+            .arg(self.k_epoch())
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        now.ok_or_else(|| StoreError::invalid("the store generation vanished as it was set"))
+    }
+
+    async fn holds_state(&self) -> Result<bool, StoreError> {
+        let mut conn = self.conn();
+        for key in [self.k_index(), self.k_stream(), self.k_blocks()] {
+            let n: i64 = redis::cmd("EXISTS")
+                .arg(key)
+                .query_async(&mut conn)
+                .await
+                .map_err(unavailable)?;
+            if n > 0 {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    async fn eviction_policy(&self) -> Result<Option<String>, StoreError> {
+        let reply: Vec<String> = redis::cmd("CONFIG")
+            .arg("GET")
+            .arg("maxmemory-policy")
+            .query_async(&mut self.conn())
+            .await
+            .map_err(unavailable)?;
+        Ok(reply.into_iter().nth(1))
     }
 
     async fn list_blocks(&self) -> Result<Vec<BlockRecord>, StoreError> {

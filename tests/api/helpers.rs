@@ -160,6 +160,15 @@ principals = ["spiffe://example.org/resource/*"]
 }
 
 async fn start(config_text: String, dir: tempfile::TempDir, svid_key: SigningKey) -> TestApp {
+    start_inner(config_text, dir, svid_key, true).await
+}
+
+async fn start_inner(
+    config_text: String,
+    dir: tempfile::TempDir,
+    svid_key: SigningKey,
+    wait_ready: bool,
+) -> TestApp {
     let config = Config::from_toml_with_env(&config_text, Vec::new()).unwrap();
     let clock = Arc::new(ManualClock::new(now()));
     let store = writ::broker::connect_store(&config).await.unwrap();
@@ -184,7 +193,7 @@ async fn start(config_text: String, dir: tempfile::TempDir, svid_key: SigningKey
     };
     // A broker on a shared store is not ready until it has loaded the revocation state.
     let start = std::time::Instant::now();
-    while app.get("/readyz").await.0 != 200 {
+    while wait_ready && app.get("/readyz").await.0 != 200 {
         assert!(
             start.elapsed() < Duration::from_secs(10),
             "broker did not become ready"
@@ -210,15 +219,40 @@ pub fn redis_store(url: &str) -> String {
 /// A second broker sharing the first one's keys, trust bundle, policies and store config,
 /// with its own decision log.
 pub async fn spawn_replica(first: &TestApp) -> TestApp {
+    replica(
+        &first.config_text,
+        first.dir.path(),
+        &first.svid_key_pem,
+        true,
+    )
+    .await
+}
+
+/// A replica of a broker whose config is `config` (its files under `first_dir`), returned
+/// without waiting for it to become ready.
+pub async fn spawn_replica_unready(
+    config: &str,
+    first_dir: &std::path::Path,
+    svid_key_pem: &str,
+) -> TestApp {
+    replica(config, first_dir, svid_key_pem, false).await
+}
+
+async fn replica(
+    config: &str,
+    first_dir: &std::path::Path,
+    svid_key_pem: &str,
+    wait_ready: bool,
+) -> TestApp {
     let dir = tempfile::tempdir().unwrap();
     let own_audit = dir.path().join("audit.jsonl");
-    let text = first.config_text.replace(
-        &first.path("audit.jsonl").display().to_string(),
+    let text = config.replace(
+        &first_dir.join("audit.jsonl").display().to_string(),
         &own_audit.display().to_string(),
     );
-    let svid_key = SigningKey::from_pem(first.svid_key_pem.as_bytes(), "svid").unwrap();
-    let mut app = start(text, dir, svid_key).await;
-    app.svid_key_pem = first.svid_key_pem.clone();
+    let svid_key = SigningKey::from_pem(svid_key_pem.as_bytes(), "svid").unwrap();
+    let mut app = start_inner(text, dir, svid_key, wait_ready).await;
+    app.svid_key_pem = svid_key_pem.to_string();
     app
 }
 
@@ -454,6 +488,23 @@ impl TestApp {
     pub async fn assert_still_serving(&self) {
         let (s, v) = self.exchange(&self.svid(AGENT), "repo:read", &[]).await;
         assert_eq!(s, 200, "{v}");
+    }
+
+    /// Stops the broker (server and background tasks) and keeps its files.
+    pub async fn stop(self) -> tempfile::TempDir {
+        let base = self.base.clone();
+        let http = self.http.clone();
+        let dir = self.dir;
+        drop(self._stop);
+        let start = std::time::Instant::now();
+        while http.get(format!("{base}/healthz")).send().await.is_ok() {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "broker did not stop"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        dir
     }
 
     pub fn audit_text(&self) -> String {

@@ -15,6 +15,7 @@ mod feed;
 mod helpers;
 mod oidc;
 mod ops;
+mod redis_ops;
 mod replicas;
 mod revocation;
 mod rotation;
