@@ -140,8 +140,21 @@ pub struct TokensConfig {
     /// Parsed as it loads: a bad value is refused with this key named.
     #[serde(default)]
     pub default_audience: Option<Audience>,
+    /// Space-separated scopes granted-if-allowed when a request names none (RFC 6749 §3.3).
+    #[serde(default)]
+    pub default_scope: Option<String>,
     #[serde(default)]
     pub signing_keys: Vec<PathBuf>,
+}
+
+impl TokensConfig {
+    /// The parsed `default_scope` (empty when unset; `validate` refuses a malformed one).
+    pub fn default_scopes(&self) -> Vec<crate::domain::Scope> {
+        self.default_scope
+            .as_deref()
+            .and_then(crate::domain::parse_scopes)
+            .unwrap_or_default()
+    }
 }
 
 fn default_ttl() -> Duration {
@@ -157,6 +170,7 @@ impl Default for TokensConfig {
             default_ttl: default_ttl(),
             max_ttl: default_max_ttl(),
             default_audience: None,
+            default_scope: None,
             signing_keys: Vec::new(),
         }
     }
@@ -464,6 +478,14 @@ impl Config {
             return Err(ConfigError::new(
                 "tokens.signing_keys",
                 "at least one signing key is required",
+            ));
+        }
+        if let Some(scope) = &t.default_scope
+            && crate::domain::parse_scopes(scope).is_none()
+        {
+            return Err(ConfigError::new(
+                "tokens.default_scope",
+                "must be up to 32 scope tokens separated by single spaces",
             ));
         }
 

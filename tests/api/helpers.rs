@@ -478,3 +478,17 @@ pub fn header_of(token: &str) -> Value {
     let h = token.split('.').next().unwrap();
     serde_json::from_slice(&B64.decode(h).unwrap()).unwrap()
 }
+
+/// A broker like `first` (same keys, bundle, policies, store) whose config text is `edit`ed.
+pub async fn spawn_edited(first: &TestApp, edit: impl Fn(&str) -> String) -> TestApp {
+    let dir = tempfile::tempdir().unwrap();
+    let own_audit = dir.path().join("audit.jsonl");
+    let text = edit(&first.config_text.replace(
+        &first.path("audit.jsonl").display().to_string(),
+        &own_audit.display().to_string(),
+    ));
+    let svid_key = SigningKey::from_pem(first.svid_key_pem.as_bytes(), "svid").unwrap();
+    let mut app = start(text, dir, svid_key).await;
+    app.svid_key_pem = first.svid_key_pem.clone();
+    app
+}
