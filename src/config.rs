@@ -318,6 +318,20 @@ pub struct AdminConfig {
 pub struct IntrospectionConfig {
     #[serde(default)]
     pub principals: Vec<String>,
+    /// RFC 7662 §4: introspection principals mapped to the audiences they serve.
+    #[serde(default)]
+    pub resources: Vec<IntrospectionResource>,
+}
+
+/// A resource server that sees only tokens meant for it: a token whose `aud` does not
+/// intersect `audiences` introspects as inactive for `principal`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IntrospectionResource {
+    /// An exact subject (no `/*` prefix).
+    pub principal: String,
+    /// Parsed as it loads: a bad value is refused with this key named.
+    pub audiences: Vec<Audience>,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]
@@ -639,6 +653,34 @@ impl Config {
         }
         check_patterns("admin.principals", &self.admin.principals)?;
         check_patterns("introspection.principals", &self.introspection.principals)?;
+        self.validate_introspection_resources()
+    }
+
+    fn validate_introspection_resources(&self) -> Result<(), ConfigError> {
+        let mut seen = HashSet::new();
+        for (i, r) in self.introspection.resources.iter().enumerate() {
+            let key = |k: &str| format!("introspection.resources[{i}].{k}");
+            let exact = if r.principal.starts_with("spiffe://") {
+                crate::domain::parse_spiffe_id(&r.principal).is_some()
+            } else {
+                r.principal.contains('#') && !r.principal.ends_with("/*")
+            };
+            if !exact {
+                return Err(ConfigError::new(
+                    key("principal"),
+                    "must be an exact subject (a SPIFFE ID or issuer#sub), not a prefix",
+                ));
+            }
+            if !seen.insert(r.principal.as_str()) {
+                return Err(ConfigError::new(
+                    key("principal"),
+                    "this principal is mapped twice",
+                ));
+            }
+            if r.audiences.is_empty() {
+                return Err(ConfigError::new(key("audiences"), "must not be empty"));
+            }
+        }
 
         Ok(())
     }

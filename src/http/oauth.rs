@@ -273,12 +273,16 @@ pub async fn introspect(
     form: Result<FormPairs, BrokerError>,
 ) -> Response {
     let result = async {
-        broker
+        let caller = broker
             .authorize(auth.as_deref(), crate::auth::Role::Introspector, ip)
             .await?;
         let form = Form::new(form?.0, TOKEN_PARAMS, &[])?;
         let token = form.required("token")?;
-        broker.introspect(token)
+        let workload = match &caller {
+            crate::auth::Caller::AdminToken(_) => None,
+            crate::auth::Caller::Workload(s) => Some(s.as_str()),
+        };
+        broker.introspect_for(token, workload)
     }
     .await;
     let outcome = match &result {

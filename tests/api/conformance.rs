@@ -259,3 +259,68 @@ async fn revocation_ignores_a_wrong_or_unknown_hint() {
         assert_eq!((s, v), (200, json!({})), "{hint}");
     }
 }
+
+const BILLING: &str = "spiffe://example.org/resource/billing";
+const BILLING_API: &str = "https://billing.example.org";
+
+/// RFC 7662 §4: a resource server mapped to its audiences sees other tokens as inactive.
+#[tokio::test]
+async fn a_mapped_introspector_sees_only_tokens_for_its_audiences() {
+    let app = spawn_app_with(Options {
+        extra_config: format!(
+            "[[introspection.resources]]\nprincipal = \"{BILLING}\"\naudiences = [\"{BILLING_API}\"]\n"
+        ),
+        ..Options::default()
+    })
+    .await;
+    let (for_api, _) = app.task_token(AGENT, "repo:read").await;
+    let (s, v) = app
+        .exchange(
+            &app.svid(AGENT),
+            "repo:read",
+            &[("audience", API), ("audience", BILLING_API)],
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let for_both = v["access_token"].as_str().unwrap().to_string();
+
+    let billing = app.svid(BILLING);
+    let (s, v) = app.introspect_as(&billing, &for_api).await;
+    assert_eq!((s, v), (200, json!({"active": false})));
+    let (s, v) = app.introspect_as(&billing, &for_both).await;
+    assert_eq!((s, v["active"].as_bool()), (200, Some(true)), "{v}");
+    // Unmapped introspection principals, admin principals and admin tokens see all.
+    for caller in [
+        app.svid(RESOURCE),
+        app.svid(SECURITY),
+        ADMIN_TOKEN.to_string(),
+    ] {
+        let (s, v) = app.introspect_as(&caller, &for_api).await;
+        assert_eq!((s, v["active"].as_bool()), (200, Some(true)), "{v}");
+    }
+}
+
+#[test]
+fn introspection_resources_are_validated_naming_the_key() {
+    let cases = [
+        (
+            "principal = \"spiffe://example.org/resource/*\"\naudiences = [\"https://a.org\"]",
+            "introspection.resources[0].principal",
+        ),
+        (
+            "principal = \"spiffe://example.org/r\"\naudiences = []",
+            "introspection.resources[0].audiences",
+        ),
+        (
+            "principal = \"spiffe://example.org/r\"\naudiences = [\"not a uri\"]",
+            "introspection.resources[0].audiences",
+        ),
+    ];
+    for (entry, key) in cases {
+        let text = format!(
+            "[server]\nissuer = \"https://writ.example.org\"\n[tokens]\nsigning_keys = [\"k.pem\"]\n[policy]\ndir = \"p\"\n[[introspection.resources]]\n{entry}\n"
+        );
+        let e = writ::config::Config::from_toml_with_env(&text, Vec::new()).unwrap_err();
+        assert!(e.key.starts_with(key), "{entry}: {e:?}");
+    }
+}
