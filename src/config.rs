@@ -410,7 +410,7 @@ impl Config {
                 format!("`{}` is not a host:port socket address", s.listen),
             )
         })?;
-        check_issuer_url("server.issuer", &s.issuer)?;
+        check_server_issuer(&s.issuer)?;
         check_duration_range(
             "server.header_timeout",
             s.header_timeout,
@@ -776,6 +776,61 @@ fn check_issuer_url(key: &str, value: &str) -> Result<(), ConfigError> {
     }
     if url.query().is_some() || url.fragment().is_some() {
         return Err(bad("must not have a query or fragment"));
+    }
+    Ok(())
+}
+
+/// The path of an issuer URL (`/writ` of `https://h/writ`), `None` for a root issuer. Set
+/// only for paths that `check_server_issuer` admits.
+pub fn issuer_path(issuer: &str) -> Option<String> {
+    let url = url::Url::parse(issuer).ok()?;
+    let path = url.path();
+    (path != "/" && !path.is_empty()).then(|| path.to_string())
+}
+
+/// The broker's own issuer: besides the rules of any issuer URL, a path is served as a route
+/// prefix, so it must be plain segments of unreserved characters (RFC 3986 §2.3) without a
+/// trailing `/`, and it must not shadow a root route.
+fn check_server_issuer(value: &str) -> Result<(), ConfigError> {
+    const KEY: &str = "server.issuer";
+    check_issuer_url(KEY, value)?;
+    let Some(path) = issuer_path(value) else {
+        return Ok(());
+    };
+    let bad = |why: &str| ConfigError::new(KEY, format!("`{value}` {why}"));
+    if url::Url::parse(value)
+        .map(|u| u.as_str() != value)
+        .unwrap_or(true)
+    {
+        return Err(bad("is not in its normal form (as a URL parser writes it)"));
+    }
+    let plain = path.split('/').skip(1).all(|seg| {
+        !seg.is_empty()
+            && seg != "."
+            && seg != ".."
+            && seg
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~'))
+    });
+    if !plain {
+        return Err(bad(
+            "has a path that is not plain segments of letters, digits, `-`, `.`, `_`, `~` \
+             (and no trailing `/`)",
+        ));
+    }
+    let first = path.split('/').nth(1).unwrap_or("");
+    if matches!(
+        first,
+        "oauth2"
+            | "v1"
+            | "admin"
+            | ".well-known"
+            | "healthz"
+            | "readyz"
+            | "metrics"
+            | "openapi.json"
+    ) {
+        return Err(bad("has a path that starts like one of Writ's own routes"));
     }
     Ok(())
 }

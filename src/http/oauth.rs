@@ -233,7 +233,10 @@ pub async fn jwks(State(broker): State<Arc<Broker>>) -> Response {
     resp
 }
 
-/// RFC 8414 metadata: endpoints are absolute URLs under the configured issuer.
+/// RFC 8414 metadata: endpoints are absolute URLs under the configured issuer. Served at
+/// `/.well-known/oauth-authorization-server` and, for an issuer with a path, also at that
+/// path after it (RFC 8414 §3.1). `response_types_supported` is left out: Writ has no
+/// authorization endpoint, and an empty list is not a valid value.
 pub async fn metadata(State(broker): State<Arc<Broker>>) -> Response {
     let issuer = broker.tokens.issuer().trim_end_matches('/');
     let algs: Vec<&str> = {
@@ -247,7 +250,7 @@ pub async fn metadata(State(broker): State<Arc<Broker>>) -> Response {
         v.dedup();
         v
     };
-    Json(json!({
+    let mut doc = json!({
         "issuer": broker.tokens.issuer(),
         "token_endpoint": format!("{issuer}/oauth2/token"),
         "introspection_endpoint": format!("{issuer}/oauth2/introspect"),
@@ -256,12 +259,17 @@ pub async fn metadata(State(broker): State<Arc<Broker>>) -> Response {
         "revocation_endpoint_auth_methods_supported": ["none"],
         "jwks_uri": format!("{issuer}/oauth2/jwks"),
         "grant_types_supported": [GRANT_TYPE],
-        "response_types_supported": [],
         "token_endpoint_auth_methods_supported": ["none"],
         "subject_token_types_supported": [TYPE_JWT, TYPE_ID_TOKEN, TYPE_ACCESS_TOKEN],
         "access_token_signing_alg_values_supported": algs,
-    }))
-    .into_response()
+    });
+    if let (Some(scopes), Some(obj)) = (
+        broker.policy.current().scopes_supported(),
+        doc.as_object_mut(),
+    ) {
+        obj.insert("scopes_supported".into(), json!(scopes));
+    }
+    Json(doc).into_response()
 }
 
 /// RFC 7662 introspection for resource servers (bearer: an introspection principal or an

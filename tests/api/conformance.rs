@@ -324,3 +324,114 @@ fn introspection_resources_are_validated_naming_the_key() {
         assert!(e.key.starts_with(key), "{entry}: {e:?}");
     }
 }
+
+/// RFC 8414 §3.1: an issuer with a path has its metadata at the well-known path followed by
+/// the issuer's path, and every endpoint it advertises is served.
+#[tokio::test]
+async fn an_issuer_with_a_path_serves_its_metadata_and_endpoints() {
+    let first = spawn_app().await;
+    let app = spawn_edited(&first, |t| {
+        t.replace(
+            "issuer = \"https://writ.test\"",
+            "issuer = \"https://writ.test/writ\"",
+        )
+    })
+    .await;
+    let (s, m) = app
+        .get("/.well-known/oauth-authorization-server/writ")
+        .await;
+    assert_eq!(s, 200, "{m}");
+    assert_eq!(m["issuer"], "https://writ.test/writ");
+    assert_eq!(m["token_endpoint"], "https://writ.test/writ/oauth2/token");
+    assert_eq!(m["jwks_uri"], "https://writ.test/writ/oauth2/jwks");
+    assert!(m.get("response_types_supported").is_none(), "{m}");
+    assert_eq!(
+        m["scopes_supported"],
+        json!(["ci:deploy", "repo:read", "repo:write", "tickets:read"])
+    );
+    // The root metadata stays.
+    let (s, root) = app.get("/.well-known/oauth-authorization-server").await;
+    assert_eq!((s, &root["issuer"]), (200, &m["issuer"]));
+    // Every advertised endpoint is served under the path.
+    for key in [
+        "token_endpoint",
+        "jwks_uri",
+        "introspection_endpoint",
+        "revocation_endpoint",
+    ] {
+        let path = m[key]
+            .as_str()
+            .unwrap()
+            .strip_prefix("https://writ.test")
+            .unwrap();
+        let status = app
+            .http
+            .request(
+                if key == "jwks_uri" {
+                    Method::GET
+                } else {
+                    Method::POST
+                },
+                format!("{}{path}", app.base),
+            )
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16();
+        assert_ne!(status, 404, "{key} {path}");
+    }
+    let svid = app.svid(AGENT);
+    let (s, v, _) = app
+        .post_form(
+            "/writ/oauth2/token",
+            &[
+                ("grant_type", GRANT),
+                ("subject_token", &svid),
+                ("subject_token_type", JWT_TYPE),
+                ("scope", "repo:read"),
+                ("audience", API),
+            ],
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let c = claims_of(v["access_token"].as_str().unwrap());
+    assert_eq!(c["iss"], "https://writ.test/writ");
+    // The root routes stay.
+    app.assert_still_serving().await;
+}
+
+#[tokio::test]
+async fn metadata_lists_the_policy_scopes_and_no_empty_response_types() {
+    let app = spawn_app().await;
+    let (s, m) = app.get("/.well-known/oauth-authorization-server").await;
+    assert_eq!(s, 200, "{m}");
+    assert!(m.get("response_types_supported").is_none(), "{m}");
+    assert_eq!(
+        m["scopes_supported"],
+        json!(["ci:deploy", "repo:read", "repo:write", "tickets:read"])
+    );
+    assert_eq!(
+        app.get("/.well-known/oauth-authorization-server/writ")
+            .await
+            .0,
+        404
+    );
+}
+
+#[test]
+fn an_issuer_path_that_cannot_be_served_is_refused_naming_the_key() {
+    for issuer in [
+        "https://h.example/writ/",
+        "https://h.example/a%20b",
+        "https://h.example/a/../b",
+        "https://h.example/oauth2",
+        "https://h.example/x{y}",
+    ] {
+        let text = format!(
+            "[server]\nissuer = \"{issuer}\"\n[tokens]\nsigning_keys = [\"k.pem\"]\n[policy]\ndir = \"p\"\n"
+        );
+        let e = writ::config::Config::from_toml_with_env(&text, Vec::new()).unwrap_err();
+        assert_eq!(e.key, "server.issuer", "{issuer}: {e:?}");
+    }
+}
