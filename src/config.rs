@@ -275,6 +275,10 @@ pub struct OidcConfig {
 pub struct OidcIssuerEntry {
     pub issuer: String,
     pub audience: String,
+    /// Audiences an ID token may carry besides `audience` (OIDC Core §3.1.3.7 item 3: a
+    /// token with any other audience is refused).
+    #[serde(default)]
+    pub allowed_extra_audiences: Vec<String>,
     #[serde(default)]
     pub jwks_uri: Option<String>,
 }

@@ -162,6 +162,7 @@ impl IdentityVerifier {
             .map(|i| oidc::OidcIssuerConfig {
                 issuer: i.issuer.clone(),
                 audience: i.audience.clone(),
+                allowed_extra_audiences: i.allowed_extra_audiences.clone(),
                 jwks_uri: i.jwks_uri.clone(),
             })
             .collect();
