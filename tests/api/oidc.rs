@@ -191,3 +191,43 @@ async fn id_tokens_with_untrusted_audiences_or_without_iat_are_refused() {
         .await;
     assert!(app.audit_text().contains("not trusted"));
 }
+
+/// RFC 8725 §3.11: a JWT typed `at+jwt` presented as an ID token is refused; the same token
+/// as a plain `jwt` is still accepted.
+#[tokio::test]
+async fn an_access_token_presented_as_an_id_token_is_refused() {
+    let iss = issuer().await;
+    let app = spawn_app_with(Options {
+        extra_config: format!(
+            "[[oidc.issuers]]\nissuer = \"{}\"\naudience = \"writ\"\n",
+            iss.base
+        ),
+        ..Options::default()
+    })
+    .await;
+    let now = app.clock.now();
+    let mut h = jsonwebtoken::Header::new(iss.key.alg.jwt_alg());
+    h.kid = Some(iss.key.kid.clone());
+    h.typ = Some("at+jwt".into());
+    let claims = json!({"iss": iss.base, "sub": "repo:org/app:ref:refs/heads/main", "aud": "writ",
+                        "iat": now, "exp": now + 300, "repository": "org/app"});
+    let at = jsonwebtoken::encode(&h, &claims, iss.key.encoding_key()).unwrap();
+    let form = |t: &'static str| {
+        vec![
+            ("grant_type", GRANT),
+            ("subject_token", at.as_str()),
+            ("subject_token_type", t),
+            ("scope", "ci:deploy"),
+            ("audience", API),
+        ]
+    };
+    let (s, v, _) = app.post_form("/oauth2/token", &form(ID_TOKEN_TYPE)).await;
+    assert_eq!(
+        (s, v["error"].as_str().unwrap()),
+        (400, "invalid_request"),
+        "{v}"
+    );
+    assert!(app.audit_text().contains("not an ID token"));
+    let (s, v, _) = app.post_form("/oauth2/token", &form(JWT_TYPE)).await;
+    assert_eq!(s, 200, "{v}");
+}
