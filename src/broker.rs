@@ -23,6 +23,7 @@ pub struct Limits {
     pub default_ttl_secs: u64,
     pub max_ttl_secs: u64,
     pub default_audience: Option<Audience>,
+    pub default_scope: Vec<crate::domain::Scope>,
     pub max_task_duration_secs: u64,
     pub max_tokens: u32,
 }
@@ -139,6 +140,7 @@ impl Broker {
             default_ttl_secs: config.tokens.default_ttl.as_secs(),
             max_ttl_secs: config.tokens.max_ttl.as_secs(),
             default_audience: config.tokens.default_audience.clone(),
+            default_scope: config.tokens.default_scopes(),
             max_task_duration_secs: config.tasks.max_duration.as_secs(),
             max_tokens: config.tasks.max_tokens,
         };

@@ -140,8 +140,21 @@ pub struct TokensConfig {
     /// Parsed as it loads: a bad value is refused with this key named.
     #[serde(default)]
     pub default_audience: Option<Audience>,
+    /// Space-separated scopes granted-if-allowed when a request names none (RFC 6749 §3.3).
+    #[serde(default)]
+    pub default_scope: Option<String>,
     #[serde(default)]
     pub signing_keys: Vec<PathBuf>,
+}
+
+impl TokensConfig {
+    /// The parsed `default_scope` (empty when unset; `validate` refuses a malformed one).
+    pub fn default_scopes(&self) -> Vec<crate::domain::Scope> {
+        self.default_scope
+            .as_deref()
+            .and_then(crate::domain::parse_scopes)
+            .unwrap_or_default()
+    }
 }
 
 fn default_ttl() -> Duration {
@@ -157,6 +170,7 @@ impl Default for TokensConfig {
             default_ttl: default_ttl(),
             max_ttl: default_max_ttl(),
             default_audience: None,
+            default_scope: None,
             signing_keys: Vec::new(),
         }
     }
@@ -261,6 +275,10 @@ pub struct OidcConfig {
 pub struct OidcIssuerEntry {
     pub issuer: String,
     pub audience: String,
+    /// Audiences an ID token may carry besides `audience` (OIDC Core §3.1.3.7 item 3: a
+    /// token with any other audience is refused).
+    #[serde(default)]
+    pub allowed_extra_audiences: Vec<String>,
     #[serde(default)]
     pub jwks_uri: Option<String>,
 }
@@ -304,6 +322,20 @@ pub struct AdminConfig {
 pub struct IntrospectionConfig {
     #[serde(default)]
     pub principals: Vec<String>,
+    /// RFC 7662 §4: introspection principals mapped to the audiences they serve.
+    #[serde(default)]
+    pub resources: Vec<IntrospectionResource>,
+}
+
+/// A resource server that sees only tokens meant for it: a token whose `aud` does not
+/// intersect `audiences` introspects as inactive for `principal`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IntrospectionResource {
+    /// An exact subject (no `/*` prefix).
+    pub principal: String,
+    /// Parsed as it loads: a bad value is refused with this key named.
+    pub audiences: Vec<Audience>,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]
@@ -382,7 +414,7 @@ impl Config {
                 format!("`{}` is not a host:port socket address", s.listen),
             )
         })?;
-        check_issuer_url("server.issuer", &s.issuer)?;
+        check_server_issuer(&s.issuer)?;
         check_duration_range(
             "server.header_timeout",
             s.header_timeout,
@@ -464,6 +496,14 @@ impl Config {
             return Err(ConfigError::new(
                 "tokens.signing_keys",
                 "at least one signing key is required",
+            ));
+        }
+        if let Some(scope) = &t.default_scope
+            && crate::domain::parse_scopes(scope).is_none()
+        {
+            return Err(ConfigError::new(
+                "tokens.default_scope",
+                "must be up to 32 scope tokens separated by single spaces",
             ));
         }
 
@@ -617,6 +657,34 @@ impl Config {
         }
         check_patterns("admin.principals", &self.admin.principals)?;
         check_patterns("introspection.principals", &self.introspection.principals)?;
+        self.validate_introspection_resources()
+    }
+
+    fn validate_introspection_resources(&self) -> Result<(), ConfigError> {
+        let mut seen = HashSet::new();
+        for (i, r) in self.introspection.resources.iter().enumerate() {
+            let key = |k: &str| format!("introspection.resources[{i}].{k}");
+            let exact = if r.principal.starts_with("spiffe://") {
+                crate::domain::parse_spiffe_id(&r.principal).is_some()
+            } else {
+                r.principal.contains('#') && !r.principal.ends_with("/*")
+            };
+            if !exact {
+                return Err(ConfigError::new(
+                    key("principal"),
+                    "must be an exact subject (a SPIFFE ID or issuer#sub), not a prefix",
+                ));
+            }
+            if !seen.insert(r.principal.as_str()) {
+                return Err(ConfigError::new(
+                    key("principal"),
+                    "this principal is mapped twice",
+                ));
+            }
+            if r.audiences.is_empty() {
+                return Err(ConfigError::new(key("audiences"), "must not be empty"));
+            }
+        }
 
         Ok(())
     }
@@ -712,6 +780,61 @@ fn check_issuer_url(key: &str, value: &str) -> Result<(), ConfigError> {
     }
     if url.query().is_some() || url.fragment().is_some() {
         return Err(bad("must not have a query or fragment"));
+    }
+    Ok(())
+}
+
+/// The path of an issuer URL (`/writ` of `https://h/writ`), `None` for a root issuer. Set
+/// only for paths that `check_server_issuer` admits.
+pub fn issuer_path(issuer: &str) -> Option<String> {
+    let url = url::Url::parse(issuer).ok()?;
+    let path = url.path();
+    (path != "/" && !path.is_empty()).then(|| path.to_string())
+}
+
+/// The broker's own issuer: besides the rules of any issuer URL, a path is served as a route
+/// prefix, so it must be plain segments of unreserved characters (RFC 3986 §2.3) without a
+/// trailing `/`, and it must not shadow a root route.
+fn check_server_issuer(value: &str) -> Result<(), ConfigError> {
+    const KEY: &str = "server.issuer";
+    check_issuer_url(KEY, value)?;
+    let Some(path) = issuer_path(value) else {
+        return Ok(());
+    };
+    let bad = |why: &str| ConfigError::new(KEY, format!("`{value}` {why}"));
+    if url::Url::parse(value)
+        .map(|u| u.as_str() != value)
+        .unwrap_or(true)
+    {
+        return Err(bad("is not in its normal form (as a URL parser writes it)"));
+    }
+    let plain = path.split('/').skip(1).all(|seg| {
+        !seg.is_empty()
+            && seg != "."
+            && seg != ".."
+            && seg
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~'))
+    });
+    if !plain {
+        return Err(bad(
+            "has a path that is not plain segments of letters, digits, `-`, `.`, `_`, `~` \
+             (and no trailing `/`)",
+        ));
+    }
+    let first = path.split('/').nth(1).unwrap_or("");
+    if matches!(
+        first,
+        "oauth2"
+            | "v1"
+            | "admin"
+            | ".well-known"
+            | "healthz"
+            | "readyz"
+            | "metrics"
+            | "openapi.json"
+    ) {
+        return Err(bad("has a path that starts like one of Writ's own routes"));
     }
     Ok(())
 }

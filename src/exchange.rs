@@ -364,7 +364,8 @@ impl Broker {
             .verify(token, now)
             .map_err(|e| self.subject_token_refused(token, e, req.source_ip.as_deref()))?;
         if self.revocations.revoked_reason(&claims, now).is_some() {
-            return Err(BrokerError::invalid_grant(
+            // RFC 8693 §2.2.2: an unacceptable subject_token is `invalid_request`.
+            return Err(BrokerError::invalid_request(
                 "the subject token has been revoked",
             ));
         }
@@ -375,7 +376,7 @@ impl Broker {
             .await?
             .filter(|t| t.is_open_at(now))
             .ok_or_else(|| {
-                BrokerError::invalid_grant("the subject token's task is no longer open")
+                BrokerError::invalid_request("the subject token's task is no longer open")
             })?;
         if req.task_id.is_some() {
             return Err(BrokerError::invalid_request(

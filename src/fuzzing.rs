@@ -15,7 +15,7 @@ use std::sync::{Arc, OnceLock};
 use serde_json::{Map, Value};
 
 use crate::domain::{MAX_SPIFFE_ID_LEN, Scope, parse_spiffe_id};
-use crate::http::oauth::{Form, parse_exchange};
+use crate::http::oauth::{EXCHANGE_PARAMS, Form, parse_exchange};
 use crate::identity::bundles::FileBundle;
 use crate::identity::spiffe::{JwtSvidVerifier, TrustDomain};
 use crate::policy::{PolicyAction, PolicyContext, PolicyPrincipal, PolicySet, PrincipalKind};
@@ -29,14 +29,14 @@ const MAX_ERROR_DESCRIPTION: usize = 256;
 /// repeated-parameter rule and exchange parsing as `POST /oauth2/token`.
 pub fn token_form(data: &[u8]) {
     let pairs: Vec<(String, String)> = url::form_urlencoded::parse(data).into_owned().collect();
-    let form = match Form::new(pairs, &["audience", "resource"]) {
+    let form = match Form::new(pairs, EXCHANGE_PARAMS, &["audience", "resource"]) {
         Ok(f) => f,
         Err(e) => {
             assert!(e.description.chars().count() <= MAX_ERROR_DESCRIPTION);
             return;
         }
     };
-    match parse_exchange(&form, None) {
+    match parse_exchange(&form, None, &[]) {
         Ok(req) => {
             assert!(!secrecy::ExposeSecret::expose_secret(&req.subject_token).is_empty());
             assert!(!req.scopes.is_empty() && req.scopes.len() <= crate::domain::MAX_SCOPES);

@@ -49,4 +49,45 @@ impl Broker {
             None => Introspection::Inactive,
         })
     }
+
+    /// Introspection for a caller (RFC 7662 §4): a workload mapped in
+    /// `introspection.resources` sees a token as active only when the token's `aud` names one
+    /// of the audiences it serves. `workload` is `None` for an admin token; admin principals
+    /// and unmapped introspection principals see every token.
+    pub fn introspect_for(
+        &self,
+        token: &str,
+        workload: Option<&str>,
+    ) -> Result<Introspection, BrokerError> {
+        let answer = self.introspect(token)?;
+        let Introspection::Active(claims) = &answer else {
+            return Ok(answer);
+        };
+        let Some(subject) = workload else {
+            return Ok(answer);
+        };
+        let who = crate::domain::Subject::from_trusted(subject.to_string());
+        if self.config.admin.principals.iter().any(|p| who.matches(p)) {
+            return Ok(answer);
+        }
+        let Some(mapped) = self
+            .config
+            .introspection
+            .resources
+            .iter()
+            .find(|r| r.principal == subject)
+        else {
+            return Ok(answer);
+        };
+        let serves = claims
+            .aud
+            .to_vec()
+            .iter()
+            .any(|a| mapped.audiences.iter().any(|m| m.as_str() == a));
+        Ok(if serves {
+            answer
+        } else {
+            Introspection::Inactive
+        })
+    }
 }

@@ -12,7 +12,10 @@ impl IntoResponse for BrokerError {
         let status = StatusCode::from_u16(self.code.status()).unwrap_or(StatusCode::BAD_REQUEST);
         let mut resp = (
             status,
-            Json(json!({"error": self.code.as_str(), "error_description": self.description})),
+            Json(json!({
+                "error": self.code.as_str(),
+                "error_description": clean_description(&self.description),
+            })),
         )
             .into_response();
         no_store(&mut resp);
@@ -24,6 +27,19 @@ impl IntoResponse for BrokerError {
         }
         resp
     }
+}
+
+/// RFC 6749 §5.2 allows only %x20-21 / %x23-5B / %x5D-7E in `error_description`. Every
+/// description passes through here on its way out, so no caller input that slipped into one
+/// (a quote, a backslash, a control or non-ASCII character) reaches a client: each disallowed
+/// character becomes `?`.
+pub fn clean_description(d: &str) -> String {
+    d.chars()
+        .map(|c| match c {
+            '\x20'..='\x21' | '\x23'..='\x5b' | '\x5d'..='\x7e' => c,
+            _ => '?',
+        })
+        .collect()
 }
 
 /// A JSON body marked not cacheable.
@@ -60,5 +76,15 @@ pub async fn payload_too_large_as_oauth_error(resp: Response) -> Response {
         .into_response()
     } else {
         resp
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::clean_description;
+
+    #[test]
+    fn the_sanitizer_keeps_allowed_and_replaces_the_rest() {
+        assert_eq!(clean_description("a \"b\\ \u{e9}\n~!#[]"), "a ?b? ??~!#[]");
     }
 }

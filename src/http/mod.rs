@@ -42,7 +42,21 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/openapi.json"),
 ];
 
+/// The routes at the root and, for an issuer with a path (`https://h/writ`), under that path
+/// too, so that the endpoints the metadata advertises are served; the metadata is also at
+/// `/.well-known/oauth-authorization-server/writ` (RFC 8414 §3.1).
 pub fn router(broker: Arc<Broker>) -> Router {
+    let mut routes = routes(&broker);
+    if let Some(prefix) = crate::config::issuer_path(broker.tokens.issuer()) {
+        routes = routes.nest(&prefix, self::routes(&broker)).route(
+            &format!("/.well-known/oauth-authorization-server{prefix}"),
+            get(oauth::metadata),
+        );
+    }
+    layered(routes, broker)
+}
+
+fn routes(broker: &Arc<Broker>) -> Router<Arc<Broker>> {
     Router::new()
         .route("/oauth2/token", post(oauth::token))
         .route("/oauth2/introspect", post(oauth::introspect))
@@ -68,8 +82,12 @@ pub fn router(broker: Arc<Broker>) -> Router {
         )
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
-        .merge(metrics_on_main_listener(&broker))
+        .merge(metrics_on_main_listener(broker))
         .route("/openapi.json", get(ops::openapi))
+}
+
+fn layered(routes: Router<Arc<Broker>>, broker: Arc<Broker>) -> Router {
+    routes
         // Layers run outermost last in this list: the request id is settled first, so every
         // response (a refused body too) carries it and is counted by `observe`.
         .route_layer(RequestBodyLimitLayer::new(extract::MAX_BODY_BYTES))

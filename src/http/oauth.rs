@@ -13,7 +13,7 @@ use super::error::{json_no_store, no_store};
 use super::extract::{Authorization, FormPairs, SourceIp};
 use crate::broker::Broker;
 use crate::domain::{
-    Audience, AudienceListError, MAX_AUDIENCES, MAX_PURPOSE_LEN, TaskId, parse_audiences,
+    Audience, AudienceListError, MAX_AUDIENCES, MAX_PURPOSE_LEN, Scope, TaskId, parse_audiences,
     parse_scopes,
 };
 use crate::error::{BrokerError, ErrorCode};
@@ -22,22 +22,49 @@ use crate::exchange::{
 };
 use crate::introspect::Introspection;
 
-/// Form parameters with RFC 6749 §3.1's rule: a parameter may appear at most once, except
-/// those defined to repeat.
+/// The parameters of a token exchange (RFC 8693 §2.1); `audience` and `resource` repeat.
+pub const EXCHANGE_PARAMS: &[&str] = &[
+    "grant_type",
+    "subject_token",
+    "subject_token_type",
+    "requested_token_type",
+    "actor_token",
+    "actor_token_type",
+    "scope",
+    "audience",
+    "resource",
+    "task_purpose",
+    "task_id",
+    "expires_in",
+];
+/// The parameters of introspection and revocation (RFC 7662 §2.1, RFC 7009 §2.1).
+pub const TOKEN_PARAMS: &[&str] = &["token", "token_type_hint"];
+
+/// Form parameters under RFC 6749's rules: a parameter sent without a value is treated as
+/// omitted (§3.1, §3.2), a parameter the endpoint does not know is ignored however often it
+/// appears (§3.2), and a known one may appear at most once unless it is defined to repeat.
 pub struct Form {
     pairs: Vec<(String, String)>,
 }
 
 impl Form {
-    pub fn new(pairs: Vec<(String, String)>, repeatable: &[&str]) -> Result<Self, BrokerError> {
+    pub fn new(
+        pairs: Vec<(String, String)>,
+        known: &[&str],
+        repeatable: &[&str],
+    ) -> Result<Self, BrokerError> {
+        let pairs: Vec<(String, String)> = pairs
+            .into_iter()
+            .filter(|(name, value)| !value.is_empty() && known.contains(&name.as_str()))
+            .collect();
         // A set, not a scan of the earlier pairs: a 64 KiB body holds tens of thousands of
         // parameters, and a quadratic check would let one request burn a core for a second.
         let mut seen: HashSet<&str> = HashSet::with_capacity(pairs.len().min(64));
         for (name, _) in &pairs {
             if !repeatable.contains(&name.as_str()) && !seen.insert(name.as_str()) {
+                // Only known names are left, so the name is one of ours, not caller input.
                 return Err(BrokerError::invalid_request(format!(
-                    "parameter `{}` is repeated",
-                    clip(name)
+                    "parameter `{name}` is repeated"
                 )));
             }
         }
@@ -60,26 +87,23 @@ impl Form {
 
     pub fn required(&self, name: &str) -> Result<&str, BrokerError> {
         self.get(name)
-            .filter(|v| !v.is_empty())
             .ok_or_else(|| BrokerError::invalid_request(format!("`{name}` is required")))
     }
 }
 
-/// User input echoed in an error is cut short.
-fn clip(s: &str) -> String {
-    s.chars().take(64).collect()
-}
-
 /// Parses the wire form of an exchange into a request of domain types.
+/// `default_scope` stands in for an absent `scope` (RFC 6749 §3.3); when it is empty too, the
+/// request fails with `invalid_scope`.
 pub fn parse_exchange(
     form: &Form,
     source_ip: Option<String>,
+    default_scope: &[Scope],
 ) -> Result<ExchangeRequest, BrokerError> {
     let grant_type = form.required("grant_type")?;
     if grant_type != GRANT_TYPE {
         return Err(BrokerError::new(
             ErrorCode::UnsupportedGrantType,
-            format!("grant_type `{}` is not supported", clip(grant_type)),
+            "this grant_type is not supported; use token exchange",
         ));
     }
     let subject_token = form.required("subject_token")?;
@@ -87,21 +111,14 @@ pub fn parse_exchange(
     if let Some(t) = form.get("requested_token_type")
         && t != TYPE_ACCESS_TOKEN
     {
-        return Err(BrokerError::invalid_request(format!(
-            "requested_token_type `{}` is not supported",
-            clip(t)
-        )));
+        return Err(BrokerError::invalid_request(
+            "requested_token_type must be the access_token type",
+        ));
     }
     if form.get("actor_token").is_some() || form.get("actor_token_type").is_some() {
         return Err(BrokerError::invalid_request("actor_token is not supported"));
     }
-    let scope = form.required("scope")?;
-    let scopes = parse_scopes(scope).ok_or_else(|| {
-        BrokerError::new(
-            ErrorCode::InvalidScope,
-            "scope must be up to 32 space-separated scope tokens",
-        )
-    })?;
+    let scopes = scopes(form, default_scope)?;
     let audiences = audiences(form)?;
     let purpose = form.get("task_purpose").unwrap_or("").to_string();
     if purpose.len() > MAX_PURPOSE_LEN {
@@ -123,25 +140,36 @@ pub fn parse_exchange(
     })
 }
 
+fn scopes(form: &Form, default_scope: &[Scope]) -> Result<Vec<Scope>, BrokerError> {
+    match form.get("scope") {
+        Some(scope) => parse_scopes(scope).ok_or_else(|| {
+            BrokerError::invalid_scope("scope must be up to 32 space-separated scope tokens")
+        }),
+        None if default_scope.is_empty() => Err(BrokerError::invalid_scope(
+            "scope is required: no default scope is configured",
+        )),
+        None => Ok(default_scope.to_vec()),
+    }
+}
+
 fn subject_token_type(form: &Form) -> Result<SubjectTokenType, BrokerError> {
     match form.required("subject_token_type")? {
         TYPE_JWT => Ok(SubjectTokenType::Jwt),
         TYPE_ID_TOKEN => Ok(SubjectTokenType::IdToken),
         TYPE_ACCESS_TOKEN => Ok(SubjectTokenType::AccessToken),
-        other => Err(BrokerError::invalid_request(format!(
-            "subject_token_type `{}` is not supported",
-            clip(other)
-        ))),
+        _ => Err(BrokerError::invalid_request(
+            "subject_token_type is not a supported token type",
+        )),
     }
 }
 
 /// `audience` and `resource` together: distinct, valid, and bounded before they are parsed.
 fn audiences(form: &Form) -> Result<Vec<Audience>, BrokerError> {
     parse_audiences(form.all("audience").chain(form.all("resource"))).map_err(|e| match e {
-        AudienceListError::Invalid(raw) => BrokerError::invalid_target(format!(
-            "`{}` is not an absolute URI without fragment or a SPIFFE ID of at most 255 bytes",
-            clip(raw)
-        )),
+        AudienceListError::Invalid(_) => BrokerError::invalid_target(
+            "an audience or resource is not an absolute URI without fragment or a SPIFFE ID \
+             of at most 255 bytes",
+        ),
         AudienceListError::TooMany => BrokerError::invalid_target(format!(
             "at most {MAX_AUDIENCES} audiences may be requested"
         )),
@@ -151,9 +179,8 @@ fn audiences(form: &Form) -> Result<Vec<Audience>, BrokerError> {
 fn task_id(form: &Form) -> Result<Option<TaskId>, BrokerError> {
     form.get("task_id")
         .map(|raw| {
-            TaskId::parse(raw).ok_or_else(|| {
-                BrokerError::invalid_request(format!("task_id `{}` is not a task id", clip(raw)))
-            })
+            TaskId::parse(raw)
+                .ok_or_else(|| BrokerError::invalid_request("task_id is not a task id"))
         })
         .transpose()
 }
@@ -175,8 +202,8 @@ pub async fn token(
     form: Result<FormPairs, BrokerError>,
 ) -> Response {
     let result = async {
-        let form = Form::new(form?.0, &["audience", "resource"])?;
-        let req = parse_exchange(&form, ip)?;
+        let form = Form::new(form?.0, EXCHANGE_PARAMS, &["audience", "resource"])?;
+        let req = parse_exchange(&form, ip, &broker.limits.default_scope)?;
         broker.exchange(req).await
     }
     .await;
@@ -206,7 +233,10 @@ pub async fn jwks(State(broker): State<Arc<Broker>>) -> Response {
     resp
 }
 
-/// RFC 8414 metadata: endpoints are absolute URLs under the configured issuer.
+/// RFC 8414 metadata: endpoints are absolute URLs under the configured issuer. Served at
+/// `/.well-known/oauth-authorization-server` and, for an issuer with a path, also at that
+/// path after it (RFC 8414 §3.1). `response_types_supported` is left out: Writ has no
+/// authorization endpoint, and an empty list is not a valid value.
 pub async fn metadata(State(broker): State<Arc<Broker>>) -> Response {
     let issuer = broker.tokens.issuer().trim_end_matches('/');
     let algs: Vec<&str> = {
@@ -220,7 +250,7 @@ pub async fn metadata(State(broker): State<Arc<Broker>>) -> Response {
         v.dedup();
         v
     };
-    Json(json!({
+    let mut doc = json!({
         "issuer": broker.tokens.issuer(),
         "token_endpoint": format!("{issuer}/oauth2/token"),
         "introspection_endpoint": format!("{issuer}/oauth2/introspect"),
@@ -229,12 +259,17 @@ pub async fn metadata(State(broker): State<Arc<Broker>>) -> Response {
         "revocation_endpoint_auth_methods_supported": ["none"],
         "jwks_uri": format!("{issuer}/oauth2/jwks"),
         "grant_types_supported": [GRANT_TYPE],
-        "response_types_supported": [],
         "token_endpoint_auth_methods_supported": ["none"],
         "subject_token_types_supported": [TYPE_JWT, TYPE_ID_TOKEN, TYPE_ACCESS_TOKEN],
         "access_token_signing_alg_values_supported": algs,
-    }))
-    .into_response()
+    });
+    if let (Some(scopes), Some(obj)) = (
+        broker.policy.current().scopes_supported(),
+        doc.as_object_mut(),
+    ) {
+        obj.insert("scopes_supported".into(), json!(scopes));
+    }
+    Json(doc).into_response()
 }
 
 /// RFC 7662 introspection for resource servers (bearer: an introspection principal or an
@@ -246,12 +281,16 @@ pub async fn introspect(
     form: Result<FormPairs, BrokerError>,
 ) -> Response {
     let result = async {
-        broker
+        let caller = broker
             .authorize(auth.as_deref(), crate::auth::Role::Introspector, ip)
             .await?;
-        let form = Form::new(form?.0, &[])?;
+        let form = Form::new(form?.0, TOKEN_PARAMS, &[])?;
         let token = form.required("token")?;
-        broker.introspect(token)
+        let workload = match &caller {
+            crate::auth::Caller::AdminToken(_) => None,
+            crate::auth::Caller::Workload(s) => Some(s.as_str()),
+        };
+        broker.introspect_for(token, workload)
     }
     .await;
     let outcome = match &result {
@@ -300,16 +339,10 @@ pub async fn revoke(
     form: Result<FormPairs, BrokerError>,
 ) -> Response {
     let result = async {
-        let form = Form::new(form?.0, &[])?;
+        // Writ issues access tokens only, so a token is searched as one whatever its
+        // `token_type_hint`: RFC 7009 §2.1 has a wrong or unknown hint ignored.
+        let form = Form::new(form?.0, TOKEN_PARAMS, &[])?;
         let token = form.required("token")?;
-        if let Some(hint) = form.get("token_type_hint")
-            && hint != "access_token"
-        {
-            return Err(BrokerError::new(
-                ErrorCode::UnsupportedTokenType,
-                format!("token_type_hint `{}` is not supported", clip(hint)),
-            ));
-        }
         broker.revoke_own_token(token, ip).await
     }
     .await;

@@ -78,6 +78,8 @@ pub enum IdentityError {
     TooLarge,
     #[error("token is not a well-formed JWT")]
     Malformed,
+    #[error("token is an access token (`typ` at+jwt), not an ID token")]
+    AccessTokenAsIdToken,
     #[error("token algorithm is not allowed")]
     UnsupportedAlg,
     #[error("token header has no `kid`")]
@@ -162,6 +164,7 @@ impl IdentityVerifier {
             .map(|i| oidc::OidcIssuerConfig {
                 issuer: i.issuer.clone(),
                 audience: i.audience.clone(),
+                allowed_extra_audiences: i.allowed_extra_audiences.clone(),
                 jwks_uri: i.jwks_uri.clone(),
             })
             .collect();
@@ -181,6 +184,14 @@ impl IdentityVerifier {
         now: i64,
     ) -> Result<VerifiedIdentity, IdentityError> {
         let jwt = crate::token::jwt::ParsedJwt::parse(token, MAX_SUBJECT_TOKEN_BYTES)?;
+        // RFC 8725 §3.11 / RFC 9068 §2.1: a JWT typed as an access token is not an ID token.
+        let typ = jwt.header.typ.as_deref().unwrap_or("");
+        if accept == Accept::IdTokenOnly
+            && (typ.eq_ignore_ascii_case("at+jwt")
+                || typ.eq_ignore_ascii_case("application/at+jwt"))
+        {
+            return Err(IdentityError::AccessTokenAsIdToken);
+        }
         if jwt
             .str_claim("iss")
             .is_some_and(|i| self.oidc.knows_issuer(i))

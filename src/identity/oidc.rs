@@ -34,6 +34,7 @@ pub const MAX_ID_TOKEN_BYTES: usize = 16 * 1024;
 pub struct OidcIssuerConfig {
     pub issuer: String,
     pub audience: String,
+    pub allowed_extra_audiences: Vec<String>,
     pub jwks_uri: Option<String>,
 }
 
@@ -109,6 +110,8 @@ pub enum OidcError {
     IssuedInFuture,
     #[error("token audience does not include the configured audience")]
     WrongAudience,
+    #[error("token audience includes an audience that is not trusted")]
+    UntrustedAudience,
     #[error("token lacks the `{0}` claim")]
     MissingClaim(&'static str),
     #[error("discovery failed: {0}")]
@@ -285,6 +288,9 @@ impl OidcVerifier {
         if !jwt.audience_contains(&state.cfg.audience) {
             return Err(OidcError::WrongAudience);
         }
+        if untrusted_audience(jwt, &state.cfg) {
+            return Err(OidcError::UntrustedAudience);
+        }
         let skew = crate::domain::duration_secs(self.opts.max_skew);
         let exp = jwt.int_claim("exp").ok_or(OidcError::MissingClaim("exp"))?;
         if now > exp.saturating_add(skew) {
@@ -296,10 +302,9 @@ impl OidcVerifier {
         {
             return Err(OidcError::NotYetValid);
         }
-        if jwt
-            .int_claim("iat")
-            .is_some_and(|iat| iat > now.saturating_add(skew))
-        {
+        // OIDC Core §2: `iat` is required in an ID token.
+        let iat = jwt.int_claim("iat").ok_or(OidcError::MissingClaim("iat"))?;
+        if iat > now.saturating_add(skew) {
             return Err(OidcError::IssuedInFuture);
         }
         let sub = jwt
@@ -515,3 +520,14 @@ mod targets;
 
 #[cfg(test)]
 mod tests;
+
+/// OIDC Core §3.1.3.7 item 3: an ID token whose `aud` names an audience other than ours and
+/// the configured extras is refused.
+fn untrusted_audience(jwt: &ParsedJwt<'_>, cfg: &OidcIssuerConfig) -> bool {
+    let trusted = |a: &str| a == cfg.audience || cfg.allowed_extra_audiences.iter().any(|x| x == a);
+    match jwt.claims.get("aud") {
+        Some(Value::String(s)) => !trusted(s),
+        Some(Value::Array(list)) => list.iter().any(|v| v.as_str().is_none_or(|a| !trusted(a))),
+        _ => true,
+    }
+}

@@ -336,6 +336,24 @@ impl PolicySet {
     }
 
     /// The files the set was built from, sorted by name.
+    /// The scopes the permits name (`resource == Writ::Scope::"x"`), sorted, for the
+    /// metadata's `scopes_supported`; `None` when a permit constrains its resource any other
+    /// way (or not at all), so the scopes cannot be listed.
+    pub fn scopes_supported(&self) -> Option<Vec<String>> {
+        let mut out = std::collections::BTreeSet::new();
+        for p in self.set.policies().filter(|p| p.effect() == Effect::Permit) {
+            match p.resource_constraint() {
+                cedar_policy::ResourceConstraint::Eq(uid)
+                    if uid.type_name().to_string() == "Writ::Scope" =>
+                {
+                    out.insert(uid.id().unescaped().to_string());
+                }
+                _ => return None,
+            }
+        }
+        Some(out.into_iter().collect())
+    }
+
     pub fn sources(&self) -> &[(String, String)] {
         &self.files
     }

@@ -313,3 +313,21 @@ fn sample_cases_pass_and_wrong_expectations_fail() {
         report.failures
     );
 }
+
+#[test]
+fn scopes_are_listed_only_when_every_permit_names_one() {
+    let named = r#"
+permit (principal, action == Writ::Action::"exchange", resource == Writ::Scope::"b:read");
+permit (principal, action == Writ::Action::"exchange", resource == Writ::Scope::"a:read");
+forbid (principal, action, resource);
+"#;
+    let set = PolicySet::from_sources(&[("n.cedar".into(), named.into())]).unwrap();
+    assert_eq!(
+        set.scopes_supported(),
+        Some(vec!["a:read".to_string(), "b:read".to_string()])
+    );
+    let open =
+        format!("{named}\npermit (principal, action == Writ::Action::\"exchange\", resource);\n");
+    let set = PolicySet::from_sources(&[("o.cedar".into(), open)]).unwrap();
+    assert_eq!(set.scopes_supported(), None);
+}

@@ -490,12 +490,7 @@ async fn malformed_requests_get_their_exact_error() {
             400,
             "invalid_request",
         ),
-        (
-            "empty scope",
-            base(&[("scope", "")]),
-            400,
-            "invalid_request",
-        ),
+        ("empty scope", base(&[("scope", "")]), 400, "invalid_scope"),
         (
             "missing scope",
             base(&[])
@@ -503,7 +498,7 @@ async fn malformed_requests_get_their_exact_error() {
                 .filter(|(k, _)| k != "scope")
                 .collect(),
             400,
-            "invalid_request",
+            "invalid_scope",
         ),
         (
             "malformed scope",
@@ -711,7 +706,7 @@ async fn delegation_narrows_and_records_the_actor() {
     let (s, v) = delegate("repo:read", parent).await;
     assert_eq!(
         (s, v["error"].as_str().unwrap()),
-        (400, "invalid_grant"),
+        (400, "invalid_request"),
         "{v}"
     );
 }

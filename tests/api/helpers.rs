@@ -567,3 +567,14 @@ impl TestApp {
         }
     }
 }
+
+/// A broker like `first` (same keys, bundle, policies, store) whose config text is `edit`ed.
+pub async fn spawn_edited(first: &TestApp, edit: impl Fn(&str) -> String) -> TestApp {
+    replica(
+        &edit(&first.config_text),
+        first.dir.path(),
+        &first.svid_key_pem,
+        true,
+    )
+    .await
+}

@@ -10,6 +10,7 @@
 mod redis_support;
 
 mod chaos;
+mod conformance;
 mod exchange;
 mod feed;
 mod helpers;

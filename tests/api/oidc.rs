@@ -153,3 +153,81 @@ async fn an_unreachable_issuer_is_503_not_a_refusal() {
         .await;
     app.assert_still_serving().await;
 }
+
+fn id_token_with(iss: &Issuer, claims: Value) -> String {
+    let mut h = jsonwebtoken::Header::new(iss.key.alg.jwt_alg());
+    h.kid = Some(iss.key.kid.clone());
+    jsonwebtoken::encode(&h, &claims, iss.key.encoding_key()).unwrap()
+}
+
+/// OIDC Core §3.1.3.7: an ID token with an audience that is not trusted is refused, unless
+/// configured as an allowed extra; `iat` is required.
+#[tokio::test]
+async fn id_tokens_with_untrusted_audiences_or_without_iat_are_refused() {
+    let iss = issuer().await;
+    let app = spawn_app_with(Options {
+        extra_config: format!(
+            "[[oidc.issuers]]\nissuer = \"{}\"\naudience = \"writ\"\nallowed_extra_audiences = [\"https://ci.example\"]\n",
+            iss.base
+        ),
+        ..Options::default()
+    })
+    .await;
+    let now = app.clock.now();
+    let base = |aud: Value| {
+        json!({"iss": iss.base, "sub": "repo:org/app:ref:refs/heads/main", "aud": aud,
+               "iat": now, "exp": now + 300, "repository": "org/app"})
+    };
+    let evil = id_token_with(&iss, base(json!(["writ", "https://evil.example"])));
+    app.expect_error(&evil, "ci:deploy", &[], 400, "invalid_request")
+        .await;
+    let extra = id_token_with(&iss, base(json!(["writ", "https://ci.example"])));
+    let (s, v) = app.exchange(&extra, "ci:deploy", &[]).await;
+    assert_eq!(s, 200, "{v}");
+    let mut no_iat = base(json!("writ"));
+    no_iat.as_object_mut().unwrap().remove("iat");
+    let no_iat = id_token_with(&iss, no_iat);
+    app.expect_error(&no_iat, "ci:deploy", &[], 400, "invalid_request")
+        .await;
+    assert!(app.audit_text().contains("not trusted"));
+}
+
+/// RFC 8725 §3.11: a JWT typed `at+jwt` presented as an ID token is refused; the same token
+/// as a plain `jwt` is still accepted.
+#[tokio::test]
+async fn an_access_token_presented_as_an_id_token_is_refused() {
+    let iss = issuer().await;
+    let app = spawn_app_with(Options {
+        extra_config: format!(
+            "[[oidc.issuers]]\nissuer = \"{}\"\naudience = \"writ\"\n",
+            iss.base
+        ),
+        ..Options::default()
+    })
+    .await;
+    let now = app.clock.now();
+    let mut h = jsonwebtoken::Header::new(iss.key.alg.jwt_alg());
+    h.kid = Some(iss.key.kid.clone());
+    h.typ = Some("at+jwt".into());
+    let claims = json!({"iss": iss.base, "sub": "repo:org/app:ref:refs/heads/main", "aud": "writ",
+                        "iat": now, "exp": now + 300, "repository": "org/app"});
+    let at = jsonwebtoken::encode(&h, &claims, iss.key.encoding_key()).unwrap();
+    let form = |t: &'static str| {
+        vec![
+            ("grant_type", GRANT),
+            ("subject_token", at.as_str()),
+            ("subject_token_type", t),
+            ("scope", "ci:deploy"),
+            ("audience", API),
+        ]
+    };
+    let (s, v, _) = app.post_form("/oauth2/token", &form(ID_TOKEN_TYPE)).await;
+    assert_eq!(
+        (s, v["error"].as_str().unwrap()),
+        (400, "invalid_request"),
+        "{v}"
+    );
+    assert!(app.audit_text().contains("not an ID token"));
+    let (s, v, _) = app.post_form("/oauth2/token", &form(JWT_TYPE)).await;
+    assert_eq!(s, 200, "{v}");
+}

@@ -13,18 +13,27 @@ if [ ! -d tests/interop/node/node_modules/oidc-provider ]; then
 fi
 
 work=$(mktemp -d)
-trap 'kill ${PID:-} 2>/dev/null || true; rm -rf "$work"' EXIT
+trap 'kill ${PID:-} ${PID2:-} 2>/dev/null || true; rm -rf "$work"' EXIT
 PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 "$WRIT" keys generate --alg ES256 --out "$work/signing.pem" >/dev/null
 OP_PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 .venv/bin/python tests/interop/setup_td.py "$work" "$PORT" "$ROOT" "$OP_PORT"
 "$WRIT" serve --config "$work/writ.toml" 2>"$work/serve.log" &
 PID=$!
-for _ in $(seq 1 200); do
-  python3 -c "import urllib.request,sys; urllib.request.urlopen('http://127.0.0.1:$PORT/readyz', timeout=1)" 2>/dev/null && break
-  sleep 0.05
+# A second broker whose issuer has a path (RFC 8414 §3.1 discovery), with its own log.
+PORT2=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+sed -e "s|127.0.0.1:$PORT\"|127.0.0.1:$PORT2\"|" \
+    -e "s|issuer = \"http://127.0.0.1:$PORT2\"|issuer = \"http://127.0.0.1:$PORT2/writ\"|" \
+    -e "s|decisions.jsonl|decisions-path.jsonl|" "$work/writ.toml" >"$work/writ-path.toml"
+"$WRIT" serve --config "$work/writ-path.toml" 2>"$work/serve-path.log" &
+PID2=$!
+for port in "$PORT" "$PORT2"; do
+  for _ in $(seq 1 200); do
+    python3 -c "import urllib.request,sys; urllib.request.urlopen('http://127.0.0.1:$port/readyz', timeout=1)" 2>/dev/null && break
+    sleep 0.05
+  done
 done
-export BROKER="http://127.0.0.1:$PORT" WORK="$work" OP_PORT
+export BROKER="http://127.0.0.1:$PORT" BROKER_PATH="http://127.0.0.1:$PORT2/writ" WORK="$work" OP_PORT
 status=0
 .venv/bin/python tests/interop/python/test_interop.py || status=1
 node tests/interop/node/test.mjs || status=1
@@ -35,4 +44,5 @@ node tests/interop/node/oidc.mjs || status=1
   --checks not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance \
   --max-examples 50 --seed 20261123 --workers 2 --no-color || status=1
 "$WRIT" audit verify "$work/decisions.jsonl"
+"$WRIT" audit verify "$work/decisions-path.jsonl"
 exit $status

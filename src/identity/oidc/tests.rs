@@ -87,6 +87,7 @@ fn verifier(base: &str, opts: OidcOptions) -> OidcVerifier {
         vec![OidcIssuerConfig {
             issuer: base.to_string(),
             audience: "writ".into(),
+            allowed_extra_audiences: Vec::new(),
             jwks_uri: None,
         }],
         opts,
@@ -330,6 +331,7 @@ async fn configured_jwks_uri_skips_discovery() {
         vec![OidcIssuerConfig {
             issuer: base.clone(),
             audience: "writ".into(),
+            allowed_extra_audiences: Vec::new(),
             jwks_uri: Some(format!("{base}/jwks")),
         }],
         opts(),
@@ -343,6 +345,7 @@ async fn configured_jwks_uri_skips_discovery() {
             vec![OidcIssuerConfig {
                 issuer: "http://issuer.example".into(),
                 audience: "writ".into(),
+                allowed_extra_audiences: Vec::new(),
                 jwks_uri: None
             }],
             opts()
@@ -393,6 +396,7 @@ fn configured_jwks_uris_are_trusted_with_internal_addresses() {
             vec![OidcIssuerConfig {
                 issuer: "https://issuer.example".into(),
                 audience: "writ".into(),
+                allowed_extra_audiences: Vec::new(),
                 jwks_uri: Some(jwks_uri.into()),
             }],
             opts(),

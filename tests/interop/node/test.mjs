@@ -125,5 +125,28 @@ await check('a token from another issuer fails validateJwtAccessToken', async ()
   assert(refused, 'forged token accepted')
 })
 
+await check('discovery of an issuer with a path (RFC 8414 §3.1), then an exchange there', async () => {
+  const pathIssuer = new URL(process.env.BROKER_PATH)
+  assert(pathIssuer.pathname === '/writ', `BROKER_PATH ${pathIssuer}`)
+  const res = await oauth.discoveryRequest(pathIssuer, { algorithm: 'oauth2', ...insecure })
+  const pas = await oauth.processDiscoveryResponse(pathIssuer, res)
+  assert(pas.token_endpoint === `${process.env.BROKER_PATH}/oauth2/token`, `token_endpoint ${pas.token_endpoint}`)
+  assert(!('response_types_supported' in pas), 'empty response_types_supported')
+  assert(Array.isArray(pas.scopes_supported) && pas.scopes_supported.includes('repo:read'), 'scopes_supported')
+  const tres = await oauth.genericTokenEndpointRequest(pas, client, oauth.None(),
+    'urn:ietf:params:oauth:grant-type:token-exchange', {
+      subject_token: await svid('spiffe://interop.test/agent/node'),
+      subject_token_type: 'urn:ietf:params:oauth:token-type:jwt',
+      scope: 'repo:read',
+      audience: API,
+    }, insecure)
+  const body = await oauth.processGenericTokenEndpointResponse(pas, client, tres)
+  const request = new Request(`${API}/repos`, { headers: { authorization: `Bearer ${body.access_token}` } })
+  const claims = await oauth.validateJwtAccessToken(pas, request, API, insecure)
+  assert(claims.iss === process.env.BROKER_PATH, `iss ${claims.iss}`)
+  const rres = await oauth.revocationRequest(pas, client, oauth.None(), body.access_token, insecure)
+  await oauth.processRevocationResponse(rres)
+})
+
 console.log(`${passed} passed, ${failed} failed`)
 process.exit(failed ? 1 : 0)
