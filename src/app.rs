@@ -123,6 +123,7 @@ impl Application {
 pub fn spawn_background(broker: Arc<Broker>) -> Vec<tokio::task::JoinHandle<()>> {
     vec![
         spawn_policy_watcher(broker.clone()),
+        spawn_policy_start_check(broker.clone()),
         spawn_bundle_reloader(broker.clone()),
         tokio::spawn(crate::revocation::follow(
             broker.store.clone(),
@@ -143,6 +144,34 @@ fn spawn_policy_watcher(broker: Arc<Broker>) -> tokio::task::JoinHandle<()> {
         },
     );
     spawn_watcher(broker.policy.clone(), Duration::from_secs(1), on_event)
+}
+
+/// A policy change that arrives by a restart (a Deployment rolled on a new policy) is a
+/// change too: the store's `policy:current` says what the replicas ran before. The replica
+/// that records the new version re-evaluates, once per transition like a hot reload.
+fn spawn_policy_start_check(broker: Arc<Broker>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let t = match broker.advance_policy().await {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot compare the policy with the store's");
+                return;
+            }
+        };
+        if !t.changed || t.previous.is_empty() {
+            return;
+        }
+        tracing::info!(old = %t.previous, new = %t.current, "policy changed across a restart");
+        broker.record_policy_load(Some(&t.previous), "changed across a restart");
+        let reevaluate = broker
+            .config
+            .trips
+            .as_ref()
+            .is_some_and(|t| t.reevaluate_on_policy_change);
+        if reevaluate && let Err(e) = broker.reevaluate_open_tasks(&t.previous).await {
+            tracing::error!(error = %e, "re-evaluation of open tasks failed");
+        }
+    })
 }
 
 /// Re-reads trust bundle files once a second; cached credentials are verified again after

@@ -150,7 +150,14 @@ impl Broker {
             .iter()
             .map(|h| h.to_ascii_lowercase())
             .collect();
-        let policy = Arc::new(PolicyHandle::new(policies, config.policy.dir.clone()));
+        let policy = Arc::new(
+            PolicyHandle::new(policies, config.policy.dir.clone()).with_guard(
+                crate::policy::ShrinkGuard {
+                    max_drop_share: config.policy.max_drop_share,
+                    allow_empty: config.policy.allow_empty,
+                },
+            ),
+        );
         let revocations = Arc::new(RevocationCache::new(
             config.store.max_staleness,
             local_store,

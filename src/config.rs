@@ -287,6 +287,16 @@ pub struct OidcIssuerEntry {
 #[serde(deny_unknown_fields)]
 pub struct PolicyConfig {
     pub dir: PathBuf,
+    /// A reload that loses more than this share of the policies at once is refused.
+    #[serde(default = "default_max_drop_share")]
+    pub max_drop_share: f64,
+    /// Accept reloads that empty the set or shrink it past `max_drop_share`.
+    #[serde(default)]
+    pub allow_empty: bool,
+}
+
+fn default_max_drop_share() -> f64 {
+    0.5
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -403,7 +413,19 @@ impl Config {
         self.validate_spiffe()?;
         self.validate_oidc()?;
         self.validate_access()?;
+        self.validate_policy()?;
         self.validate_trips()
+    }
+
+    fn validate_policy(&self) -> Result<(), ConfigError> {
+        let share = self.policy.max_drop_share;
+        if !(share.is_finite() && share > 0.0 && share <= 1.0) {
+            return Err(ConfigError::new(
+                "policy.max_drop_share",
+                "must be a share greater than 0 and at most 1 (0.5 = half the policies)",
+            ));
+        }
+        Ok(())
     }
 
     fn validate_server(&self) -> Result<(), ConfigError> {
@@ -905,6 +927,29 @@ dir = "p"
 
     fn load(extra: &str) -> Result<Config, ConfigError> {
         Config::from_toml_with_env(&format!("{BASE}{extra}"), Vec::new())
+    }
+
+    #[test]
+    fn policy_drop_share_is_a_share() {
+        let c = load("").unwrap();
+        assert_eq!(
+            (c.policy.max_drop_share, c.policy.allow_empty),
+            (0.5, false)
+        );
+        for bad in ["0", "1.5", "-0.1", "nan"] {
+            let text = BASE.replace(
+                "dir = \"p\"",
+                &format!("dir = \"p\"\nmax_drop_share = {bad}"),
+            );
+            let e = Config::from_toml_with_env(&text, Vec::new()).unwrap_err();
+            assert_eq!(e.key, "policy.max_drop_share", "{bad} -> {e}");
+        }
+        let text = BASE.replace(
+            "dir = \"p\"",
+            "dir = \"p\"\nmax_drop_share = 1.0\nallow_empty = true",
+        );
+        let c = Config::from_toml_with_env(&text, Vec::new()).unwrap();
+        assert_eq!((c.policy.max_drop_share, c.policy.allow_empty), (1.0, true));
     }
 
     #[test]

@@ -12,7 +12,8 @@ use crate::domain::Subject;
 use crate::error::BrokerError;
 use crate::policy::{PolicyAction, PolicyContext, PolicyPrincipal};
 use crate::store::{
-    BlockKind, BlockRecord, BlockSelector, FeedEvent, TaskFilter, TaskRecord, TaskState,
+    BlockKind, BlockRecord, BlockSelector, FeedEvent, PolicyTransition, TaskFilter, TaskRecord,
+    TaskState,
 };
 use crate::task::ClosedTree;
 
@@ -40,13 +41,16 @@ impl Broker {
                     .trips
                     .as_ref()
                     .is_some_and(|t| t.reevaluate_on_policy_change);
-                if reevaluate {
-                    tokio::spawn(async move {
-                        if let Err(e) = self.reevaluate_open_tasks(&outcome.old_version).await {
-                            tracing::error!(error = %e, "re-evaluation of open tasks failed");
-                        }
-                    });
-                }
+                tokio::spawn(async move {
+                    let r = if reevaluate {
+                        self.reevaluate_open_tasks(&outcome.old_version).await
+                    } else {
+                        self.advance_policy().await.map(|_| Reevaluation::default())
+                    };
+                    if let Err(e) = r {
+                        tracing::error!(error = %e, "re-evaluation of open tasks failed");
+                    }
+                });
             }
             Ok(_) => {}
             Err(e) => {
@@ -227,24 +231,37 @@ impl Broker {
         Ok(described)
     }
 
+    /// Records the version in force as the store's current policy (`policy:current`): a
+    /// change of version there is one numbered transition, whichever replica saw it first.
+    pub async fn advance_policy(&self) -> Result<PolicyTransition, BrokerError> {
+        let version = self.policy.current().version().to_string();
+        self.store
+            .advance_policy(&version)
+            .await
+            .map_err(|e| self.fail(e))
+    }
+
     /// Decides every open task again under the policy set in force; tasks whose granted
     /// scopes are no longer all permitted are revoked with reason `policy_changed`. With a
-    /// shared store one replica does the work per version: the others wait for it, and take
-    /// over if it dies before finishing (its claim expires).
+    /// shared store one replica does the work per transition (generation, from, to): the
+    /// others wait for it, and take over if it dies before finishing (its claim expires).
     pub async fn reevaluate_open_tasks(
         &self,
         old_version: &str,
     ) -> Result<Reevaluation, BrokerError> {
-        let set = self.policy.current();
-        let new_version = set.version().to_string();
-        let done = format!("reeval-done:{new_version}");
+        let transition = self.advance_policy().await?;
+        let new_version = transition.current.clone();
+        let done = format!("reeval-done:{}", transition.key());
         for _ in 0..120 {
             if self.store.flag(&done).await.map_err(|e| self.fail(e))? {
                 return Ok(Reevaluation::default());
             }
             if self
                 .store
-                .claim(&format!("reeval:{new_version}"), Duration::from_secs(30))
+                .claim(
+                    &format!("reeval:{}", transition.key()),
+                    Duration::from_secs(30),
+                )
                 .await
                 .map_err(|e| self.fail(e))?
             {

@@ -20,8 +20,8 @@ use writ::domain::{Subject, TaskId};
 use writ::store::memory::MemoryStore;
 use writ::store::redis::RedisStore;
 use writ::store::{
-    BlockRecord, BlockSelector, FeedCursor, FeedEvent, MintOutcome, Store, TaskFilter, TaskRecord,
-    TaskState, TokenEntry,
+    BlockRecord, BlockSelector, FeedCursor, FeedEvent, MintOutcome, PolicyTransition, Store,
+    TaskFilter, TaskRecord, TaskState, TokenEntry,
 };
 
 const NOW: i64 = 1_800_000_000;
@@ -367,6 +367,37 @@ async fn feed(s: Arc<dyn Store>) {
     let _ = FeedCursor::default();
 }
 
+async fn policy_transitions(s: Arc<dyn Store>) {
+    let t = s.advance_policy("A").await.unwrap();
+    assert_eq!(
+        (t.previous.as_str(), t.generation, t.changed),
+        ("", 1, true)
+    );
+    let again = s.advance_policy("A").await.unwrap();
+    assert_eq!(
+        again,
+        PolicyTransition {
+            changed: false,
+            ..t.clone()
+        },
+        "no change, same transition"
+    );
+    let ab = s.advance_policy("B").await.unwrap();
+    assert_eq!(
+        (ab.previous.as_str(), ab.generation, ab.changed),
+        ("A", 2, true)
+    );
+    s.advance_policy("A").await.unwrap();
+    let ab2 = s.advance_policy("B").await.unwrap();
+    assert_eq!((ab2.previous.as_str(), ab2.generation), ("A", 4));
+    assert_ne!(
+        ab.key(),
+        ab2.key(),
+        "a version that comes back is a new transition"
+    );
+    assert_eq!(s.advance_policy("B").await.unwrap().key(), ab2.key());
+}
+
 fn memory_store() -> Arc<dyn Store> {
     Arc::new(MemoryStore::new())
 }
@@ -495,4 +526,5 @@ contract!(
     feed,
     counters_and_claims,
     pruning,
+    policy_transitions,
 );

@@ -70,6 +70,10 @@ pub enum PolicyError {
     Invalid(String),
     #[error("the Writ schema does not load: {0}")]
     Schema(String),
+    #[error(
+        "the new policy set has {new} policies where {old} are in force: more than policy.max_drop_share = {limit} of them dropped at once (policy.allow_empty = true accepts it)"
+    )]
+    Shrunk { old: usize, new: usize, limit: f64 },
     #[error("cannot read policy test cases `{file}`: {reason}")]
     Cases { file: String, reason: String },
 }
@@ -629,10 +633,48 @@ pub struct ReloadOutcome {
     pub new_version: String,
 }
 
+/// What a reload may do to the size of the set: an empty or truncated file must not turn
+/// into a deny-all set that re-evaluation would use to revoke every open task.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ShrinkGuard {
+    /// Largest share of the policies one reload may drop (`policy.max_drop_share`).
+    pub max_drop_share: f64,
+    /// Accept any set, even an empty one (`policy.allow_empty`).
+    pub allow_empty: bool,
+}
+
+impl Default for ShrinkGuard {
+    fn default() -> Self {
+        ShrinkGuard {
+            max_drop_share: 0.5,
+            allow_empty: false,
+        }
+    }
+}
+
+impl ShrinkGuard {
+    fn check(&self, old: usize, new: usize) -> Result<(), PolicyError> {
+        if self.allow_empty || new >= old {
+            return Ok(());
+        }
+        let count = |n: usize| u32::try_from(n).map_or(f64::MAX, f64::from);
+        let dropped = count(old.saturating_sub(new)) / count(old);
+        if new == 0 || dropped > self.max_drop_share {
+            return Err(PolicyError::Shrunk {
+                old,
+                new,
+                limit: self.max_drop_share,
+            });
+        }
+        Ok(())
+    }
+}
+
 /// The policy set in force, swapped atomically on reload.
 pub struct PolicyHandle {
     current: ArcSwap<PolicySet>,
     dir: PathBuf,
+    guard: ShrinkGuard,
 }
 
 impl std::fmt::Debug for PolicyHandle {
@@ -648,7 +690,14 @@ impl PolicyHandle {
         PolicyHandle {
             current: ArcSwap::from_pointee(set),
             dir,
+            guard: ShrinkGuard::default(),
         }
+    }
+
+    /// The same handle with another bound on how far one reload may shrink the set.
+    pub fn with_guard(mut self, guard: ShrinkGuard) -> Self {
+        self.guard = guard;
+        self
     }
 
     /// The set in force: lock-free.
@@ -656,10 +705,14 @@ impl PolicyHandle {
         self.current.load_full()
     }
 
-    /// Re-reads the directory. A set that does not load is refused and the old one stays.
+    /// Re-reads the directory. A set that does not load, or that drops more policies at once
+    /// than the guard allows, is refused and the old one stays.
     pub fn reload(&self) -> Result<ReloadOutcome, PolicyError> {
         let new = PolicySet::load_dir(&self.dir)?;
         let old = self.current();
+        if old.version() != new.version() {
+            self.guard.check(old.policy_count(), new.policy_count())?;
+        }
         let outcome = ReloadOutcome {
             changed: old.version() != new.version(),
             old_version: old.version().to_string(),
@@ -681,14 +734,26 @@ impl PolicyHandle {
     }
 }
 
-/// Names, sizes and modification times of the directory's files: a cheap change check.
-fn dir_stamp(dir: &Path) -> Vec<(String, u64, Option<SystemTime>)> {
+/// How long a changed directory must hold still before it is read: a file being written
+/// (or truncated and refilled) is not loaded half-way.
+const SETTLE: Duration = Duration::from_millis(200);
+
+/// One entry of [`dir_stamp`]: name, resolved path, size and modification time.
+type StampEntry = (String, Option<PathBuf>, u64, Option<SystemTime>);
+
+/// Names, resolved paths, sizes and modification times of the directory's entries: a cheap
+/// change check. Symlinks are followed (metadata of the target, and where it resolves), so
+/// a Kubernetes ConfigMap mount (`demo.cedar -> ..data/demo.cedar`, `..data -> ..<stamp>`)
+/// is seen to change when `..data` is swapped to a new directory.
+fn dir_stamp(dir: &Path) -> Vec<StampEntry> {
     let mut out = Vec::new();
     if let Ok(entries) = std::fs::read_dir(dir) {
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            if let Ok(md) = e.metadata() {
-                out.push((name, md.len(), md.modified().ok()));
+            let path = e.path();
+            if let Ok(md) = std::fs::metadata(&path) {
+                let resolved = std::fs::canonicalize(&path).ok();
+                out.push((name, resolved, md.len(), md.modified().ok()));
             }
         }
     }
@@ -696,8 +761,48 @@ fn dir_stamp(dir: &Path) -> Vec<(String, u64, Option<SystemTime>)> {
     out
 }
 
-/// Reloads when the directory changes (polled every `interval`) and on SIGHUP. `on_event`
-/// hears every change of version and every refused set (once per change of the files).
+/// What a refused reload tried to load: the version of the files it read, or why it could
+/// not read them. The same refusal twice in a row is reported once.
+fn attempted(dir: &Path) -> String {
+    read_dir(dir).map_or_else(|e| e.to_string(), |files| version_of(&files))
+}
+
+/// Reloads once and reports what happened, folding a refusal of the same files as the
+/// last refusal.
+async fn reload_and_report(
+    handle: &Arc<PolicyHandle>,
+    last_refused: &mut Option<String>,
+    on_event: &(dyn Fn(Result<ReloadOutcome, PolicyError>) + Send + Sync),
+) {
+    let h = handle.clone();
+    let result = tokio::task::spawn_blocking(move || {
+        let r = h.reload();
+        let tried = r.as_ref().err().map(|_| attempted(h.dir()));
+        (r, tried)
+    })
+    .await;
+    match result {
+        Ok((Ok(outcome), _)) => {
+            *last_refused = None;
+            if outcome.changed {
+                on_event(Ok(outcome));
+            }
+        }
+        Ok((Err(e), tried)) => {
+            if tried.is_some() && *last_refused == tried {
+                tracing::debug!(error = %e, "the same policy set is refused again");
+                return;
+            }
+            *last_refused = tried;
+            on_event(Err(e));
+        }
+        Err(e) => tracing::error!(error = %e, "policy reload task failed"),
+    }
+}
+
+/// Reloads when the directory changes (polled every `interval`, read once it has held
+/// still for [`SETTLE`]) and on SIGHUP. `on_event` hears every change of version and every
+/// refused set (once per refused set of files, however often it is retried).
 pub fn spawn_watcher(
     handle: Arc<PolicyHandle>,
     interval: Duration,
@@ -711,6 +816,7 @@ pub fn spawn_watcher(
         let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
         let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_refused: Option<String> = None;
         loop {
             #[cfg(unix)]
             let forced = match hup.as_mut() {
@@ -732,14 +838,13 @@ pub fn spawn_watcher(
             if !forced && stamp == last {
                 continue;
             }
-            last = stamp;
-            let h = handle.clone();
-            let result = tokio::task::spawn_blocking(move || h.reload()).await;
-            match result {
-                Ok(Ok(outcome)) if !outcome.changed => {}
-                Ok(r) => on_event(r),
-                Err(e) => tracing::error!(error = %e, "policy reload task failed"),
+            tokio::time::sleep(SETTLE).await;
+            if dir_stamp(handle.dir()) != stamp {
+                // Still being written: the next tick looks again.
+                continue;
             }
+            last = stamp;
+            reload_and_report(&handle, &mut last_refused, on_event.as_ref()).await;
         }
     })
 }

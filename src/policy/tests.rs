@@ -331,3 +331,155 @@ forbid (principal, action, resource);
     let set = PolicySet::from_sources(&[("o.cedar".into(), open)]).unwrap();
     assert_eq!(set.scopes_supported(), None);
 }
+
+/// `n` policies, one scope each.
+fn permits(n: usize) -> String {
+    (0..n)
+        .map(|i| format!("permit (principal, action == Writ::Action::\"exchange\", resource == Writ::Scope::\"s{i}\");\n"))
+        .collect()
+}
+
+fn handle_of(dir: &Path, guard: ShrinkGuard) -> PolicyHandle {
+    PolicyHandle::new(PolicySet::load_dir(dir).unwrap(), dir.to_path_buf()).with_guard(guard)
+}
+
+#[test]
+fn an_emptied_file_is_refused_and_restoring_it_works() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("demo.cedar");
+    std::fs::write(&file, DEMO).unwrap();
+    let handle = handle_of(dir.path(), ShrinkGuard::default());
+    let v1 = handle.current().version().to_string();
+    std::fs::write(&file, "").unwrap();
+    let e = handle.reload().unwrap_err();
+    assert!(matches!(e, PolicyError::Shrunk { new: 0, .. }), "{e}");
+    assert!(e.to_string().contains("policy.allow_empty"), "{e}");
+    assert_eq!(handle.current().version(), v1, "the old set keeps serving");
+    std::fs::write(&file, DEMO).unwrap();
+    assert!(!handle.reload().unwrap().changed);
+    assert_eq!(handle.current().version(), v1);
+}
+
+#[test]
+fn a_reload_that_drops_more_than_the_share_is_refused_unless_allowed() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("p.cedar");
+    std::fs::write(&file, permits(5)).unwrap();
+    let handle = handle_of(dir.path(), ShrinkGuard::default());
+    std::fs::write(&file, permits(2)).unwrap();
+    let e = handle.reload().unwrap_err();
+    assert!(
+        matches!(e, PolicyError::Shrunk { old: 5, new: 2, .. }),
+        "a 60% drop: {e}"
+    );
+    assert_eq!(handle.current().policy_count(), 5);
+    std::fs::write(&file, permits(3)).unwrap();
+    assert!(handle.reload().unwrap().changed, "a 40% drop is allowed");
+    assert_eq!(handle.current().policy_count(), 3);
+
+    let guard = ShrinkGuard {
+        allow_empty: true,
+        ..ShrinkGuard::default()
+    };
+    std::fs::write(&file, permits(5)).unwrap();
+    let handle = handle_of(dir.path(), guard);
+    std::fs::write(&file, permits(2)).unwrap();
+    assert!(handle.reload().unwrap().changed);
+    std::fs::write(&file, "").unwrap();
+    assert!(handle.reload().unwrap().changed);
+    assert_eq!(handle.current().policy_count(), 0);
+}
+
+type Events = Arc<parking_lot::Mutex<Vec<Result<ReloadOutcome, String>>>>;
+
+fn watch(handle: &Arc<PolicyHandle>) -> (Events, tokio::task::JoinHandle<()>) {
+    let events: Events = Arc::default();
+    let ev = events.clone();
+    let task = spawn_watcher(
+        handle.clone(),
+        Duration::from_millis(50),
+        Arc::new(move |r| ev.lock().push(r.map_err(|e| e.to_string()))),
+    );
+    (events, task)
+}
+
+async fn until_events(events: &Events, n: usize) {
+    let start = std::time::Instant::now();
+    while events.lock().len() < n {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "{n} events expected: {:?}",
+            events.lock()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[cfg(unix)]
+#[tokio::test]
+async fn the_watcher_follows_a_configmap_symlink_swap() {
+    use std::os::unix::fs::symlink;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    std::fs::create_dir(root.join("..2026_01")).unwrap();
+    std::fs::write(root.join("..2026_01/demo.cedar"), permits(2)).unwrap();
+    symlink("..2026_01", root.join("..data")).unwrap();
+    symlink("..data/demo.cedar", root.join("demo.cedar")).unwrap();
+    let handle = Arc::new(handle_of(root, ShrinkGuard::default()));
+    assert_eq!(handle.current().policy_count(), 2);
+    let (events, task) = watch(&handle);
+    // The kubelet's swap: a new timestamped directory, a new symlink renamed over `..data`.
+    std::fs::create_dir(root.join("..2026_02")).unwrap();
+    std::fs::write(root.join("..2026_02/demo.cedar"), permits(3)).unwrap();
+    symlink("..2026_02", root.join("..data_tmp")).unwrap();
+    std::fs::rename(root.join("..data_tmp"), root.join("..data")).unwrap();
+    until_events(&events, 1).await;
+    assert!(matches!(&events.lock()[0], Ok(o) if o.changed));
+    assert_eq!(handle.current().policy_count(), 3);
+    task.abort();
+}
+
+#[tokio::test]
+async fn a_set_refused_again_is_reported_once() {
+    // What the watcher does on each SIGHUP: reload and report.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("demo.cedar"), DEMO).unwrap();
+    let handle = Arc::new(handle_of(dir.path(), ShrinkGuard::default()));
+    let events: Events = Arc::default();
+    let ev = events.clone();
+    let on_event =
+        move |r: Result<ReloadOutcome, PolicyError>| ev.lock().push(r.map_err(|e| e.to_string()));
+    let mut last_refused = None;
+    std::fs::write(dir.path().join("bad.cedar"), "permit (").unwrap();
+    for _ in 0..3 {
+        reload_and_report(&handle, &mut last_refused, &on_event).await;
+    }
+    let seen = events.lock().clone();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    // Another refused set is reported; so is the first again after a good load in between.
+    std::fs::write(dir.path().join("bad.cedar"), "permit ((").unwrap();
+    reload_and_report(&handle, &mut last_refused, &on_event).await;
+    assert_eq!(events.lock().len(), 2);
+    std::fs::remove_file(dir.path().join("bad.cedar")).unwrap();
+    reload_and_report(&handle, &mut last_refused, &on_event).await;
+    std::fs::write(dir.path().join("bad.cedar"), "permit ((").unwrap();
+    reload_and_report(&handle, &mut last_refused, &on_event).await;
+    assert_eq!(events.lock().len(), 3);
+    assert!(events.lock().iter().all(Result::is_err));
+}
+
+#[cfg(unix)]
+#[tokio::test]
+async fn the_watcher_sees_an_edit_of_a_symlink_target() {
+    let outside = tempfile::tempdir().unwrap();
+    let target = outside.path().join("demo.cedar");
+    std::fs::write(&target, permits(2)).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(&target, dir.path().join("demo.cedar")).unwrap();
+    let handle = Arc::new(handle_of(dir.path(), ShrinkGuard::default()));
+    let (events, task) = watch(&handle);
+    std::fs::write(&target, permits(3)).unwrap();
+    until_events(&events, 1).await;
+    assert_eq!(handle.current().policy_count(), 3);
+    task.abort();
+}

@@ -12,8 +12,8 @@ use async_trait::async_trait;
 use parking_lot::Mutex;
 
 use super::{
-    BlockRecord, FeedCursor, FeedEvent, MintOutcome, Store, StoreError, TaskFilter, TaskRecord,
-    TaskState, TokenEntry,
+    BlockRecord, FeedCursor, FeedEvent, MintOutcome, PolicyTransition, Store, StoreError,
+    TaskFilter, TaskRecord, TaskState, TokenEntry,
 };
 use crate::domain::{Subject, TaskId};
 
@@ -52,6 +52,7 @@ pub struct MemoryStore {
     notify: tokio::sync::Notify,
     counters: Mutex<HashMap<String, VecDeque<i64>>>,
     flags: Mutex<HashMap<String, std::time::Instant>>,
+    policy: Mutex<Option<PolicyTransition>>,
 }
 
 impl Default for MemoryStore {
@@ -63,6 +64,7 @@ impl Default for MemoryStore {
             notify: tokio::sync::Notify::new(),
             counters: Mutex::new(HashMap::new()),
             flags: Mutex::new(HashMap::new()),
+            policy: Mutex::new(None),
         }
     }
 }
@@ -360,6 +362,24 @@ impl Store for MemoryStore {
                     .count() as u64
             })
             .sum())
+    }
+
+    async fn advance_policy(&self, version: &str) -> Result<PolicyTransition, StoreError> {
+        let mut slot = self.policy.lock();
+        if let Some(t) = slot.as_ref().filter(|t| t.current == version) {
+            return Ok(PolicyTransition {
+                changed: false,
+                ..t.clone()
+            });
+        }
+        let t = PolicyTransition {
+            previous: slot.as_ref().map(|t| t.current.clone()).unwrap_or_default(),
+            current: version.to_string(),
+            generation: slot.as_ref().map_or(0, |t| t.generation).saturating_add(1),
+            changed: true,
+        };
+        *slot = Some(t.clone());
+        Ok(t)
     }
 
     async fn flag(&self, name: &str) -> Result<bool, StoreError> {

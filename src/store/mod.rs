@@ -292,6 +292,26 @@ pub enum MintOutcome {
     OverBudget(TaskRecord),
 }
 
+/// The policy version the replicas last accepted, as the store records it: each change of
+/// version is one transition, numbered by a generation that only goes up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyTransition {
+    /// The version before the change (empty when the store had none).
+    pub previous: String,
+    pub current: String,
+    pub generation: u64,
+    /// True when this call made the change; false when the store already had `current`.
+    pub changed: bool,
+}
+
+impl PolicyTransition {
+    /// A name for this transition, the same on every replica, and different for every change
+    /// even when versions come back (A -> B -> A -> B).
+    pub fn key(&self) -> String {
+        format!("{}:{}>{}", self.generation, self.previous, self.current)
+    }
+}
+
 #[async_trait]
 pub trait Store: Send + Sync + std::fmt::Debug {
     /// Reachability, for `/readyz` and for failing closed.
@@ -366,6 +386,11 @@ pub trait Store: Send + Sync + std::fmt::Debug {
 
     /// True when the flag is set.
     async fn flag(&self, name: &str) -> Result<bool, StoreError>;
+
+    /// Records `version` as the policy set in force. When it differs from the recorded one,
+    /// the generation goes up by one (atomically, whichever replica gets there first);
+    /// otherwise the transition that last changed it is returned, unchanged.
+    async fn advance_policy(&self, version: &str) -> Result<PolicyTransition, StoreError>;
 
     /// Forgets what no longer matters at `now`: blocks that neither refuse exchanges nor cut
     /// off live tokens, and tasks past [`RETAIN_AFTER_DEADLINE`]. Returns how many records it

@@ -30,8 +30,8 @@ use redis::cluster_async::ClusterConnection;
 use redis::{AsyncConnectionConfig, Cmd, Pipeline, RedisFuture, Script, Value};
 
 use super::{
-    BlockRecord, FeedCursor, FeedEvent, MintOutcome, Store, StoreError, TaskFilter, TaskRecord,
-    TaskState, TokenEntry,
+    BlockRecord, FeedCursor, FeedEvent, MintOutcome, PolicyTransition, Store, StoreError,
+    TaskFilter, TaskRecord, TaskState, TokenEntry,
 };
 use crate::domain::{Subject, TaskId};
 
@@ -97,6 +97,7 @@ pub struct RedisStore {
     lift: Script,
     hit: Script,
     publish: Script,
+    advance: Script,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -172,6 +173,18 @@ else
 end
 redis.call('EXPIRE', KEYS[1], ARGV[5])
 return n
+";
+
+/// KEYS[1] `policy:current` (version `v`, previous `p`), KEYS[2] the generation counter.
+const ADVANCE_LUA: &str = r"
+local cur = redis.call('HMGET', KEYS[1], 'v', 'p')
+if cur[1] == ARGV[1] then
+  return {0, cur[2] or '', tonumber(redis.call('GET', KEYS[2]) or '0')}
+end
+local g = redis.call('INCR', KEYS[2])
+local prev = cur[1] or ''
+redis.call('HSET', KEYS[1], 'v', ARGV[1], 'p', prev)
+return {1, prev, g}
 ";
 
 const CLOSE_LUA: &str = r"
@@ -251,6 +264,7 @@ impl RedisStore {
             lift: Script::new(LIFT_LUA),
             hit: Script::new(HIT_LUA),
             publish: Script::new(PUBLISH_LUA),
+            advance: Script::new(ADVANCE_LUA),
         })
     }
 
@@ -804,6 +818,23 @@ impl Store for RedisStore {
             .query_async(&mut self.conn())
             .await
             .map_err(unavailable)
+    }
+
+    async fn advance_policy(&self, version: &str) -> Result<PolicyTransition, StoreError> {
+        let (changed, previous, generation): (i64, String, u64) = self
+            .advance
+            .key(format!("{}{{policy}}:current", self.prefix))
+            .key(format!("{}{{policy}}:generation", self.prefix))
+            .arg(version)
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(unavailable)?;
+        Ok(PolicyTransition {
+            previous,
+            current: version.to_string(),
+            generation,
+            changed: changed == 1,
+        })
     }
 
     async fn flag(&self, name: &str) -> Result<bool, StoreError> {

@@ -211,6 +211,29 @@ pub async fn spawn_with_text(text: &str) -> TestApp {
     start(text.to_string(), dir, svid_key).await
 }
 
+/// Stops a broker (no new connections, its background tasks end) and keeps its files, so
+/// that [`restart`] can start another on them.
+pub fn stop(app: TestApp) -> (String, tempfile::TempDir, String) {
+    let TestApp {
+        config_text,
+        dir,
+        svid_key_pem,
+        _stop,
+        ..
+    } = app;
+    drop(_stop);
+    (config_text, dir, svid_key_pem)
+}
+
+/// A broker on the files and config of one that [`stop`] stopped.
+pub async fn restart(stopped: (String, tempfile::TempDir, String)) -> TestApp {
+    let (text, dir, svid_pem) = stopped;
+    let svid_key = SigningKey::from_pem(svid_pem.as_bytes(), "svid").unwrap();
+    let mut app = start(text, dir, svid_key).await;
+    app.svid_key_pem = svid_pem;
+    app
+}
+
 /// The `[store]` section for a Redis server.
 pub fn redis_store(url: &str) -> String {
     format!("[store]\nbackend = \"redis\"\nurl = \"{url}\"\nmax_staleness = \"2s\"\n")

@@ -460,3 +460,112 @@ async fn a_policy_change_revokes_exactly_the_tasks_that_lost_permission() {
         (Some("revoked"), Some("policy_changed"))
     );
 }
+
+/// The test policy without its `repo:write` permit.
+fn policy_without_write() -> String {
+    let text = POLICY.replace(
+        "@id(\"agent-write\")\n@max_ttl(\"2m\")\npermit (\n  principal in Writ::TrustDomain::\"example.org\",\n  action == Writ::Action::\"exchange\",\n  resource == Writ::Scope::\"repo:write\"\n) when { principal.path like \"/agent/*\" };",
+        "",
+    );
+    assert_ne!(text, POLICY);
+    text
+}
+
+/// Writes the policy file of `apps[0]` (shared by all) and waits until every replica serves it.
+async fn switch_policy(apps: &[&TestApp], text: &str) {
+    let version = writ::policy::PolicySet::from_sources(&[("test.cedar".into(), text.into())])
+        .unwrap()
+        .version()
+        .to_string();
+    std::fs::write(apps[0].path("policies/test.cedar"), text).unwrap();
+    let start = Instant::now();
+    while !apps
+        .iter()
+        .all(|a| a.broker.policy.current().version() == version)
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "a replica did not load the policy"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn until_revoked(app: &TestApp, token: &str, what: &str) {
+    let start = Instant::now();
+    while app.introspect(token).await != json!({"active": false}) {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "{what}\n{}",
+            app.audit_text()
+                .lines()
+                .filter(|l| l.contains("policy_load") || l.contains("trip"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_version_that_comes_back_is_evaluated_again() {
+    let redis = RedisServer::start();
+    let a = app_with(Some(&redis), TRIPS).await;
+    let b = spawn_replica(&a).await;
+    let without_write = policy_without_write();
+    // A -> B -> A: a task granted under the second A ...
+    switch_policy(&[&a, &b], &without_write).await;
+    switch_policy(&[&a, &b], POLICY).await;
+    let (w, task) = b.task_token(AGENT, "repo:write").await;
+    // ... is revoked when B comes back, though B was evaluated once already.
+    switch_policy(&[&a, &b], &without_write).await;
+    until_revoked(
+        &a,
+        &w,
+        "the task granted under the second A is still active under B",
+    )
+    .await;
+    let records: Vec<Value> = trip_records(&a, "policy_changed")
+        .into_iter()
+        .chain(trip_records(&b, "policy_changed"))
+        .collect();
+    assert_eq!(records.len(), 1, "{records:?}");
+    assert_eq!(records[0]["task_id"], task.as_str());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_change_across_a_restart_revokes_what_it_forbids() {
+    let redis = RedisServer::start();
+    let a = app_with(Some(&redis), TRIPS).await;
+    let b = spawn_replica(&a).await;
+    let (w, task) = a.task_token(AGENT, "repo:write").await;
+    let (r, _) = b.task_token(AGENT, "repo:read").await;
+    // Both replicas stop; the policy changes while none runs (a Deployment rolled on it).
+    drop(b);
+    let stopped = stop(a);
+    std::fs::write(
+        stopped.1.path().join("policies/test.cedar"),
+        policy_without_write(),
+    )
+    .unwrap();
+    let a = restart(stopped).await;
+    let b = spawn_replica(&a).await;
+    until_revoked(
+        &b,
+        &w,
+        "a token the new policy forbids survived the restart",
+    )
+    .await;
+    assert_eq!(b.introspect(&r).await["active"], true);
+    let records: Vec<Value> = trip_records(&a, "policy_changed")
+        .into_iter()
+        .chain(trip_records(&b, "policy_changed"))
+        .collect();
+    assert_eq!(records.len(), 1, "{records:?}");
+    assert_eq!(records[0]["task_id"], task.as_str());
+    assert!(
+        a.audit_records()
+            .iter()
+            .any(|r| r["event"] == "policy_load" && r["reason"] == "changed across a restart")
+    );
+}
