@@ -12,8 +12,8 @@ use async_trait::async_trait;
 use parking_lot::Mutex;
 
 use super::{
-    BlockRecord, FeedCursor, FeedEvent, MintOutcome, Store, StoreError, TaskFilter, TaskRecord,
-    TaskState, TokenEntry,
+    AuditHead, BlockRecord, FeedCursor, FeedEvent, MintOutcome, Store, StoreError, TaskFilter,
+    TaskRecord, TaskState, TokenEntry,
 };
 use crate::domain::{Subject, TaskId};
 
@@ -52,6 +52,7 @@ pub struct MemoryStore {
     notify: tokio::sync::Notify,
     counters: Mutex<HashMap<String, VecDeque<i64>>>,
     flags: Mutex<HashMap<String, std::time::Instant>>,
+    audit_heads: Mutex<HashMap<String, AuditHead>>,
 }
 
 impl Default for MemoryStore {
@@ -63,6 +64,7 @@ impl Default for MemoryStore {
             notify: tokio::sync::Notify::new(),
             counters: Mutex::new(HashMap::new()),
             flags: Mutex::new(HashMap::new()),
+            audit_heads: Mutex::new(HashMap::new()),
         }
     }
 }
@@ -337,6 +339,21 @@ impl Store for MemoryStore {
                     .count() as u64
             })
             .sum())
+    }
+
+    async fn put_audit_head(&self, head: &AuditHead) -> Result<(), StoreError> {
+        let mut heads = self.audit_heads.lock();
+        match heads.get(&head.log_id) {
+            Some(kept) if kept.seq >= head.seq => {}
+            _ => {
+                heads.insert(head.log_id.clone(), head.clone());
+            }
+        }
+        Ok(())
+    }
+
+    async fn audit_head(&self, log_id: &str) -> Result<Option<AuditHead>, StoreError> {
+        Ok(self.audit_heads.lock().get(log_id).cloned())
     }
 
     async fn flag(&self, name: &str) -> Result<bool, StoreError> {

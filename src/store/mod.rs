@@ -219,6 +219,17 @@ pub enum MintOutcome {
     OverBudget(TaskRecord),
 }
 
+/// The decision log's latest signed head (SPEC §6): the `seq` and `hash` of the last record
+/// a checkpoint covers, and that checkpoint's compact JWS over them. Kept per log: replicas
+/// sharing a store each write their own log, named by the hash of its first record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditHead {
+    pub log_id: String,
+    pub seq: u64,
+    pub hash: String,
+    pub checkpoint: String,
+}
+
 #[async_trait]
 pub trait Store: Send + Sync + std::fmt::Debug {
     /// Reachability, for `/readyz` and for failing closed.
@@ -293,6 +304,13 @@ pub trait Store: Send + Sync + std::fmt::Debug {
 
     /// True when the flag is set.
     async fn flag(&self, name: &str) -> Result<bool, StoreError>;
+
+    /// Keeps `head` as the latest head of its log (`head.log_id`), unless the store already
+    /// holds one with a higher or equal `seq`: a head only moves forward.
+    async fn put_audit_head(&self, head: &AuditHead) -> Result<(), StoreError>;
+
+    /// The latest head kept for the log `log_id`.
+    async fn audit_head(&self, log_id: &str) -> Result<Option<AuditHead>, StoreError>;
 
     /// Open tasks at `now` (Redis: tasks whose deadline has not passed, ended or not; an
     /// upper bound that costs one command).

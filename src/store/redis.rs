@@ -11,6 +11,7 @@
 //! | `writ:{idx}:tasks` | sorted set | task ids by deadline, for listings |
 //! | `writ:{feed}:stream` | stream | revocation events (`e` = JSON), trimmed by age |
 //! | `writ:{feed}:blocks` | hash | standing blocks by id |
+//! | `writ:{audit:<log id>}:head` | hash | a decision log's latest signed head: `seq`, `v` (JSON); never expires |
 //!
 //! Every task key expires 15 minutes after the task's deadline (its tokens expire by the
 //! deadline), so memory stays bounded by live tasks. The mutable hash holds only short
@@ -28,8 +29,8 @@ use redis::cluster_async::ClusterConnection;
 use redis::{AsyncConnectionConfig, Cmd, Pipeline, RedisFuture, Script, Value};
 
 use super::{
-    BlockRecord, FeedCursor, FeedEvent, MintOutcome, Store, StoreError, TaskFilter, TaskRecord,
-    TaskState, TokenEntry,
+    AuditHead, BlockRecord, FeedCursor, FeedEvent, MintOutcome, Store, StoreError, TaskFilter,
+    TaskRecord, TaskState, TokenEntry,
 };
 use crate::domain::{Subject, TaskId};
 
@@ -94,6 +95,7 @@ pub struct RedisStore {
     close: Script,
     lift: Script,
     hit: Script,
+    head: Script,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -188,6 +190,14 @@ redis.call('XADD', KEYS[2], 'MINID', '~', ARGV[4], '*', 'e', ARGV[3])
 return 1
 ";
 
+/// A head only moves forward: it is replaced by one with a higher `seq` only.
+const HEAD_LUA: &str = r"
+local cur = redis.call('HGET', KEYS[1], 'seq')
+if cur and tonumber(cur) >= tonumber(ARGV[1]) then return 0 end
+redis.call('HSET', KEYS[1], 'seq', ARGV[1], 'v', ARGV[2])
+return 1
+";
+
 impl RedisStore {
     /// Connects to a standalone server (`url`) or a cluster (`nodes`).
     pub async fn connect(
@@ -228,6 +238,7 @@ impl RedisStore {
             close: Script::new(CLOSE_LUA),
             lift: Script::new(LIFT_LUA),
             hit: Script::new(HIT_LUA),
+            head: Script::new(HEAD_LUA),
         })
     }
 
@@ -249,6 +260,10 @@ impl RedisStore {
     }
     fn k_blocks(&self) -> String {
         format!("{}{{feed}}:blocks", self.prefix)
+    }
+
+    fn k_audit_head(&self, log_id: &str) -> String {
+        format!("{}{{audit:{log_id}}}:head", self.prefix)
     }
 
     fn conn(&self) -> Conn {
@@ -734,6 +749,37 @@ impl Store for RedisStore {
             .await
             .map_err(unavailable)?;
         Ok(n == 1)
+    }
+
+    async fn put_audit_head(&self, head: &AuditHead) -> Result<(), StoreError> {
+        let json = serde_json::to_string(head).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let _: i64 = self
+            .head
+            .key(self.k_audit_head(&head.log_id))
+            .arg(head.seq)
+            .arg(json)
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn audit_head(&self, log_id: &str) -> Result<Option<AuditHead>, StoreError> {
+        let raw: Option<String> = redis::cmd("HGET")
+            .arg(self.k_audit_head(log_id))
+            .arg("v")
+            .query_async(&mut self.conn())
+            .await
+            .map_err(unavailable)?;
+        let Some(raw) = raw else { return Ok(None) };
+        let head: AuditHead = serde_json::from_str(&raw)
+            .map_err(|e| StoreError::Corrupt(format!("audit head: {e}")))?;
+        if head.log_id != log_id {
+            return Err(StoreError::Corrupt(
+                "audit head stored under another log's key".into(),
+            ));
+        }
+        Ok(Some(head))
     }
 
     async fn list_blocks(&self) -> Result<Vec<BlockRecord>, StoreError> {
