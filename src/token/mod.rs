@@ -138,6 +138,24 @@ impl TokenIssuer {
     }
 }
 
+/// Signs `payload` as a compact JWS with the active signing key (header `alg`, `kid` and
+/// `typ`). `typ` names what is signed and is never `at+jwt`, so that nothing signed here can
+/// pass for a task token (the decision log's checkpoints use it).
+pub fn sign_jws(keys: &KeySet, typ: &str, payload: &impl Serialize) -> Result<String, TokenError> {
+    if typ.eq_ignore_ascii_case("at+jwt") {
+        return Err(TokenError::Sign(
+            "a JWS that is not a task token must not say `typ: at+jwt`".into(),
+        ));
+    }
+    crypto::ensure_installed();
+    let key = keys.active();
+    let mut header = Header::new(key.alg.jwt_alg());
+    header.typ = Some(typ.to_string());
+    header.kid = Some(key.kid.clone());
+    jsonwebtoken::encode(&header, payload, key.encoding_key())
+        .map_err(|e| TokenError::Sign(e.to_string()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
