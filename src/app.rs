@@ -81,7 +81,9 @@ impl Application {
         for h in background {
             h.abort();
         }
-        if let Err(e) = self.broker.audit.sync() {
+        if let Err(e) =
+            crate::audit::maintain::finish(&self.broker.audit, self.broker.store.as_ref()).await
+        {
             tracing::error!(error = %e, "cannot flush the decision log");
         }
         tracing::info!("stopped; decision log flushed");
@@ -156,19 +158,12 @@ pub fn spawn_background(broker: Arc<Broker>) -> Vec<tokio::task::JoinHandle<()>>
         broker.clock.clone(),
     )));
 
-    let b = broker;
-    handles.push(tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
-        loop {
-            tick.tick().await;
-            let audit = b.audit.clone();
-            match tokio::task::spawn_blocking(move || audit.sync()).await {
-                Ok(Err(e)) => tracing::error!(error = %e, "decision log sync failed"),
-                Err(e) => tracing::error!(error = %e, "decision log sync task failed"),
-                Ok(Ok(())) => {}
-            }
-        }
-    }));
+    // Checkpoints, flood summaries, the head in the store, and a sync a second of what no
+    // request waited for (exchanges wait for their own record: `AuditLog::commit`).
+    handles.push(tokio::spawn(crate::audit::maintain::run(
+        broker.audit.clone(),
+        broker.store.clone(),
+    )));
     handles
 }
 

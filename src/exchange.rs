@@ -449,7 +449,12 @@ impl Broker {
         } else {
             "permitted".into()
         };
-        self.append(Event::Exchange, e)?;
+        let seq = self.append(Event::Exchange, e)?;
+        // Durable before issued (SPEC §6): the token leaves only once its record is on disk.
+        self.audit.commit(seq).await.map_err(|err| {
+            tracing::error!(error = %err, "decision log commit failed");
+            BrokerError::unavailable()
+        })?;
 
         let claims = TaskClaims {
             iss: self.tokens.issuer().to_string(),
@@ -566,7 +571,7 @@ impl Broker {
             ),
             ..audit::Entry::default()
         };
-        if let Err(err) = self.audit.append(Event::Exchange, entry) {
+        if let Err(err) = self.audit.append_unauthenticated(Event::Exchange, entry) {
             tracing::error!(error = %err, "decision log append failed");
             return BrokerError::unavailable();
         }

@@ -5,20 +5,47 @@
 //! fields in the order of [`Record`]), and `hash` is written last, so a line is exactly the
 //! hashed bytes with `,"hash":"…"` before the closing brace. `prev` = the previous record's
 //! `hash` (64 zeros for the first).
+//!
+//! A chain alone can be cut or recomputed by whoever can write the file, so (SPEC §6):
+//! - every `checkpoint_every` records or `checkpoint_interval` the log appends a `checkpoint`
+//!   record carrying a JWS, signed with the broker's token signing key, over the `seq` and
+//!   `hash` of the record before it ([`checkpoint`]); the latest one is the log's head, kept
+//!   in the store and served at `GET /admin/v1/audit/head` ([`maintain`]);
+//! - [`AuditLog::commit`] makes a record durable (fdatasync) before the caller acts on it,
+//!   with one fsync shared by every caller waiting at the time (group commit);
+//! - `seq` and `ts` never go backwards: both are taken under the append lock;
+//! - refusals of unauthenticated callers go through [`AuditLog::append_unauthenticated`],
+//!   which summarises a flood from one source ([`flood`]).
+
+pub mod checkpoint;
+pub mod flood;
+pub mod maintain;
+pub mod verify;
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
+use serde_json::{Value, json};
 
-use crate::domain::sha256_hex;
+use crate::config::AuditConfig;
+use crate::domain::{Clock, SystemClock, sha256_hex};
+use crate::store::AuditHead;
+use crate::token::keys::KeySet;
+
+pub use verify::{Break, Report, Verification, VerifyOptions, verify_file, verify_reader};
 
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// The longest first line read to name a log (its first record).
+const MAX_FIRST_LINE: u64 = 1 << 20;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Event {
     Exchange,
@@ -28,6 +55,7 @@ pub enum Event {
     Trip,
     PolicyLoad,
     Admin,
+    Checkpoint,
 }
 
 /// What the caller fills in; `seq`, `ts`, `prev` and `hash` are the log's.
@@ -75,7 +103,8 @@ pub struct Record {
 }
 
 impl Record {
-    fn compute_hash(&self) -> Result<String, AuditError> {
+    /// The hash this record should carry: SHA-256 of its compact JSON without `hash`.
+    pub fn compute_hash(&self) -> Result<String, AuditError> {
         let mut unhashed = self.clone();
         unhashed.hash = None;
         let bytes = serde_json::to_vec(&unhashed).map_err(|e| AuditError::Io(e.to_string()))?;
@@ -90,6 +119,72 @@ pub enum AuditError {
     Io(String),
     #[error("decision log `{path}` ends in a record that does not parse; run `writ audit verify`")]
     CorruptTail { path: String },
+    #[error(
+        "decision log `{path}` starts with a record that does not parse; run `writ audit verify`"
+    )]
+    CorruptHead { path: String },
+    #[error(
+        "decision log could not be made durable ({0}); nothing more is issued until the broker is restarted"
+    )]
+    NotDurable(String),
+    #[error("cannot sign a decision log checkpoint: {0}")]
+    Sign(String),
+    #[error("cannot keep the decision log head in the store: {0}")]
+    Store(String),
+}
+
+/// Checkpoint and flood settings (`[audit]`).
+#[derive(Debug, Clone)]
+pub struct AuditOptions {
+    pub checkpoint_every: u64,
+    pub checkpoint_interval: Duration,
+    pub unauthenticated_per_minute: u32,
+    pub unauthenticated_max_sources: usize,
+}
+
+impl Default for AuditOptions {
+    fn default() -> Self {
+        Self::from_config(&AuditConfig::default())
+    }
+}
+
+impl AuditOptions {
+    pub fn from_config(c: &AuditConfig) -> Self {
+        AuditOptions {
+            checkpoint_every: c.checkpoint_every.max(1),
+            checkpoint_interval: c.checkpoint_interval,
+            unauthenticated_per_minute: c.unauthenticated_per_minute,
+            unauthenticated_max_sources: usize::try_from(c.unauthenticated_max_sources)
+                .unwrap_or(usize::MAX)
+                .max(1),
+        }
+    }
+}
+
+/// Counters of the log's life, read by `/metrics`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AuditStats {
+    /// Appends that failed (the record is not in the log).
+    pub append_failures: u64,
+    /// fdatasync calls made.
+    pub fsyncs: u64,
+    /// The highest `seq` written to the operating system.
+    pub written_seq: u64,
+    /// The highest `seq` known to be on disk.
+    pub synced_seq: u64,
+    pub checkpoints: u64,
+    pub checkpoint_failures: u64,
+    /// Refusals of unauthenticated callers counted into summaries instead of written.
+    pub summarised: u64,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    append_failures: AtomicU64,
+    fsyncs: AtomicU64,
+    checkpoints: AtomicU64,
+    checkpoint_failures: AtomicU64,
+    summarised: AtomicU64,
 }
 
 enum Sink {
@@ -103,14 +198,68 @@ struct Chain {
     seq: u64,
     prev: String,
     buf: Vec<u8>,
+    /// `ts` of the last record, in milliseconds since the epoch: the next is never earlier.
+    last_ts_ms: u64,
+    /// `seq` of the latest checkpoint record (0: none since the log was opened).
+    checkpoint_seq: u64,
+    /// When (clock seconds) the latest checkpoint was written; `None`: not since opening.
+    checkpoint_at: Option<i64>,
+}
+
+/// Where a log continues from when it is opened.
+struct Tail {
+    seq: u64,
+    prev: String,
+    last_ts_ms: u64,
+    log_id: Option<String>,
+    /// The latest checkpoint, when the log ends with one.
+    checkpoint: Option<(u64, AuditHead)>,
+}
+
+impl Tail {
+    fn empty() -> Self {
+        Tail {
+            seq: 0,
+            prev: GENESIS.to_string(),
+            last_ts_ms: 0,
+            log_id: None,
+            checkpoint: None,
+        }
+    }
+}
+
+/// Durability state: what was written, what is on disk, and who is syncing.
+struct Durability {
+    /// The file to fdatasync (`None` for stdout and discard: nothing to sync).
+    file: Option<Arc<File>>,
+    written: AtomicU64,
+    synced: AtomicU64,
+    /// Held by the one caller that syncs for everyone waiting (the group commit leader).
+    leader: tokio::sync::Mutex<()>,
+    /// Set once a sync failed: the kernel may have dropped what it could not write, so
+    /// nothing is known to be durable any more and nothing is issued until a restart.
+    failed: AtomicBool,
+    /// Test hook: the next sync fails.
+    fail_next: AtomicBool,
 }
 
 /// The append-only, hash-chained decision log.
 pub struct AuditLog {
     inner: Mutex<Chain>,
-    /// A second handle on the same file, so that flushing to disk never holds the lock that
-    /// appends take.
-    sync_handle: Option<File>,
+    durability: Durability,
+    options: AuditOptions,
+    /// Signs checkpoints; without it (offline tools) none are written.
+    keys: Option<KeySet>,
+    clock: Arc<dyn Clock>,
+    /// The hash of the log's first record.
+    log_id: OnceLock<String>,
+    /// The latest checkpoint written, and the highest one kept in the store.
+    head: Mutex<Option<AuditHead>>,
+    published_seq: AtomicU64,
+    /// Woken when a checkpoint is written, so that its head reaches the store promptly.
+    pub(crate) head_written: tokio::sync::Notify,
+    flood: Mutex<flood::Limiter>,
+    counters: Counters,
 }
 
 impl std::fmt::Debug for AuditLog {
@@ -121,10 +270,42 @@ impl std::fmt::Debug for AuditLog {
 
 impl AuditLog {
     /// Opens `path` for appending (creating it and its directory), continuing the chain from
-    /// its last record; `-` writes to standard output.
+    /// its last record; `-` writes to standard output. Default options, no checkpoints (no
+    /// signing key), the system clock.
     pub fn open(path: &str) -> Result<Self, AuditError> {
+        Self::open_with(path, AuditOptions::default(), None, Arc::new(SystemClock))
+    }
+
+    /// A log as the broker runs it: checkpoints signed with `keys`, flood windows and the
+    /// checkpoint interval on `clock`.
+    pub fn from_config(
+        config: &AuditConfig,
+        keys: KeySet,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self, AuditError> {
+        Self::open_with(
+            &config.path,
+            AuditOptions::from_config(config),
+            Some(keys),
+            clock,
+        )
+    }
+
+    pub fn open_with(
+        path: &str,
+        options: AuditOptions,
+        keys: Option<KeySet>,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self, AuditError> {
         if path == "-" {
-            return Ok(Self::with_sink(Sink::Stdout, 0, GENESIS.to_string()));
+            return Ok(Self::with_sink(
+                Sink::Stdout,
+                None,
+                Tail::empty(),
+                options,
+                keys,
+                clock,
+            ));
         }
         let p = Path::new(path);
         if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -136,52 +317,159 @@ impl AuditLog {
             .create(true)
             .open(p)
             .map_err(|e| AuditError::Io(format!("`{path}`: {e}")))?;
-        let (seq, prev) = match last_line(&mut file).map_err(|e| AuditError::Io(e.to_string()))? {
-            None => (0, GENESIS.to_string()),
-            Some(line) => {
-                let rec: Record =
-                    serde_json::from_str(&line).map_err(|_| AuditError::CorruptTail {
-                        path: path.to_string(),
-                    })?;
-                let hash = rec.hash.ok_or_else(|| AuditError::CorruptTail {
-                    path: path.to_string(),
-                })?;
-                (rec.seq, hash)
-            }
-        };
+        let tail = read_tail(&mut file, path)?;
         let sync_handle = file
             .try_clone()
             .map_err(|e| AuditError::Io(e.to_string()))?;
-        let mut log = Self::with_sink(Sink::File(file), seq, prev);
-        log.sync_handle = Some(sync_handle);
-        Ok(log)
+        Ok(Self::with_sink(
+            Sink::File(file),
+            Some(Arc::new(sync_handle)),
+            tail,
+            options,
+            keys,
+            clock,
+        ))
     }
 
     /// A log that keeps the chain but writes nowhere (benchmarks of the crypto floor only).
     pub fn discard() -> Self {
-        Self::with_sink(Sink::Discard, 0, GENESIS.to_string())
+        Self::with_sink(
+            Sink::Discard,
+            None,
+            Tail::empty(),
+            AuditOptions::default(),
+            None,
+            Arc::new(SystemClock),
+        )
     }
 
-    fn with_sink(sink: Sink, seq: u64, prev: String) -> Self {
+    fn with_sink(
+        sink: Sink,
+        sync_file: Option<Arc<File>>,
+        tail: Tail,
+        options: AuditOptions,
+        keys: Option<KeySet>,
+        clock: Arc<dyn Clock>,
+    ) -> Self {
+        let log_id = OnceLock::new();
+        if let Some(id) = tail.log_id {
+            let _ = log_id.set(id);
+        }
+        let (checkpoint_seq, head) = match tail.checkpoint {
+            Some((seq, head)) => (seq, Some(head)),
+            None => (0, None),
+        };
+        let flood = flood::Limiter::new(
+            options.unauthenticated_per_minute,
+            options.unauthenticated_max_sources,
+        );
         AuditLog {
             inner: Mutex::new(Chain {
                 sink,
-                seq,
-                prev,
+                seq: tail.seq,
+                prev: tail.prev,
                 buf: Vec::with_capacity(1024),
+                last_ts_ms: tail.last_ts_ms,
+                checkpoint_seq,
+                checkpoint_at: None,
             }),
-            sync_handle: None,
+            durability: Durability {
+                file: sync_file,
+                written: AtomicU64::new(tail.seq),
+                synced: AtomicU64::new(tail.seq),
+                leader: tokio::sync::Mutex::new(()),
+                failed: AtomicBool::new(false),
+                fail_next: AtomicBool::new(false),
+            },
+            options,
+            keys,
+            clock,
+            log_id,
+            head: Mutex::new(head),
+            published_seq: AtomicU64::new(0),
+            head_written: tokio::sync::Notify::new(),
+            flood: Mutex::new(flood),
+            counters: Counters::default(),
         }
     }
 
-    /// Appends one record. Returns once the line is handed to the operating system; a failed
-    /// write leaves the chain where it was, and the caller must not act on the decision.
+    /// Appends one record and returns its `seq`. Returns once the line is handed to the
+    /// operating system; a failed write leaves the chain where it was, and the caller must
+    /// not act on the decision. To act on it only once it is on disk, [`AuditLog::commit`]
+    /// the returned `seq`.
     pub fn append(&self, event: Event, entry: Entry) -> Result<u64, AuditError> {
-        let ts = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
         let mut chain = self.inner.lock();
+        let seq = match self.write_record(&mut chain, event, entry) {
+            Ok(seq) => seq,
+            Err(e) => {
+                self.counters
+                    .append_failures
+                    .fetch_add(1, Ordering::Relaxed);
+                return Err(e);
+            }
+        };
+        if self.keys.is_some()
+            && chain.seq.saturating_sub(chain.checkpoint_seq) >= self.options.checkpoint_every
+        {
+            self.checkpoint_locked(&mut chain);
+        }
+        Ok(seq)
+    }
+
+    /// Appends the refusal of a caller that could not be authenticated. Up to
+    /// `unauthenticated_per_minute` of them per source (`entry.source_ip`) and minute are
+    /// written in full; past that they are counted, and one summary record per source and
+    /// minute carries the count and the first and last time. Returns the `seq` when the
+    /// record was written in full, `None` when it was counted into a summary.
+    pub fn append_unauthenticated(
+        &self,
+        event: Event,
+        entry: Entry,
+    ) -> Result<Option<u64>, AuditError> {
+        let now = self.clock.now();
+        let (admit, summaries) = self
+            .flood
+            .lock()
+            .admit(entry.source_ip.as_deref(), event, now);
+        self.write_summaries(summaries);
+        match admit {
+            flood::Admit::Write => self.append(event, entry).map(Some),
+            flood::Admit::Summarised => {
+                self.counters.summarised.fetch_add(1, Ordering::Relaxed);
+                Ok(None)
+            }
+        }
+    }
+
+    /// Writes the summaries of flood windows that have ended (all of them when `all`, at
+    /// shutdown).
+    pub fn flush_summaries(&self, all: bool) {
+        let summaries = self.flood.lock().flush(self.clock.now(), all);
+        self.write_summaries(summaries);
+    }
+
+    fn write_summaries(&self, summaries: Vec<flood::Summary>) {
+        for s in summaries {
+            let (event, entry) = s.record();
+            if let Err(e) = self.append(event, entry) {
+                // The count is not lost to the operator: it goes to the process log.
+                tracing::error!(error = %e, source = s.source.as_deref().unwrap_or("other sources"), count = s.count, "cannot record a summary of unauthenticated failures");
+            }
+        }
+    }
+
+    /// Writes one record under the lock. `ts` is taken here, so that it never runs
+    /// backwards against `seq`, and clamped to the previous record's.
+    fn write_record(
+        &self,
+        chain: &mut Chain,
+        event: Event,
+        entry: Entry,
+    ) -> Result<u64, AuditError> {
+        let ts_ms = next_ts_ms(chain.last_ts_ms, SystemTime::now());
         let rec = Record {
             seq: chain.seq + 1,
-            ts,
+            ts: format_ts(ts_ms),
             prev: chain.prev.clone(),
             hash: None,
             event,
@@ -199,7 +487,6 @@ impl AuditLog {
             source_ip: entry.source_ip,
             detail: entry.detail,
         };
-        let chain = &mut *chain;
         // One serialisation: hash the record without `hash`, then append the field.
         chain.buf.clear();
         serde_json::to_writer(&mut chain.buf, &rec).map_err(|e| AuditError::Io(e.to_string()))?;
@@ -220,18 +507,269 @@ impl AuditLog {
             }
             Sink::Discard => {}
         }
+        if rec.seq == 1 {
+            let _ = self.log_id.set(hash.clone());
+        }
         chain.seq = rec.seq;
         chain.prev = hash;
+        chain.last_ts_ms = ts_ms;
+        self.durability.written.store(rec.seq, Ordering::Release);
         Ok(rec.seq)
     }
 
-    /// Flushes what was appended to stable storage, without blocking appends.
+    /// Writes a checkpoint over the last record, unless there is no record since the last
+    /// checkpoint or no signing key. A failure is logged and counted; the chain goes on.
+    fn checkpoint_locked(&self, chain: &mut Chain) -> Option<AuditHead> {
+        let keys = self.keys.as_ref()?;
+        if chain.seq == 0 || chain.seq == chain.checkpoint_seq {
+            return None;
+        }
+        let covered = chain.seq;
+        let hash = chain.prev.clone();
+        let result = checkpoint::sign(keys, covered, &hash).and_then(|jws| {
+            let entry = Entry {
+                reason: format!("checkpoint: seq {covered} signed"),
+                detail: Some(json!({"seq": covered, "hash": hash, "jws": jws})),
+                ..Entry::default()
+            };
+            self.write_record(chain, Event::Checkpoint, entry)
+                .map(|seq| (seq, jws))
+        });
+        match result {
+            Ok((seq, jws)) => {
+                chain.checkpoint_seq = seq;
+                chain.checkpoint_at = Some(self.clock.now());
+                let head = AuditHead {
+                    log_id: self.log_id.get().cloned().unwrap_or_default(),
+                    seq: covered,
+                    hash,
+                    checkpoint: jws,
+                };
+                *self.head.lock() = Some(head.clone());
+                self.counters.checkpoints.fetch_add(1, Ordering::Relaxed);
+                self.head_written.notify_one();
+                Some(head)
+            }
+            Err(e) => {
+                self.counters
+                    .checkpoint_failures
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::error!(error = %e, "decision log checkpoint failed");
+                None
+            }
+        }
+    }
+
+    /// Writes a checkpoint now if any record came after the last one; returns its head.
+    pub fn checkpoint_now(&self) -> Option<AuditHead> {
+        let mut chain = self.inner.lock();
+        self.checkpoint_locked(&mut chain)
+    }
+
+    /// The periodic work: summaries of flood windows that have ended, and a checkpoint once
+    /// `checkpoint_interval` has passed since the last one (or none was written since the
+    /// log was opened) and records came after it.
+    pub fn tick(&self) {
+        self.flush_summaries(false);
+        let now = self.clock.now();
+        let interval =
+            i64::try_from(self.options.checkpoint_interval.as_secs()).unwrap_or(i64::MAX);
+        let mut chain = self.inner.lock();
+        if chain
+            .checkpoint_at
+            .is_none_or(|at| now.saturating_sub(at) >= interval)
+        {
+            self.checkpoint_locked(&mut chain);
+        }
+    }
+
+    /// Waits until every record up to `seq` is on disk. Callers waiting at the same time
+    /// share one fdatasync: the first becomes the leader and syncs everything written so
+    /// far (off the async threads), the others find their record covered when it is done.
+    /// Stdout and discard logs have nothing to sync.
+    pub async fn commit(&self, seq: u64) -> Result<(), AuditError> {
+        let d = &self.durability;
+        let Some(file) = &d.file else {
+            return Ok(());
+        };
+        loop {
+            if d.failed.load(Ordering::Acquire) {
+                return Err(AuditError::NotDurable("an earlier sync failed".into()));
+            }
+            if d.synced.load(Ordering::Acquire) >= seq {
+                return Ok(());
+            }
+            let _leader = d.leader.lock().await;
+            if d.failed.load(Ordering::Acquire) {
+                continue;
+            }
+            if d.synced.load(Ordering::Acquire) >= seq {
+                return Ok(());
+            }
+            // Everything written before the sync starts is covered by it.
+            let target = d.written.load(Ordering::Acquire);
+            let f = file.clone();
+            let inject = d.fail_next.swap(false, Ordering::AcqRel);
+            let result = tokio::task::spawn_blocking(move || {
+                if inject {
+                    return Err(std::io::Error::other("injected sync failure"));
+                }
+                f.sync_data()
+            })
+            .await;
+            self.counters.fsyncs.fetch_add(1, Ordering::Relaxed);
+            match result {
+                Ok(Ok(())) => {
+                    d.synced.fetch_max(target, Ordering::AcqRel);
+                }
+                Ok(Err(e)) => {
+                    d.failed.store(true, Ordering::Release);
+                    tracing::error!(error = %e, "decision log sync failed: refusing to issue until restarted");
+                    return Err(AuditError::NotDurable(e.to_string()));
+                }
+                Err(e) => {
+                    // The sync may or may not have happened; the next caller tries again.
+                    return Err(AuditError::NotDurable(e.to_string()));
+                }
+            }
+        }
+    }
+
+    /// Flushes everything appended so far to stable storage (shutdown).
     pub fn sync(&self) -> Result<(), AuditError> {
-        if let Some(f) = &self.sync_handle {
+        let d = &self.durability;
+        if let Some(f) = &d.file {
+            let target = d.written.load(Ordering::Acquire);
             f.sync_data().map_err(|e| AuditError::Io(e.to_string()))?;
+            self.counters.fsyncs.fetch_add(1, Ordering::Relaxed);
+            d.synced.fetch_max(target, Ordering::AcqRel);
         }
         Ok(())
     }
+
+    /// The highest `seq` handed to the operating system.
+    pub fn written_seq(&self) -> u64 {
+        self.durability.written.load(Ordering::Acquire)
+    }
+
+    /// The highest `seq` known to be on disk (every `seq` for stdout and discard logs).
+    pub fn synced_seq(&self) -> u64 {
+        if self.durability.file.is_none() {
+            return self.written_seq();
+        }
+        self.durability.synced.load(Ordering::Acquire)
+    }
+
+    /// True once a sync failed: the broker must not issue until it is restarted.
+    pub fn is_failed(&self) -> bool {
+        self.durability.failed.load(Ordering::Acquire)
+    }
+
+    /// Makes the next sync fail, as a full or failing disk would (tests).
+    #[doc(hidden)]
+    pub fn fail_next_sync(&self) {
+        self.durability.fail_next.store(true, Ordering::Release);
+    }
+
+    /// The hash of the log's first record: names this log among the replicas' logs.
+    pub fn log_id(&self) -> Option<String> {
+        self.log_id.get().cloned()
+    }
+
+    /// The latest checkpoint written (not necessarily in the store yet).
+    pub fn latest_head(&self) -> Option<AuditHead> {
+        self.head.lock().clone()
+    }
+
+    /// The latest checkpoint, when it is newer than what was put in the store.
+    pub fn unpublished_head(&self) -> Option<AuditHead> {
+        let head = self.head.lock().clone()?;
+        let published = self.published_seq.load(Ordering::Acquire);
+        (published == 0 || head.seq > published).then_some(head)
+    }
+
+    pub(crate) fn mark_published(&self, seq: u64) {
+        self.published_seq.fetch_max(seq, Ordering::AcqRel);
+    }
+
+    pub fn stats(&self) -> AuditStats {
+        let c = &self.counters;
+        AuditStats {
+            append_failures: c.append_failures.load(Ordering::Relaxed),
+            fsyncs: c.fsyncs.load(Ordering::Relaxed),
+            written_seq: self.written_seq(),
+            synced_seq: self.synced_seq(),
+            checkpoints: c.checkpoints.load(Ordering::Relaxed),
+            checkpoint_failures: c.checkpoint_failures.load(Ordering::Relaxed),
+            summarised: c.summarised.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// The next record's `ts`: now, but never before the previous record's (a wall clock that
+/// steps back must not make the log run backwards).
+fn next_ts_ms(last_ms: u64, now: SystemTime) -> u64 {
+    let now_ms = now
+        .duration_since(UNIX_EPOCH)
+        .ok()
+        .and_then(|d| u64::try_from(d.as_millis()).ok())
+        .unwrap_or(0);
+    now_ms.max(last_ms)
+}
+
+fn format_ts(ms: u64) -> String {
+    humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
+}
+
+fn parse_ts_ms(ts: &str) -> u64 {
+    humantime::parse_rfc3339(ts)
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .and_then(|d| u64::try_from(d.as_millis()).ok())
+        .unwrap_or(0)
+}
+
+/// Reads where an existing log continues from: its last record (seq, hash, ts, and the
+/// checkpoint when it is one) and its first record's hash (the log's id).
+fn read_tail(file: &mut File, path: &str) -> Result<Tail, AuditError> {
+    let io = |e: std::io::Error| AuditError::Io(e.to_string());
+    let Some(line) = last_line(file).map_err(io)? else {
+        return Ok(Tail::empty());
+    };
+    let corrupt = || AuditError::CorruptTail {
+        path: path.to_string(),
+    };
+    let rec: Record = serde_json::from_str(&line).map_err(|_| corrupt())?;
+    let hash = rec.hash.clone().ok_or_else(corrupt)?;
+    let first = first_line(file).map_err(io)?;
+    let first: Record = first
+        .as_deref()
+        .and_then(|l| serde_json::from_str(l).ok())
+        .ok_or_else(|| AuditError::CorruptHead {
+            path: path.to_string(),
+        })?;
+    let log_id = first.hash.ok_or_else(|| AuditError::CorruptHead {
+        path: path.to_string(),
+    })?;
+    let checkpoint = (rec.event == Event::Checkpoint)
+        .then(|| checkpoint::head_of(&rec, &log_id))
+        .flatten();
+    Ok(Tail {
+        seq: rec.seq,
+        prev: hash,
+        last_ts_ms: parse_ts_ms(&rec.ts),
+        log_id: Some(log_id),
+        checkpoint: checkpoint.map(|h| (rec.seq, h)),
+    })
+}
+
+fn first_line(file: &mut File) -> std::io::Result<Option<String>> {
+    file.seek(SeekFrom::Start(0))?;
+    let mut line = String::new();
+    BufReader::new(Read::by_ref(file).take(MAX_FIRST_LINE)).read_line(&mut line)?;
+    file.seek(SeekFrom::End(0))?;
+    let line = line.trim_end_matches('\n');
+    Ok((!line.is_empty()).then(|| line.to_string()))
 }
 
 fn last_line(file: &mut File) -> std::io::Result<Option<String>> {
@@ -247,144 +785,15 @@ fn last_line(file: &mut File) -> std::io::Result<Option<String>> {
         Read::by_ref(file).take(len - start).read_to_end(&mut buf)?;
         let trimmed = buf.strip_suffix(b"\n").unwrap_or(&buf);
         if let Some(pos) = trimmed.iter().rposition(|b| *b == b'\n') {
-            return Ok(Some(
-                String::from_utf8_lossy(&trimmed[pos + 1..]).into_owned(),
-            ));
+            let last = trimmed.get(pos + 1..).unwrap_or_default();
+            return Ok(Some(String::from_utf8_lossy(last).into_owned()));
         }
         if start == 0 {
             return Ok(Some(String::from_utf8_lossy(trimmed).into_owned()));
         }
-        window *= 4;
+        window = window.saturating_mul(4);
     }
-}
-
-/// The outcome of verifying a log.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Verification {
-    Intact { records: u64 },
-    Broken { line: u64, reason: String },
-}
-
-/// Verifies a whole log: every line parses, `seq` counts up by one, `prev` links to the
-/// previous `hash`, and every `hash` matches its record.
-pub fn verify_reader(reader: impl Read) -> std::io::Result<Verification> {
-    let mut prev = GENESIS.to_string();
-    let mut expected_seq: Option<u64> = None;
-    let mut n = 0u64;
-    for (i, line) in BufReader::new(reader).lines().enumerate() {
-        let line = line?;
-        let lineno = i as u64 + 1;
-        let broken = |reason: String| {
-            Ok(Verification::Broken {
-                line: lineno,
-                reason,
-            })
-        };
-        let rec: Record = match serde_json::from_str(&line) {
-            Ok(r) => r,
-            Err(e) => return broken(format!("record does not parse: {e}")),
-        };
-        if let Some(exp) = expected_seq
-            && rec.seq != exp
-        {
-            return broken(format!("seq {} where {} was expected", rec.seq, exp));
-        }
-        if rec.prev != prev {
-            return broken(format!(
-                "seq {}: prev does not match the hash of the record before",
-                rec.seq
-            ));
-        }
-        let Some(stated) = rec.hash.clone() else {
-            return broken(format!("seq {}: record has no hash", rec.seq));
-        };
-        let actual = match rec.compute_hash() {
-            Ok(h) => h,
-            Err(e) => return broken(e.to_string()),
-        };
-        if actual != stated {
-            return broken(format!(
-                "seq {}: hash does not match the record's contents",
-                rec.seq
-            ));
-        }
-        prev = stated;
-        expected_seq = Some(rec.seq + 1);
-        n += 1;
-    }
-    Ok(Verification::Intact { records: n })
-}
-
-pub fn verify_file(path: &Path) -> std::io::Result<Verification> {
-    verify_reader(File::open(path)?)
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn entry(reason: &str) -> Entry {
-        Entry {
-            decision: Some("allow"),
-            subject: Some("spiffe://td/a".into()),
-            reason: reason.into(),
-            scopes_requested: vec!["a".into()],
-            ..Entry::default()
-        }
-    }
-
-    #[test]
-    fn chain_verifies_and_continues_after_reopen() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("sub/log.jsonl");
-        let p = path.to_str().unwrap();
-        {
-            let log = AuditLog::open(p).unwrap();
-            log.append(Event::Exchange, entry("one")).unwrap();
-            log.append(Event::Exchange, entry("two")).unwrap();
-        }
-        let log = AuditLog::open(p).unwrap();
-        assert_eq!(log.append(Event::TaskEnd, entry("three")).unwrap(), 3);
-        assert_eq!(
-            verify_file(&path).unwrap(),
-            Verification::Intact { records: 3 }
-        );
-    }
-
-    #[test]
-    fn finds_the_first_broken_record() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("log.jsonl");
-        let log = AuditLog::open(path.to_str().unwrap()).unwrap();
-        for r in ["a", "b", "c", "d"] {
-            log.append(Event::Exchange, entry(r)).unwrap();
-        }
-        let text = std::fs::read_to_string(&path).unwrap();
-        // Edit record 2's reason: its own hash no longer matches.
-        let edited = text.replacen("\"reason\":\"b\"", "\"reason\":\"B\"", 1);
-        let v = verify_reader(edited.as_bytes()).unwrap();
-        assert!(matches!(v, Verification::Broken { line: 2, .. }), "{v:?}");
-        // Drop record 3: record 4's prev no longer links.
-        let lines: Vec<&str> = text.lines().collect();
-        let dropped = [lines[0], lines[1], lines[3]].join("\n");
-        let v = verify_reader(dropped.as_bytes()).unwrap();
-        assert!(matches!(v, Verification::Broken { line: 3, .. }), "{v:?}");
-        // Garbage line.
-        let garbage = format!("{}\nnot json\n", lines[0]);
-        assert!(matches!(
-            verify_reader(garbage.as_bytes()).unwrap(),
-            Verification::Broken { line: 2, .. }
-        ));
-    }
-
-    #[test]
-    fn corrupt_tail_refuses_to_open() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("log.jsonl");
-        std::fs::write(&path, "{not json\n").unwrap();
-        assert!(matches!(
-            AuditLog::open(path.to_str().unwrap()),
-            Err(AuditError::CorruptTail { .. })
-        ));
-    }
-}
+mod tests;

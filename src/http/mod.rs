@@ -1,6 +1,7 @@
 //! The HTTP surface: parses the wire form, calls one use case, writes the answer.
 
 pub mod admin;
+pub mod audit;
 pub mod error;
 pub mod oauth;
 pub mod observe;
@@ -30,6 +31,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/admin/v1/quarantines"),
     ("DELETE", "/admin/v1/quarantines/{id}"),
     ("GET", "/admin/v1/tasks"),
+    ("GET", "/admin/v1/audit/head"),
     ("GET", "/healthz"),
     ("GET", "/readyz"),
     ("GET", "/metrics"),
@@ -56,6 +58,7 @@ pub fn router(broker: Arc<Broker>) -> Router {
         .route("/admin/v1/quarantines", get(admin::list_quarantines))
         .route("/admin/v1/quarantines/{id}", delete(admin::lift_quarantine))
         .route("/admin/v1/tasks", get(admin::list_tasks))
+        .route("/admin/v1/audit/head", get(audit::head))
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))

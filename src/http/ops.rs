@@ -20,12 +20,14 @@ pub async fn readyz(State(broker): State<Arc<Broker>>) -> Response {
     let policy = broker.policy.current();
     let keys = broker.tokens.keys().all().len();
     let feed_ok = broker.revocations.is_fresh();
-    let ready = store_ok && feed_ok && keys > 0;
+    let log_ok = !broker.audit.is_failed();
+    let ready = store_ok && feed_ok && log_ok && keys > 0;
     let body = json!({
         "status": if ready { "ready" } else { "not ready" },
         "checks": {
             "store": if store_ok { "ok" } else { "unreachable" },
             "revocation_feed": if feed_ok { "ok" } else { "stale" },
+            "decision_log": if log_ok { "ok" } else { "failed" },
             "signing_keys": keys,
             "policy_version": policy.version(),
         }
@@ -83,6 +85,47 @@ pub async fn metrics(State(broker): State<Arc<Broker>>) -> Response {
         &[("kind", "block")],
         blocks as u64,
     );
+    let a = broker.audit.stats();
+    for (name, help, v) in [
+        (
+            "writ_audit_append_failures_total",
+            "Decision log appends that failed (the record is missing).",
+            a.append_failures,
+        ),
+        (
+            "writ_audit_fsyncs_total",
+            "Decision log fdatasync calls (one covers every record waiting).",
+            a.fsyncs,
+        ),
+        (
+            "writ_audit_written_seq",
+            "The highest decision log seq handed to the operating system.",
+            a.written_seq,
+        ),
+        (
+            "writ_audit_synced_seq",
+            "The highest decision log seq known to be on disk.",
+            a.synced_seq,
+        ),
+        (
+            "writ_audit_checkpoints_total",
+            "Signed checkpoints written to the decision log.",
+            a.checkpoints,
+        ),
+        (
+            "writ_audit_checkpoint_failures_total",
+            "Checkpoints that could not be signed or written.",
+            a.checkpoint_failures,
+        ),
+        (
+            "writ_audit_summarised_total",
+            "Refusals of unauthenticated callers counted into summary records instead of written.",
+            a.summarised,
+        ),
+    ] {
+        m.describe(name, help);
+        m.set(name, &[], v);
+    }
     m.set_only(
         "writ_policy_version_info",
         &[("version", broker.policy.current().version())],

@@ -3,6 +3,7 @@
 #[path = "../support/redis.rs"]
 mod redis_support;
 
+mod audit;
 mod exchange;
 mod helpers;
 mod oidc;
