@@ -514,11 +514,15 @@ async fn audit_verify(
         "signatures NOT verified (pass --jwks)"
     };
     println!("checkpoints: {}, {signatures}", report.checkpoints);
-    let after = report.last_checkpointed.unwrap_or(0) + 1;
+    // The checkpoint record follows the record it covers.
+    let after = report.last_checkpointed.map_or(1, |covered| covered + 2);
     if after <= report.last_seq {
+        let one = after == report.last_seq;
         println!(
-            "seq {after} to {} come after the last checkpoint: only the hash chain protects them",
-            report.last_seq
+            "{} {} after the last checkpoint: only the hash chain protects {}",
+            crate::audit::verify::span(after, report.last_seq),
+            if one { "comes" } else { "come" },
+            if one { "it" } else { "them" }
         );
     }
     match report.head_seq {

@@ -628,12 +628,13 @@ fn audit_verify_names_the_first_bad_seq_of_an_edited_deleted_or_reordered_log() 
     assert!(
         stdout.contains("13 records, chain intact")
             && stdout.contains("checkpoints: 3, signatures verified")
-            && stdout.contains("seq 12 to 13 come after the last checkpoint"),
+            && stdout.contains("seq 13 comes after the last checkpoint"),
         "{stdout}"
     );
     let original = read_records(&log);
     let tampered = dir.path().join("tampered.jsonl");
-    let cases: [(&str, fn(&mut Vec<writ::audit::Record>), &str); 3] = [
+    type Tamper = fn(&mut Vec<writ::audit::Record>);
+    let cases: [(&str, Tamper, &str); 3] = [
         (
             "edited",
             |r| r[5].reason = "edited".into(),
@@ -667,7 +668,7 @@ fn audit_verify_catches_a_rechained_log_and_a_forged_checkpoint() {
         let (ok, _, err) = audit_verify(&tampered, args);
         assert!(!ok, "a re-chained log was accepted");
         assert!(
-            err.contains("broken at seq 8") && err.contains("seq 4 to 7 was rewritten"),
+            err.contains("broken at seq 8") && err.contains("a record in seq 4 to 7 was rewritten"),
             "{err}"
         );
     }
@@ -801,7 +802,12 @@ fn audit_verify_with_head_from_catches_a_cut_tail() {
     std::fs::write(&wrong, "nope").unwrap();
     let (ok, _, err) = audit_verify(
         &copy,
-        &["--head-from", &dev.url, "--admin-token", wrong.to_str().unwrap()],
+        &[
+            "--head-from",
+            &dev.url,
+            "--admin-token",
+            wrong.to_str().unwrap(),
+        ],
     );
     assert!(!ok && err.contains("401"), "{err}");
 }

@@ -86,6 +86,8 @@ pub fn verify_reader(reader: impl Read, opts: VerifyOptions<'_>) -> std::io::Res
     let mut hash_at_head: Option<String> = None;
     let mut checkpoints = 0u64;
     let mut last_checkpointed: Option<u64> = None;
+    // The last seq a checkpoint covered before the head's: where a rewrite can start.
+    let mut checkpointed_before_head: Option<u64> = None;
     if let Some(b) = opts.head.and_then(|h| check_head(h, opts.keys)) {
         return Ok(Verification::Broken(b));
     }
@@ -154,6 +156,9 @@ pub fn verify_reader(reader: impl Read, opts: VerifyOptions<'_>) -> std::io::Res
             }
             checkpoints += 1;
             last_checkpointed = Some(rec.seq - 1);
+            if opts.head.is_some_and(|h| rec.seq - 1 < h.seq) {
+                checkpointed_before_head = last_checkpointed;
+            }
         }
         if rec.seq == 1 {
             first_hash = Some(stated.clone());
@@ -180,23 +185,26 @@ pub fn verify_reader(reader: impl Read, opts: VerifyOptions<'_>) -> std::io::Res
                 seq: last_seq + 1,
                 line: past_end,
                 reason: format!(
-                    "the log ends at seq {last_seq} but the broker's signed head is at seq {}: seq {} to {} were cut from the tail",
+                    "the log ends at seq {last_seq} but the broker's signed head is at seq {}: {} {} cut from the tail",
                     head.seq,
-                    last_seq + 1,
-                    head.seq
+                    span(last_seq + 1, head.seq),
+                    if last_seq + 1 >= head.seq {
+                        "was"
+                    } else {
+                        "were"
+                    }
                 ),
             }));
         }
         if hash_at_head.as_deref() != Some(head.hash.as_str()) {
-            let from = last_checkpointed
-                .filter(|s| *s < head.seq)
-                .map_or(1, |s| s + 1);
+            let from = checkpointed_before_head.map_or(1, |s| s + 1);
             return Ok(Verification::Broken(Break {
                 seq: head.seq,
                 line: head.seq,
                 reason: format!(
-                    "seq {}: hash is not the one the broker's signed head holds: a record in seq {from} to {} was rewritten and the chain recomputed",
-                    head.seq, head.seq
+                    "seq {}: hash is not the one the broker's signed head holds: {} and the chain recomputed",
+                    head.seq,
+                    rewritten(from, head.seq)
                 ),
             }));
         }
@@ -221,8 +229,9 @@ fn check_checkpoint(
     let covered = rec.seq.saturating_sub(1);
     let rewritten = || {
         format!(
-            "seq {}: the checkpoint does not match the log before it: a record in seq {unproven} to {covered} was rewritten and the chain recomputed",
-            rec.seq
+            "seq {}: the checkpoint does not match the log before it: {} and the chain recomputed",
+            rec.seq,
+            rewritten(unproven, covered)
         )
     };
     let Some(head) = super::checkpoint::head_of(rec, "") else {
@@ -240,8 +249,9 @@ fn check_checkpoint(
     };
     let claims = claims.map_err(|e| match e {
         CheckpointError::UnknownKey(_) | CheckpointError::BadSignature(_) => format!(
-            "seq {}: {e}: the checkpoint is forged, and seq {unproven} to {covered} cannot be trusted",
-            rec.seq
+            "seq {}: {e}: the checkpoint is forged, and {} cannot be trusted",
+            rec.seq,
+            span(unproven, covered)
         ),
         other => format!("seq {}: {other}", rec.seq),
     })?;
@@ -267,4 +277,22 @@ fn check_head(head: &AuditHead, keys: Option<&CheckpointKeys>) -> Option<Break> 
         line: 0,
         reason: why,
     })
+}
+
+/// `seq A`, or `seq A to B` for a range.
+pub fn span(from: u64, to: u64) -> String {
+    if from >= to {
+        format!("seq {to}")
+    } else {
+        format!("seq {from} to {to}")
+    }
+}
+
+/// Which records were rewritten: one, or one in a range.
+fn rewritten(from: u64, to: u64) -> String {
+    if from >= to {
+        format!("seq {to} was rewritten")
+    } else {
+        format!("a record in seq {from} to {to} was rewritten")
+    }
 }
