@@ -65,7 +65,7 @@ impl Broker {
                 source_ip: source_ip.clone(),
                 ..audit::Entry::default()
             };
-            // No credential is flood-limited; a known caller's refusal is always written.
+            // Refusals that name no one are flood-limited; a known caller's is always written.
             // A failed append is counted by the log (`writ_audit_append_failures_total`).
             let appended = if entry.subject.is_none() {
                 self.audit.append_unauthenticated(event, entry).map(|_| ())
