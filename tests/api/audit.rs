@@ -234,3 +234,32 @@ async fn a_log_without_a_checkpoint_has_no_head_yet() {
     let v: Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(v["error"], "not_found");
 }
+
+#[tokio::test]
+async fn a_refusal_that_cannot_be_recorded_is_logged_and_counted() {
+    // A decision log on a full disk.
+    let first = spawn_app().await;
+    let text = first.config_text.replace(
+        &first.path("audit.jsonl").display().to_string(),
+        "/dev/full",
+    );
+    let app = spawn_with_text(&text).await;
+    let before = app.broker.audit.stats().append_failures;
+    let (s, v) = app
+        .call(Method::GET, "/admin/v1/tasks", Some("junk"), None)
+        .await;
+    assert_eq!((s, v["error"].as_str()), (401, Some("invalid_token")));
+    assert_eq!(app.broker.audit.stats().append_failures, before + 1);
+    let (_, metrics) = app.get("/metrics").await;
+    let line = format!("writ_audit_append_failures_total {}", before + 1);
+    assert!(metrics.as_str().unwrap().contains(&line), "{metrics}");
+    // Nothing is issued without its record.
+    app.expect_error(
+        &first.svid(AGENT),
+        "repo:read",
+        &[],
+        503,
+        "temporarily_unavailable",
+    )
+    .await;
+}
