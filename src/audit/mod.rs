@@ -18,6 +18,7 @@
 //!   which summarises a flood from one source ([`flood`]).
 
 pub mod checkpoint;
+mod durable;
 pub mod flood;
 pub mod maintain;
 pub mod verify;
@@ -25,7 +26,7 @@ pub mod verify;
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -181,7 +182,6 @@ pub struct AuditStats {
 #[derive(Debug, Default)]
 struct Counters {
     append_failures: AtomicU64,
-    fsyncs: AtomicU64,
     checkpoints: AtomicU64,
     checkpoint_failures: AtomicU64,
     summarised: AtomicU64,
@@ -228,25 +228,10 @@ impl Tail {
     }
 }
 
-/// Durability state: what was written, what is on disk, and who is syncing.
-struct Durability {
-    /// The file to fdatasync (`None` for stdout and discard: nothing to sync).
-    file: Option<Arc<File>>,
-    written: AtomicU64,
-    synced: AtomicU64,
-    /// Held by the one caller that syncs for everyone waiting (the group commit leader).
-    leader: tokio::sync::Mutex<()>,
-    /// Set once a sync failed: the kernel may have dropped what it could not write, so
-    /// nothing is known to be durable any more and nothing is issued until a restart.
-    failed: AtomicBool,
-    /// Test hook: the next sync fails.
-    fail_next: AtomicBool,
-}
-
 /// The append-only, hash-chained decision log.
 pub struct AuditLog {
     inner: Mutex<Chain>,
-    durability: Durability,
+    durability: durable::Durability,
     options: AuditOptions,
     /// Signs checkpoints; without it (offline tools) none are written.
     keys: Option<KeySet>,
@@ -373,14 +358,7 @@ impl AuditLog {
                 checkpoint_seq,
                 checkpoint_at: None,
             }),
-            durability: Durability {
-                file: sync_file,
-                written: AtomicU64::new(tail.seq),
-                synced: AtomicU64::new(tail.seq),
-                leader: tokio::sync::Mutex::new(()),
-                failed: AtomicBool::new(false),
-                fail_next: AtomicBool::new(false),
-            },
+            durability: durable::Durability::new(sync_file, tail.seq),
             options,
             keys,
             clock,
@@ -513,7 +491,7 @@ impl AuditLog {
         chain.seq = rec.seq;
         chain.prev = hash;
         chain.last_ts_ms = ts_ms;
-        self.durability.written.store(rec.seq, Ordering::Release);
+        self.durability.mark_written(rec.seq);
         Ok(rec.seq)
     }
 
@@ -584,91 +562,37 @@ impl AuditLog {
     }
 
     /// Waits until every record up to `seq` is on disk. Callers waiting at the same time
-    /// share one fdatasync: the first becomes the leader and syncs everything written so
-    /// far (off the async threads), the others find their record covered when it is done.
-    /// Stdout and discard logs have nothing to sync.
+    /// share one fdatasync (group commit, off the async threads). After a failed sync every
+    /// commit fails: the broker issues nothing more until it is restarted. Stdout and
+    /// discard logs have nothing to sync.
     pub async fn commit(&self, seq: u64) -> Result<(), AuditError> {
-        let d = &self.durability;
-        let Some(file) = &d.file else {
-            return Ok(());
-        };
-        loop {
-            if d.failed.load(Ordering::Acquire) {
-                return Err(AuditError::NotDurable("an earlier sync failed".into()));
-            }
-            if d.synced.load(Ordering::Acquire) >= seq {
-                return Ok(());
-            }
-            let _leader = d.leader.lock().await;
-            if d.failed.load(Ordering::Acquire) {
-                continue;
-            }
-            if d.synced.load(Ordering::Acquire) >= seq {
-                return Ok(());
-            }
-            // Everything written before the sync starts is covered by it.
-            let target = d.written.load(Ordering::Acquire);
-            let f = file.clone();
-            let inject = d.fail_next.swap(false, Ordering::AcqRel);
-            let result = tokio::task::spawn_blocking(move || {
-                if inject {
-                    return Err(std::io::Error::other("injected sync failure"));
-                }
-                f.sync_data()
-            })
-            .await;
-            self.counters.fsyncs.fetch_add(1, Ordering::Relaxed);
-            match result {
-                Ok(Ok(())) => {
-                    d.synced.fetch_max(target, Ordering::AcqRel);
-                }
-                Ok(Err(e)) => {
-                    d.failed.store(true, Ordering::Release);
-                    tracing::error!(error = %e, "decision log sync failed: refusing to issue until restarted");
-                    return Err(AuditError::NotDurable(e.to_string()));
-                }
-                Err(e) => {
-                    // The sync may or may not have happened; the next caller tries again.
-                    return Err(AuditError::NotDurable(e.to_string()));
-                }
-            }
-        }
+        self.durability.commit(seq).await
     }
 
     /// Flushes everything appended so far to stable storage (shutdown).
     pub fn sync(&self) -> Result<(), AuditError> {
-        let d = &self.durability;
-        if let Some(f) = &d.file {
-            let target = d.written.load(Ordering::Acquire);
-            f.sync_data().map_err(|e| AuditError::Io(e.to_string()))?;
-            self.counters.fsyncs.fetch_add(1, Ordering::Relaxed);
-            d.synced.fetch_max(target, Ordering::AcqRel);
-        }
-        Ok(())
+        self.durability.sync_now()
     }
 
     /// The highest `seq` handed to the operating system.
     pub fn written_seq(&self) -> u64 {
-        self.durability.written.load(Ordering::Acquire)
+        self.durability.written()
     }
 
     /// The highest `seq` known to be on disk (every `seq` for stdout and discard logs).
     pub fn synced_seq(&self) -> u64 {
-        if self.durability.file.is_none() {
-            return self.written_seq();
-        }
-        self.durability.synced.load(Ordering::Acquire)
+        self.durability.synced()
     }
 
     /// True once a sync failed: the broker must not issue until it is restarted.
     pub fn is_failed(&self) -> bool {
-        self.durability.failed.load(Ordering::Acquire)
+        self.durability.is_failed()
     }
 
     /// Makes the next sync fail, as a full or failing disk would (tests).
     #[doc(hidden)]
     pub fn fail_next_sync(&self) {
-        self.durability.fail_next.store(true, Ordering::Release);
+        self.durability.fail_next();
     }
 
     /// The hash of the log's first record: names this log among the replicas' logs.
@@ -696,7 +620,7 @@ impl AuditLog {
         let c = &self.counters;
         AuditStats {
             append_failures: c.append_failures.load(Ordering::Relaxed),
-            fsyncs: c.fsyncs.load(Ordering::Relaxed),
+            fsyncs: self.durability.fsyncs(),
             written_seq: self.written_seq(),
             synced_seq: self.synced_seq(),
             checkpoints: c.checkpoints.load(Ordering::Relaxed),

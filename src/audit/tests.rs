@@ -471,6 +471,45 @@ async fn concurrent_commits_share_one_fsync() {
     assert_eq!((log.synced_seq(), log.stats().fsyncs), (51, 2));
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commits_racing_and_cancelled_never_strand_a_waiter() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("log.jsonl");
+    let log = Arc::new(AuditLog::open(path.to_str().unwrap()).unwrap());
+    let workers: Vec<_> = (0..8)
+        .map(|w| {
+            let log = log.clone();
+            tokio::spawn(async move {
+                for i in 0..100 {
+                    let seq = log
+                        .append(Event::Exchange, entry(&format!("{w}-{i}")))
+                        .unwrap();
+                    if i % 3 == 0 {
+                        // A caller that goes away mid-commit (a dropped request), possibly
+                        // while leading a sync.
+                        let _ =
+                            tokio::time::timeout(Duration::from_micros(50), log.commit(seq)).await;
+                    } else {
+                        log.commit(seq).await.unwrap();
+                        assert!(log.synced_seq() >= seq);
+                    }
+                }
+            })
+        })
+        .collect();
+    let all = async {
+        for w in workers {
+            w.await.unwrap();
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), all)
+        .await
+        .expect("a waiter was stranded");
+    log.commit(log.written_seq()).await.unwrap();
+    assert_eq!(log.synced_seq(), 800);
+    assert!(log.stats().fsyncs < 800, "syncs were shared");
+}
+
 #[tokio::test]
 async fn a_failed_sync_refuses_every_later_commit() {
     let dir = tempfile::tempdir().unwrap();
