@@ -285,7 +285,7 @@ impl AuditLog {
         if path == "-" {
             return Ok(Self::with_sink(
                 Sink::Stdout,
-                None,
+                durable::Durability::without_file(0),
                 Tail::empty(),
                 options,
                 keys,
@@ -306,9 +306,10 @@ impl AuditLog {
         let sync_handle = file
             .try_clone()
             .map_err(|e| AuditError::Io(e.to_string()))?;
+        let durability = durable::Durability::with_file(sync_handle, tail.seq)?;
         Ok(Self::with_sink(
             Sink::File(file),
-            Some(Arc::new(sync_handle)),
+            durability,
             tail,
             options,
             keys,
@@ -320,7 +321,7 @@ impl AuditLog {
     pub fn discard() -> Self {
         Self::with_sink(
             Sink::Discard,
-            None,
+            durable::Durability::without_file(0),
             Tail::empty(),
             AuditOptions::default(),
             None,
@@ -330,7 +331,7 @@ impl AuditLog {
 
     fn with_sink(
         sink: Sink,
-        sync_file: Option<Arc<File>>,
+        durability: durable::Durability,
         tail: Tail,
         options: AuditOptions,
         keys: Option<KeySet>,
@@ -358,7 +359,7 @@ impl AuditLog {
                 checkpoint_seq,
                 checkpoint_at: None,
             }),
-            durability: durable::Durability::new(sync_file, tail.seq),
+            durability,
             options,
             keys,
             clock,
