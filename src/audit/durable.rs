@@ -2,17 +2,20 @@
 //! has returned. Callers waiting at the same time share one sync.
 //!
 //! A thread of its own (`writ-audit-sync`) does the syncing: while anyone waits for a
-//! record that is not on disk yet, it syncs everything written so far, then wakes every
-//! waiter at once (a watch channel); those covered return, the rest are covered by the next
-//! sync, which starts at once. Sync progress never waits for an async task to be scheduled:
-//! under load, a sync led by one of the waiters would start only when that waiter got a
-//! worker thread again, behind every request in the run queue.
+//! record that is not on disk yet, it syncs everything written so far, then wakes exactly
+//! the waiters that sync covered (each waits on a oneshot channel filed under its `seq`);
+//! the rest are covered by the next sync, which starts at once. Sync progress never waits
+//! for an async task to be scheduled (under load, a sync led by one of the waiters would
+//! start only when that waiter got a worker thread again, behind every request in the run
+//! queue), and no waiter is woken for a sync that did not cover it.
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use parking_lot::{Condvar, Mutex};
+use tokio::sync::oneshot;
 
 use super::AuditError;
 
@@ -20,11 +23,8 @@ struct Shared {
     file: File,
     written: AtomicU64,
     synced: AtomicU64,
-    /// The highest `seq` someone waits for.
-    wanted: Mutex<u64>,
+    waiting: Mutex<Waiting>,
     want: Condvar,
-    /// Bumped whenever a sync ends, to wake the waiters.
-    ended: tokio::sync::watch::Sender<()>,
     /// Set once a sync failed: the kernel may have dropped what it could not write, so
     /// nothing is known to be durable any more and nothing is issued until a restart.
     failed: AtomicBool,
@@ -32,6 +32,32 @@ struct Shared {
     fail_next: AtomicBool,
     fsyncs: AtomicU64,
     stop: AtomicBool,
+}
+
+/// Who waits for which `seq`: woken with `Ok` once it is on disk, `Err` if a sync failed.
+#[derive(Default)]
+struct Waiting {
+    waiters: BTreeMap<u64, Vec<oneshot::Sender<Result<(), ()>>>>,
+}
+
+impl Waiting {
+    /// The highest `seq` someone waits for.
+    fn wanted(&self) -> u64 {
+        self.waiters.last_key_value().map_or(0, |(seq, _)| *seq)
+    }
+
+    /// Takes the waiters whose `seq` is covered by `synced` (every waiter when `all`).
+    fn take_covered(&mut self, synced: u64, all: bool) -> Vec<oneshot::Sender<Result<(), ()>>> {
+        let rest = if all {
+            BTreeMap::new()
+        } else {
+            self.waiters.split_off(&synced.saturating_add(1))
+        };
+        std::mem::replace(&mut self.waiters, rest)
+            .into_values()
+            .flatten()
+            .collect()
+    }
 }
 
 pub(super) struct Durability {
@@ -45,7 +71,7 @@ impl Drop for Durability {
     fn drop(&mut self) {
         if let Some(s) = &self.shared {
             s.stop.store(true, Ordering::Release);
-            let _guard = s.wanted.lock();
+            let _guard = s.waiting.lock();
             s.want.notify_all();
         }
     }
@@ -66,9 +92,8 @@ impl Durability {
             file,
             written: AtomicU64::new(seq),
             synced: AtomicU64::new(seq),
-            wanted: Mutex::new(seq),
+            waiting: Mutex::new(Waiting::default()),
             want: Condvar::new(),
-            ended: tokio::sync::watch::Sender::new(()),
             failed: AtomicBool::new(false),
             fail_next: AtomicBool::new(false),
             fsyncs: AtomicU64::new(0),
@@ -130,25 +155,26 @@ impl Durability {
         let Some(s) = &self.shared else {
             return Ok(());
         };
-        let mut ended = s.ended.subscribe();
-        loop {
-            // Marked seen before looking, so that a sync ending after the look wakes us.
-            ended.borrow_and_update();
+        let failed = || AuditError::NotDurable("a sync failed".into());
+        let woken = {
+            let mut waiting = s.waiting.lock();
+            // Looked at under the lock the sync thread wakes waiters under: either the sync
+            // that covers `seq` is already counted here, or it will find this waiter.
             if s.failed.load(Ordering::Acquire) {
-                return Err(AuditError::NotDurable("an earlier sync failed".into()));
+                return Err(failed());
             }
             if s.synced.load(Ordering::Acquire) >= seq {
                 return Ok(());
             }
-            {
-                let mut wanted = s.wanted.lock();
-                if *wanted < seq {
-                    *wanted = seq;
-                    s.want.notify_one();
-                }
-            }
-            // The sender lives as long as `s`: `changed` cannot fail; look again anyway.
-            let _ = ended.changed().await;
+            let (tx, rx) = oneshot::channel();
+            waiting.waiters.entry(seq).or_default().push(tx);
+            s.want.notify_one();
+            rx
+        };
+        match woken.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(())) => Err(failed()),
+            Err(_) => Err(AuditError::NotDurable("the log was closed".into())),
         }
     }
 
@@ -161,9 +187,20 @@ impl Durability {
                 .map_err(|e| AuditError::Io(e.to_string()))?;
             s.fsyncs.fetch_add(1, Ordering::Relaxed);
             s.synced.fetch_max(target, Ordering::AcqRel);
-            s.ended.send_replace(());
+            wake(s, false);
         }
         Ok(())
+    }
+}
+
+/// Wakes the waiters the last sync covered (all of them, with an error, after a failure).
+fn wake(s: &Shared, failed: bool) {
+    let covered = {
+        let mut waiting = s.waiting.lock();
+        waiting.take_covered(s.synced.load(Ordering::Acquire), failed)
+    };
+    for tx in covered {
+        let _ = tx.send(if failed { Err(()) } else { Ok(()) });
     }
 }
 
@@ -171,16 +208,16 @@ impl Durability {
 fn syncer(s: &Shared) {
     loop {
         {
-            let mut wanted = s.wanted.lock();
+            let mut waiting = s.waiting.lock();
             loop {
                 if s.stop.load(Ordering::Acquire) {
                     return;
                 }
-                let pending = *wanted > s.synced.load(Ordering::Acquire);
+                let pending = waiting.wanted() > s.synced.load(Ordering::Acquire);
                 if pending && !s.failed.load(Ordering::Acquire) {
                     break;
                 }
-                s.want.wait(&mut wanted);
+                s.want.wait(&mut waiting);
             }
         }
         // Everything written before the sync starts is covered by it.
@@ -194,12 +231,13 @@ fn syncer(s: &Shared) {
         match result {
             Ok(()) => {
                 s.synced.fetch_max(target, Ordering::AcqRel);
+                wake(s, false);
             }
             Err(e) => {
                 s.failed.store(true, Ordering::Release);
                 tracing::error!(error = %e, "decision log sync failed: refusing to issue until restarted");
+                wake(s, true);
             }
         }
-        s.ended.send_replace(());
     }
 }
