@@ -111,7 +111,9 @@ impl Application {
         for h in background {
             h.abort();
         }
-        if let Err(e) = self.broker.audit.sync() {
+        if let Err(e) =
+            crate::audit::maintain::finish(&self.broker.audit, self.broker.store.as_ref()).await
+        {
             tracing::error!(error = %e, "cannot flush the decision log");
         }
         tracing::info!("stopped; decision log flushed");
@@ -130,7 +132,7 @@ pub fn spawn_background(broker: Arc<Broker>) -> Vec<tokio::task::JoinHandle<()>>
             broker.revocations.clone(),
             broker.clock.clone(),
         )),
-        spawn_log_sync(broker),
+        spawn_log_maintenance(broker),
     ]
 }
 
@@ -197,20 +199,14 @@ fn spawn_bundle_reloader(b: Arc<Broker>) -> tokio::task::JoinHandle<()> {
     })
 }
 
-/// Flushes the decision log to disk once a second.
-fn spawn_log_sync(b: Arc<Broker>) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
-        loop {
-            tick.tick().await;
-            let audit = b.audit.clone();
-            match tokio::task::spawn_blocking(move || audit.sync()).await {
-                Ok(Err(e)) => tracing::error!(error = %e, "decision log sync failed"),
-                Err(e) => tracing::error!(error = %e, "decision log sync task failed"),
-                Ok(Ok(())) => {}
-            }
-        }
-    })
+/// The decision log's upkeep: checkpoints, flood summaries, the head in the store, and a
+/// sync a second of what no request waited for (exchanges wait for their own record:
+/// `AuditLog::commit`).
+fn spawn_log_maintenance(b: Arc<Broker>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(crate::audit::maintain::run(
+        b.audit.clone(),
+        b.store.clone(),
+    ))
 }
 
 /// Resolves on SIGTERM or Ctrl-C. The handlers are installed when this is called, not when

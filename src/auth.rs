@@ -58,18 +58,23 @@ impl Broker {
             } else {
                 Event::Admin
             };
-            // A refusal stands whether or not its record could be written; a failed append is
-            // logged and counted by `record`.
-            let _ = self.record(
-                event,
-                audit::Entry {
-                    decision: Some("deny"),
-                    subject: who,
-                    reason: reason.to_string(),
-                    source_ip: source_ip.clone(),
-                    ..audit::Entry::default()
-                },
-            );
+            let entry = audit::Entry {
+                decision: Some("deny"),
+                subject: who,
+                reason: reason.to_string(),
+                source_ip: source_ip.clone(),
+                ..audit::Entry::default()
+            };
+            // Refusals that name no one are flood-limited; a known caller's is always written.
+            // A failed append is counted by the log (`writ_audit_append_failures_total`).
+            let appended = if entry.subject.is_none() {
+                self.audit.append_unauthenticated(event, entry).map(|_| ())
+            } else {
+                self.audit.append(event, entry).map(|_| ())
+            };
+            if let Err(e) = appended {
+                tracing::error!(error = %e, "cannot record a refused caller in the decision log");
+            }
             BrokerError::new(code, reason)
         };
         let Some(token) = bearer(authorization) else {

@@ -134,7 +134,7 @@ impl Broker {
                 ));
             }
         };
-        let audit = AuditLog::open(&config.audit.path)
+        let audit = AuditLog::from_config(&config.audit, tokens.keys().clone(), clock.clone())
             .map_err(|e| ConfigError::new("audit.path", e.to_string()))?;
         let limits = Limits {
             default_ttl_secs: config.tokens.default_ttl.as_secs(),

@@ -7,10 +7,11 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
 use crate::app::{Application, shutdown_signal};
-use crate::audit::Verification;
+use crate::audit::checkpoint::CheckpointKeys;
+use crate::audit::{Verification, VerifyOptions};
 use crate::config::Config;
 use crate::dev::{self, DevFiles};
-use crate::store::BlockKind;
+use crate::store::{AuditHead, BlockKind};
 use crate::token::keys::{self, KeyAlg};
 
 #[derive(Debug, Parser)]
@@ -248,8 +249,22 @@ pub enum StoreCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum AuditCommand {
-    /// Verify the decision log's hash chain; report the first broken record.
-    Verify { file: PathBuf },
+    /// Verify the decision log's hash chain and signed checkpoints; report the first bad
+    /// record (by seq), or a log rewritten or cut at its tail.
+    Verify {
+        file: PathBuf,
+        /// The broker's JWKS (its `/oauth2/jwks` URL, or a file): checkpoint signatures are
+        /// checked only with it.
+        #[arg(long, value_name = "URL|FILE")]
+        jwks: Option<String>,
+        /// The broker (its base URL, or its `/admin/v1/audit/head` URL) whose signed head the
+        /// log must reach: catches a cut tail.
+        #[arg(long, value_name = "URL", requires = "admin_token")]
+        head_from: Option<String>,
+        /// Admin token for `--head-from`: a file, or `-` for standard input.
+        #[arg(long, value_name = "FILE|-", requires = "head_from")]
+        admin_token: Option<String>,
+    },
 }
 
 /// `writ revocations …` and `writ quarantines …`: list or lift blocks of one kind.
@@ -344,19 +359,21 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Revocations { command } => blocks_command(BlockKind::Revocation, command).await,
         Command::Quarantines { command } => blocks_command(BlockKind::Quarantine, command).await,
         Command::Audit {
-            command: AuditCommand::Verify { file },
+            command:
+                AuditCommand::Verify {
+                    file,
+                    jwks,
+                    head_from,
+                    admin_token,
+                },
         } => {
-            match crate::audit::verify_file(&file)
-                .with_context(|| format!("reading `{}`", file.display()))?
-            {
-                Verification::Intact { records } => {
-                    println!("ok: {records} records, chain intact");
-                    Ok(())
-                }
-                Verification::Broken { line, reason } => {
-                    anyhow::bail!("broken at line {line}: {reason}")
-                }
-            }
+            audit_verify(
+                &file,
+                jwks.as_deref(),
+                head_from.as_deref(),
+                admin_token.as_deref(),
+            )
+            .await
         }
     }
 }
@@ -464,6 +481,85 @@ async fn revoke_command(args: RevokeArgs) -> anyhow::Result<()> {
         .revoke(&admin, selector, &args.reason)
         .await?;
     println!("{}", serde_json::to_string_pretty(&out)?);
+    Ok(())
+}
+
+/// `writ audit verify`.
+async fn audit_verify(
+    file: &std::path::Path,
+    jwks: Option<&str>,
+    head_from: Option<&str>,
+    admin_token: Option<&str>,
+) -> anyhow::Result<()> {
+    let keys = match jwks {
+        None => None,
+        Some(src) => {
+            let bytes = if src.starts_with("https://") || src.starts_with("http://") {
+                let v = crate::client::Client::new(src)?
+                    .get_json(src)
+                    .await
+                    .with_context(|| format!("fetching the JWKS from `{src}`"))?;
+                serde_json::to_vec(&v)?
+            } else {
+                std::fs::read(src).with_context(|| format!("reading the JWKS `{src}`"))?
+            };
+            let keys = CheckpointKeys::from_jwks(&bytes)
+                .map_err(|e| anyhow::anyhow!("the JWKS `{src}`: {e}"))?;
+            Some(keys)
+        }
+    };
+    let head: Option<AuditHead> = match (head_from, admin_token) {
+        (Some(url), Some(token)) => {
+            let admin = secret(token)?;
+            let base = url
+                .trim_end_matches('/')
+                .trim_end_matches("/admin/v1/audit/head");
+            let v = crate::client::Client::new(base)?
+                .audit_head(&admin)
+                .await
+                .with_context(|| format!("fetching the decision log head from `{url}`"))?;
+            Some(
+                serde_json::from_value(v)
+                    .context("the broker's head is not {log_id, seq, hash, checkpoint}")?,
+            )
+        }
+        _ => None,
+    };
+    let opts = VerifyOptions {
+        keys: keys.as_ref(),
+        head: head.as_ref(),
+    };
+    let f = std::fs::File::open(file).with_context(|| format!("reading `{}`", file.display()))?;
+    let report = match crate::audit::verify_reader(f, opts)
+        .with_context(|| format!("reading `{}`", file.display()))?
+    {
+        Verification::Intact(r) => r,
+        Verification::Broken(b) => {
+            anyhow::bail!("broken at seq {} (line {}): {}", b.seq, b.line, b.reason)
+        }
+    };
+    println!("ok: {} records, chain intact", report.records);
+    let signatures = if report.signatures_checked {
+        "signatures verified with the JWKS"
+    } else {
+        "signatures NOT verified (pass --jwks)"
+    };
+    println!("checkpoints: {}, {signatures}", report.checkpoints);
+    // The checkpoint record follows the record it covers.
+    let after = report.last_checkpointed.map_or(1, |covered| covered + 2);
+    if after <= report.last_seq {
+        let one = after == report.last_seq;
+        println!(
+            "{} {} after the last checkpoint: only the hash chain protects {}",
+            crate::audit::verify::span(after, report.last_seq),
+            if one { "comes" } else { "come" },
+            if one { "it" } else { "them" }
+        );
+    }
+    match report.head_seq {
+        Some(h) => println!("head: the log reaches the broker's signed head at seq {h}"),
+        None => println!("head: not checked (pass --head-from to catch a cut tail)"),
+    }
     Ok(())
 }
 

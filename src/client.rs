@@ -175,6 +175,17 @@ impl Client {
         self.send(self.http.post(url).bearer_auth(admin)).await
     }
 
+    /// The decision log's latest signed head (`GET /admin/v1/audit/head`).
+    pub async fn audit_head(&self, admin: &str) -> Result<Value, ClientError> {
+        let url = self.admin_url(&["audit", "head"])?;
+        self.send(self.http.get(url).bearer_auth(admin)).await
+    }
+
+    /// Fetches a JSON document by its full URL (a JWKS).
+    pub async fn get_json(&self, url: &str) -> Result<Value, ClientError> {
+        self.send(self.http.get(url)).await
+    }
+
     fn admin_url(&self, segments: &[&str]) -> Result<reqwest::Url, ClientError> {
         let mut url = reqwest::Url::parse(&format!("{}/admin/v1", self.base))
             .map_err(|e| ClientError::Transport(format!("`{}`: {e}", self.base)))?;

@@ -304,16 +304,49 @@ fn default_max_drop_share() -> f64 {
 pub struct AuditConfig {
     #[serde(default = "default_audit_path")]
     pub path: String,
+    /// A signed checkpoint after at most this many records...
+    #[serde(default = "default_checkpoint_every")]
+    pub checkpoint_every: u64,
+    /// ...or after this long, whichever comes first.
+    #[serde(
+        default = "default_checkpoint_interval",
+        deserialize_with = "de_duration"
+    )]
+    pub checkpoint_interval: Duration,
+    /// Refused unauthenticated callers: full records per source IP and minute; past it they
+    /// are counted into one summary record per source and minute.
+    #[serde(default = "default_unauthenticated_per_minute")]
+    pub unauthenticated_per_minute: u32,
+    /// How many sources are tracked per minute; failures of further sources are counted into
+    /// one "other sources" summary.
+    #[serde(default = "default_unauthenticated_max_sources")]
+    pub unauthenticated_max_sources: u32,
 }
 
 fn default_audit_path() -> String {
     "audit/decisions.jsonl".into()
+}
+fn default_checkpoint_every() -> u64 {
+    1000
+}
+fn default_checkpoint_interval() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_unauthenticated_per_minute() -> u32 {
+    20
+}
+fn default_unauthenticated_max_sources() -> u32 {
+    1000
 }
 
 impl Default for AuditConfig {
     fn default() -> Self {
         AuditConfig {
             path: default_audit_path(),
+            checkpoint_every: default_checkpoint_every(),
+            checkpoint_interval: default_checkpoint_interval(),
+            unauthenticated_per_minute: default_unauthenticated_per_minute(),
+            unauthenticated_max_sources: default_unauthenticated_max_sources(),
         }
     }
 }
@@ -669,6 +702,33 @@ impl Config {
                 "must be a file path or \"-\"",
             ));
         }
+        let a = &self.audit;
+        if !(1..=1_000_000).contains(&a.checkpoint_every) {
+            return Err(ConfigError::new(
+                "audit.checkpoint_every",
+                "must be between 1 and 1000000 records",
+            ));
+        }
+        if a.checkpoint_interval < Duration::from_secs(1)
+            || a.checkpoint_interval > Duration::from_secs(3600)
+        {
+            return Err(ConfigError::new(
+                "audit.checkpoint_interval",
+                "must be between 1s and 1h",
+            ));
+        }
+        if a.unauthenticated_per_minute > 100_000 {
+            return Err(ConfigError::new(
+                "audit.unauthenticated_per_minute",
+                "must be at most 100000 (0 summarises every failure)",
+            ));
+        }
+        if !(1..=1_000_000).contains(&a.unauthenticated_max_sources) {
+            return Err(ConfigError::new(
+                "audit.unauthenticated_max_sources",
+                "must be between 1 and 1000000",
+            ));
+        }
         for (i, h) in self.admin.token_sha256.iter().enumerate() {
             if h.len() != 64 || !h.bytes().all(|b| b.is_ascii_hexdigit()) {
                 return Err(ConfigError::new(
@@ -965,6 +1025,10 @@ dir = "p"
         assert_eq!(c.server.max_connections, 10_000);
         assert_eq!(c.server.max_header_bytes, 16 * 1024);
         assert_eq!(c.metrics.listen, None);
+        assert_eq!(c.audit.checkpoint_every, 1000);
+        assert_eq!(c.audit.checkpoint_interval, Duration::from_secs(10));
+        assert_eq!(c.audit.unauthenticated_per_minute, 20);
+        assert_eq!(c.audit.unauthenticated_max_sources, 1000);
     }
 
     #[test]
@@ -1063,6 +1127,35 @@ dir = "p"
             (
                 "[trips]\ndenials = { count = 5, window = \"1m\" }\n",
                 "trips.quarantine",
+            ),
+            ("[audit]\ncheckpoint_every = 0\n", "audit.checkpoint_every"),
+            (
+                "[audit]\ncheckpoint_every = 2000000\n",
+                "audit.checkpoint_every",
+            ),
+            (
+                "[audit]\ncheckpoint_interval = \"500ms\"\n",
+                "audit.checkpoint_interval",
+            ),
+            (
+                "[audit]\ncheckpoint_interval = \"2h\"\n",
+                "audit.checkpoint_interval",
+            ),
+            (
+                "[audit]\ncheckpoint_interval = \"often\"\n",
+                "audit.checkpoint_interval",
+            ),
+            (
+                "[audit]\nunauthenticated_per_minute = 100001\n",
+                "audit.unauthenticated_per_minute",
+            ),
+            (
+                "[audit]\nunauthenticated_per_minute = -1\n",
+                "audit.unauthenticated_per_minute",
+            ),
+            (
+                "[audit]\nunauthenticated_max_sources = 0\n",
+                "audit.unauthenticated_max_sources",
             ),
         ];
         for (extra, key) in cases {

@@ -318,7 +318,10 @@ impl Broker {
                 task
             }
         };
-        self.record_grant(entry, who, ask, &task, &token, ttl, decision)?;
+        let seq = self.record_grant(entry, who, ask, &task, &token, ttl, decision)?;
+        // Durable before issued (SPEC §6): the token leaves only once its record is on disk;
+        // concurrent exchanges share one fsync.
+        self.audit.commit(seq).await.map_err(|e| self.fail(e))?;
         Ok(self.issue(who, ask, &task, &token, ttl, now)?)
     }
 
@@ -671,8 +674,8 @@ impl Broker {
             ),
             ..audit::Entry::default()
         };
-        if let Err(err) = self.record(Event::Exchange, entry) {
-            return err;
+        if let Err(err) = self.audit.append_unauthenticated(Event::Exchange, entry) {
+            return self.fail(err);
         }
         match e {
             SubjectTokenError::Identity(e) if e.is_unavailable() => self.fail(e),

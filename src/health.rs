@@ -3,6 +3,7 @@
 use serde_json::{Value, json};
 
 use crate::broker::Broker;
+use crate::error::BrokerError;
 
 /// The answer of `/readyz`.
 #[derive(Debug, Clone)]
@@ -19,7 +20,8 @@ impl Broker {
         let policy = self.policy.current();
         let keys = self.tokens.keys().all().len();
         let feed_ok = self.revocations.is_fresh();
-        let ready = store_ok && feed_ok && keys > 0;
+        let log_ok = !self.audit.is_failed();
+        let ready = store_ok && feed_ok && log_ok && keys > 0;
         Readiness {
             ready,
             body: json!({
@@ -27,6 +29,7 @@ impl Broker {
                 "checks": {
                     "store": if store_ok { "ok" } else { "unreachable" },
                     "revocation_feed": if feed_ok { "ok" } else { "stale" },
+                    "decision_log": if log_ok { "ok" } else { "failed" },
                     "revocation_state": self.revocations.problem().unwrap_or("ok"),
                     "store_eviction_policy": self.revocations.eviction_policy(),
                     "signing_keys": keys,
@@ -69,6 +72,7 @@ impl Broker {
                 u64::try_from(n).unwrap_or(u64::MAX),
             );
         }
+        self.audit_metrics();
         m.set_only(
             "writ_policy_version_info",
             &[("version", self.policy.current().version())],
@@ -83,5 +87,62 @@ impl Broker {
             );
         }
         m.render()
+    }
+
+    /// The decision log's latest signed head, as kept in the store (SPEC §6).
+    pub async fn audit_head(&self) -> Result<crate::store::AuditHead, BrokerError> {
+        let none = || BrokerError::not_found("the decision log has no checkpoint yet");
+        let log_id = self.audit.log_id().ok_or_else(none)?;
+        self.store
+            .audit_head(&log_id)
+            .await
+            .map_err(|e| self.fail(e))?
+            .ok_or_else(none)
+    }
+
+    /// The decision log's counters, as gauges read at scrape time.
+    fn audit_metrics(&self) {
+        let m = &self.metrics;
+        let a = self.audit.stats();
+        for (name, help, v) in [
+            (
+                "writ_audit_append_failures_total",
+                "Decision log appends that failed (the record is missing).",
+                a.append_failures,
+            ),
+            (
+                "writ_audit_fsyncs_total",
+                "Decision log fdatasync calls (one covers every record waiting).",
+                a.fsyncs,
+            ),
+            (
+                "writ_audit_written_seq",
+                "The highest decision log seq handed to the operating system.",
+                a.written_seq,
+            ),
+            (
+                "writ_audit_synced_seq",
+                "The highest decision log seq known to be on disk.",
+                a.synced_seq,
+            ),
+            (
+                "writ_audit_checkpoints_total",
+                "Signed checkpoints written to the decision log.",
+                a.checkpoints,
+            ),
+            (
+                "writ_audit_checkpoint_failures_total",
+                "Checkpoints that could not be signed or written.",
+                a.checkpoint_failures,
+            ),
+            (
+                "writ_audit_summarised_total",
+                "Refusals of unauthenticated callers counted into summary records instead of written.",
+                a.summarised,
+            ),
+        ] {
+            m.describe(name, help);
+            m.set(name, &[], v);
+        }
     }
 }

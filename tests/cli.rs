@@ -287,11 +287,17 @@ impl Drop for Dev {
 }
 
 fn start_dev() -> Dev {
+    start_dev_with(&[])
+}
+
+/// A `writ dev` broker with `WRIT_` overrides of its config.
+fn start_dev_with(env: &[(&str, &str)]) -> Dev {
     use std::io::{BufRead, BufReader};
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let mut child = writ()
         .current_dir(dir.path())
+        .envs(env.iter().copied())
         .args(["dev", "--listen", &format!("127.0.0.1:{port}")])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
@@ -579,4 +585,266 @@ fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
+}
+
+/// A signed decision log written through the library, with a checkpoint every 3 records
+/// (1 2 3 cp4 5 6 7 cp8 9 10 11 cp12 13), and the broker's JWKS beside it.
+fn signed_log(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    use writ::token::keys::{KeyAlg, KeySet, SigningKey, generate_pem};
+    let pem = generate_pem(KeyAlg::Es256).unwrap();
+    let keys = KeySet::new(vec![SigningKey::from_pem(pem.as_bytes(), "k").unwrap()]).unwrap();
+    let path = dir.join("decisions.jsonl");
+    let log = writ::audit::AuditLog::open_with(
+        path.to_str().unwrap(),
+        writ::audit::AuditOptions {
+            checkpoint_every: 3,
+            checkpoint_interval: std::time::Duration::from_secs(3600),
+            unauthenticated_per_minute: 20,
+            unauthenticated_max_sources: 10,
+        },
+        Some(keys.clone()),
+        std::sync::Arc::new(writ::domain::ManualClock::new(1_800_000_000)),
+    )
+    .unwrap();
+    for i in 1..=10 {
+        log.append(
+            writ::audit::Event::Exchange,
+            writ::audit::Entry {
+                decision: Some("allow"),
+                reason: format!("r{i}"),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    }
+    let jwks = dir.join("jwks.json");
+    std::fs::write(&jwks, keys.jwks().to_string()).unwrap();
+    (path, jwks)
+}
+
+fn read_records(path: &std::path::Path) -> Vec<writ::audit::Record> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn write_records(path: &std::path::Path, recs: &[writ::audit::Record]) {
+    let text: String = recs
+        .iter()
+        .map(|r| serde_json::to_string(r).unwrap() + "\n")
+        .collect();
+    std::fs::write(path, text).unwrap();
+}
+
+/// What a forger with write access does after an edit: every later hash recomputed.
+fn rechain(recs: &mut [writ::audit::Record], from_seq: u64) {
+    for i in 0..recs.len() {
+        if recs[i].seq < from_seq {
+            continue;
+        }
+        if i > 0 {
+            recs[i].prev = recs[i - 1].hash.clone().unwrap();
+        }
+        recs[i].hash = Some(recs[i].compute_hash().unwrap());
+    }
+}
+
+fn audit_verify(log: &std::path::Path, args: &[&str]) -> (bool, String, String) {
+    run(writ().args(["audit", "verify"]).arg(log).args(args))
+}
+
+#[test]
+fn audit_verify_names_the_first_bad_seq_of_an_edited_deleted_or_reordered_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let (log, jwks) = signed_log(dir.path());
+    let jwks = jwks.to_str().unwrap();
+    let (ok, stdout, err) = audit_verify(&log, &["--jwks", jwks]);
+    assert!(ok, "{err}");
+    assert!(
+        stdout.contains("13 records, chain intact")
+            && stdout.contains("checkpoints: 3, signatures verified")
+            && stdout.contains("seq 13 comes after the last checkpoint"),
+        "{stdout}"
+    );
+    let original = read_records(&log);
+    let tampered = dir.path().join("tampered.jsonl");
+    type Tamper = fn(&mut Vec<writ::audit::Record>);
+    let cases: [(&str, Tamper, &str); 3] = [
+        (
+            "edited",
+            |r| r[5].reason = "edited".into(),
+            "broken at seq 6 (line 6)",
+        ),
+        ("deleted", |r| drop(r.remove(5)), "broken at seq 6 (line 6)"),
+        ("reordered", |r| r.swap(4, 5), "broken at seq 5 (line 5)"),
+    ];
+    for (what, tamper, expected) in cases {
+        let mut recs = original.clone();
+        tamper(&mut recs);
+        write_records(&tampered, &recs);
+        let (ok, _, err) = audit_verify(&tampered, &["--jwks", jwks]);
+        assert!(!ok, "{what}: accepted");
+        assert!(err.contains(expected), "{what}: {err}");
+    }
+}
+
+#[test]
+fn audit_verify_catches_a_rechained_log_and_a_forged_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let (log, jwks) = signed_log(dir.path());
+    let jwks = jwks.to_str().unwrap();
+    let mut recs = read_records(&log);
+    recs[5].reason = "edited".into(); // seq 6
+    rechain(&mut recs, 6);
+    let tampered = dir.path().join("tampered.jsonl");
+    write_records(&tampered, &recs);
+    // The chain holds again, but the checkpoint at seq 8 signed the old hash of seq 7.
+    for args in [&["--jwks", jwks][..], &[]] {
+        let (ok, _, err) = audit_verify(&tampered, args);
+        assert!(!ok, "a re-chained log was accepted");
+        assert!(
+            err.contains("broken at seq 8") && err.contains("a record in seq 4 to 7 was rewritten"),
+            "{err}"
+        );
+    }
+    // The forger re-signs every later checkpoint with a key of their own.
+    let other = writ::token::keys::KeySet::new(vec![
+        writ::token::keys::SigningKey::from_pem(
+            writ::token::keys::generate_pem(writ::token::keys::KeyAlg::Es256)
+                .unwrap()
+                .as_bytes(),
+            "other",
+        )
+        .unwrap(),
+    ])
+    .unwrap();
+    for cp in [8u64, 12] {
+        let i = recs.iter().position(|r| r.seq == cp).unwrap();
+        let (seq, hash) = (recs[i - 1].seq, recs[i - 1].hash.clone().unwrap());
+        let jws = writ::audit::checkpoint::sign(&other, seq, &hash).unwrap();
+        recs[i].detail = Some(serde_json::json!({"seq": seq, "hash": hash, "jws": jws}));
+        rechain(&mut recs, cp);
+    }
+    write_records(&tampered, &recs);
+    let (ok, _, err) = audit_verify(&tampered, &["--jwks", jwks]);
+    assert!(!ok, "a forged checkpoint was accepted");
+    assert!(
+        err.contains("broken at seq 8") && err.contains("which the JWKS does not hold"),
+        "{err}"
+    );
+    // Without the JWKS the signatures cannot be checked, and the output says so.
+    let (ok, stdout, err) = audit_verify(&tampered, &[]);
+    assert!(ok, "{err}");
+    assert!(stdout.contains("signatures NOT verified"), "{stdout}");
+    // A JWKS that is not one is an error naming it.
+    let (ok, _, err) = audit_verify(&tampered, &["--jwks", log.to_str().unwrap()]);
+    assert!(!ok && err.contains("the JWKS"), "{err}");
+}
+
+/// GET with a bearer over plain HTTP/1.1: (status, body).
+fn http_get(base: &str, path: &str, bearer: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(base.trim_start_matches("http://")).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {bearer}\r\nconnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    let status = resp
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = resp.split_once("\r\n\r\n").map(|(_, b)| b.to_string());
+    (status, body.unwrap_or_default())
+}
+
+#[test]
+fn audit_verify_with_head_from_catches_a_cut_tail() {
+    let dev = start_dev_with(&[("WRIT_AUDIT__CHECKPOINT_INTERVAL", "1s")]);
+    let d = dev.dir.path();
+    for _ in 0..3 {
+        let (ok, _, err) = run(writ().current_dir(d).args([
+            "token",
+            "exchange",
+            "--broker",
+            &dev.url,
+            "--scope",
+            "repo:read",
+            "--subject-token",
+            ".writ-dev/demo.svid",
+        ]));
+        assert!(ok, "{err}");
+    }
+    let log = d.join(".writ-dev/decisions.jsonl");
+    let written = read_records(&log).last().unwrap().seq;
+    let admin_file = d.join(".writ-dev/admin-token");
+    let admin = std::fs::read_to_string(&admin_file).unwrap();
+    // Within a checkpoint interval the broker signs a head covering every exchange.
+    let started = std::time::Instant::now();
+    let head = loop {
+        let (status, body) = http_get(&dev.url, "/admin/v1/audit/head", admin.trim());
+        if status == 200 {
+            let head: serde_json::Value = serde_json::from_str(&body).unwrap();
+            if head["seq"].as_u64().unwrap() >= written {
+                break head["seq"].as_u64().unwrap();
+            }
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(10),
+            "no head at seq {written} yet: {status} {body}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    let jwks = format!("{}/oauth2/jwks", dev.url);
+    let with_head = [
+        "--jwks",
+        &jwks,
+        "--head-from",
+        &dev.url,
+        "--admin-token",
+        admin_file.to_str().unwrap(),
+    ];
+    let copy = d.join("copy.jsonl");
+    std::fs::copy(&log, &copy).unwrap();
+    let (ok, stdout, err) = audit_verify(&copy, &with_head);
+    assert!(ok, "{err}");
+    assert!(
+        stdout.contains(&format!("signed head at seq {head}")),
+        "{stdout}"
+    );
+    // Cut the tail from the head's record on: the chain alone cannot tell...
+    let recs: Vec<_> = read_records(&log)
+        .into_iter()
+        .filter(|r| r.seq < head)
+        .collect();
+    write_records(&copy, &recs);
+    let (ok, _, err) = audit_verify(&copy, &["--jwks", &jwks]);
+    assert!(ok, "{err}");
+    // ...the broker's head can.
+    let (ok, _, err) = audit_verify(&copy, &with_head);
+    assert!(!ok, "a cut log was accepted");
+    assert!(
+        err.contains(&format!("broken at seq {head}")) && err.contains("cut from the tail"),
+        "{err}"
+    );
+    // The head endpoint is for admins only, and the flags go together.
+    let (ok, _, err) = audit_verify(&copy, &["--head-from", &dev.url]);
+    assert!(!ok && err.contains("--admin-token"), "{err}");
+    let wrong = d.join("wrong-token");
+    std::fs::write(&wrong, "nope").unwrap();
+    let (ok, _, err) = audit_verify(
+        &copy,
+        &[
+            "--head-from",
+            &dev.url,
+            "--admin-token",
+            wrong.to_str().unwrap(),
+        ],
+    );
+    assert!(!ok && err.contains("401"), "{err}");
 }

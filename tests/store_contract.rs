@@ -20,8 +20,8 @@ use writ::domain::{Subject, TaskId};
 use writ::store::memory::MemoryStore;
 use writ::store::redis::RedisStore;
 use writ::store::{
-    BlockRecord, BlockSelector, FeedCursor, FeedEvent, MintOutcome, PolicyTransition, Store,
-    TaskFilter, TaskRecord, TaskState, TokenEntry,
+    AuditHead, BlockRecord, BlockSelector, FeedCursor, FeedEvent, MintOutcome, PolicyTransition,
+    Store, TaskFilter, TaskRecord, TaskState, TokenEntry,
 };
 
 const NOW: i64 = 1_800_000_000;
@@ -53,6 +53,36 @@ fn tok(jti: &str, exp: i64) -> TokenEntry {
         jti: jti.into(),
         exp,
     }
+}
+
+fn head(log_id: &str, seq: u64) -> AuditHead {
+    AuditHead {
+        log_id: log_id.into(),
+        seq,
+        hash: format!("{seq:064x}"),
+        checkpoint: format!("jws-{seq}"),
+    }
+}
+
+async fn audit_heads(s: Arc<dyn Store>) {
+    let a = "a".repeat(64);
+    let b = "b".repeat(64);
+    assert_eq!(s.audit_head(&a).await.unwrap(), None);
+    s.put_audit_head(&head(&a, 5)).await.unwrap();
+    assert_eq!(s.audit_head(&a).await.unwrap(), Some(head(&a, 5)));
+    // Forward only: an older or equal head never replaces the one kept.
+    s.put_audit_head(&head(&a, 4)).await.unwrap();
+    let mut same_seq = head(&a, 5);
+    same_seq.hash = "f".repeat(64);
+    s.put_audit_head(&same_seq).await.unwrap();
+    assert_eq!(s.audit_head(&a).await.unwrap(), Some(head(&a, 5)));
+    s.put_audit_head(&head(&a, 1005)).await.unwrap();
+    assert_eq!(s.audit_head(&a).await.unwrap(), Some(head(&a, 1005)));
+    // Each log (replica) has its own head.
+    assert_eq!(s.audit_head(&b).await.unwrap(), None);
+    s.put_audit_head(&head(&b, 2)).await.unwrap();
+    assert_eq!(s.audit_head(&b).await.unwrap(), Some(head(&b, 2)));
+    assert_eq!(s.audit_head(&a).await.unwrap(), Some(head(&a, 1005)));
 }
 
 async fn counters_and_claims(s: Arc<dyn Store>) {
@@ -526,5 +556,6 @@ contract!(
     feed,
     counters_and_claims,
     pruning,
+    audit_heads,
     policy_transitions,
 );

@@ -1,6 +1,7 @@
 //! The HTTP surface: parses the wire form, calls one use case, writes the answer.
 
 pub mod admin;
+pub mod audit;
 pub mod error;
 pub mod extract;
 pub mod oauth;
@@ -36,6 +37,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("DELETE", "/admin/v1/quarantines/{id}"),
     ("GET", "/admin/v1/tasks"),
     ("POST", "/admin/v1/store/confirm-reset"),
+    ("GET", "/admin/v1/audit/head"),
     ("GET", "/healthz"),
     ("GET", "/readyz"),
     ("GET", "/metrics"),
@@ -80,6 +82,7 @@ fn routes(broker: &Arc<Broker>) -> Router<Arc<Broker>> {
             "/admin/v1/store/confirm-reset",
             post(admin::confirm_store_reset),
         )
+        .route("/admin/v1/audit/head", get(audit::head))
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
         .merge(metrics_on_main_listener(broker))

@@ -12,8 +12,8 @@ use async_trait::async_trait;
 use parking_lot::Mutex;
 
 use super::{
-    BlockRecord, FeedCursor, FeedEvent, MintOutcome, PolicyTransition, Store, StoreError,
-    TaskFilter, TaskRecord, TaskState, TokenEntry,
+    AuditHead, BlockRecord, FeedCursor, FeedEvent, MintOutcome, PolicyTransition, Store,
+    StoreError, TaskFilter, TaskRecord, TaskState, TokenEntry,
 };
 use crate::domain::{Subject, TaskId};
 
@@ -53,6 +53,7 @@ pub struct MemoryStore {
     counters: Mutex<HashMap<String, VecDeque<i64>>>,
     flags: Mutex<HashMap<String, std::time::Instant>>,
     policy: Mutex<Option<PolicyTransition>>,
+    audit_heads: Mutex<HashMap<String, AuditHead>>,
 }
 
 impl Default for MemoryStore {
@@ -65,6 +66,7 @@ impl Default for MemoryStore {
             counters: Mutex::new(HashMap::new()),
             flags: Mutex::new(HashMap::new()),
             policy: Mutex::new(None),
+            audit_heads: Mutex::new(HashMap::new()),
         }
     }
 }
@@ -380,6 +382,21 @@ impl Store for MemoryStore {
         };
         *slot = Some(t.clone());
         Ok(t)
+    }
+
+    async fn put_audit_head(&self, head: &AuditHead) -> Result<(), StoreError> {
+        let mut heads = self.audit_heads.lock();
+        match heads.get(&head.log_id) {
+            Some(kept) if kept.seq >= head.seq => {}
+            _ => {
+                heads.insert(head.log_id.clone(), head.clone());
+            }
+        }
+        Ok(())
+    }
+
+    async fn audit_head(&self, log_id: &str) -> Result<Option<AuditHead>, StoreError> {
+        Ok(self.audit_heads.lock().get(log_id).cloned())
     }
 
     async fn flag(&self, name: &str) -> Result<bool, StoreError> {

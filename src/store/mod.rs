@@ -312,6 +312,17 @@ impl PolicyTransition {
     }
 }
 
+/// The decision log's latest signed head (SPEC §6): the `seq` and `hash` of the last record
+/// a checkpoint covers, and that checkpoint's compact JWS over them. Kept per log: replicas
+/// sharing a store each write their own log, named by the hash of its first record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditHead {
+    pub log_id: String,
+    pub seq: u64,
+    pub hash: String,
+    pub checkpoint: String,
+}
+
 #[async_trait]
 pub trait Store: Send + Sync + std::fmt::Debug {
     /// Reachability, for `/readyz` and for failing closed.
@@ -396,6 +407,12 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// off live tokens, and tasks past [`RETAIN_AFTER_DEADLINE`]. Returns how many records it
     /// removed. Every replica calls it now and then; it is idempotent.
     async fn prune(&self, now: i64) -> Result<u64, StoreError>;
+    /// Keeps `head` as the latest head of its log (`head.log_id`), unless the store already
+    /// holds one with a higher or equal `seq`: a head only moves forward.
+    async fn put_audit_head(&self, head: &AuditHead) -> Result<(), StoreError>;
+
+    /// The latest head kept for the log `log_id`.
+    async fn audit_head(&self, log_id: &str) -> Result<Option<AuditHead>, StoreError>;
 
     /// Open tasks at `now` (Redis: tasks whose deadline has not passed, ended or not; an
     /// upper bound that costs one command).

@@ -13,6 +13,7 @@
 //! | `writ:{feed}:blocks` | hash | standing blocks by id |
 //! | `writ:{feed}:p:j:<jti>`, `writ:{feed}:p:t:<task id>` | string | the revocation was published (expires with it) |
 //! | `writ:{feed}:epoch` | string | the store's generation: random, set once, never expires |
+//! | `writ:{audit:<log id>}:head` | hash | a decision log's latest signed head: `seq`, `v` (JSON); never expires |
 //!
 //! Every task key expires 15 minutes after the task's deadline (its tokens expire by the
 //! deadline), so memory stays bounded by live tasks. The mutable hash holds only short
@@ -30,8 +31,8 @@ use redis::cluster_async::ClusterConnection;
 use redis::{AsyncConnectionConfig, Cmd, Pipeline, RedisFuture, Script, Value};
 
 use super::{
-    BlockRecord, FeedCursor, FeedEvent, MintOutcome, PolicyTransition, Store, StoreError,
-    TaskFilter, TaskRecord, TaskState, TokenEntry,
+    AuditHead, BlockRecord, FeedCursor, FeedEvent, MintOutcome, PolicyTransition, Store,
+    StoreError, TaskFilter, TaskRecord, TaskState, TokenEntry,
 };
 use crate::domain::{Subject, TaskId};
 
@@ -98,6 +99,7 @@ pub struct RedisStore {
     hit: Script,
     publish: Script,
     advance: Script,
+    head: Script,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -223,6 +225,14 @@ return 1
 /// the stream.
 const SNAPSHOT_PAGE: usize = 10_000;
 
+/// A head only moves forward: it is replaced by one with a higher `seq` only.
+const HEAD_LUA: &str = r"
+local cur = redis.call('HGET', KEYS[1], 'seq')
+if cur and tonumber(cur) >= tonumber(ARGV[1]) then return 0 end
+redis.call('HSET', KEYS[1], 'seq', ARGV[1], 'v', ARGV[2])
+return 1
+";
+
 impl RedisStore {
     /// Connects to a standalone server (`url`) or a cluster (`nodes`).
     pub async fn connect(
@@ -265,6 +275,7 @@ impl RedisStore {
             hit: Script::new(HIT_LUA),
             publish: Script::new(PUBLISH_LUA),
             advance: Script::new(ADVANCE_LUA),
+            head: Script::new(HEAD_LUA),
         })
     }
 
@@ -293,6 +304,10 @@ impl RedisStore {
     /// The marker that a token (`j`) or task (`t`) revocation was published.
     fn k_published(&self, kind: &str, id: &str) -> String {
         format!("{}{{feed}}:p:{kind}:{id}", self.prefix)
+    }
+
+    fn k_audit_head(&self, log_id: &str) -> String {
+        format!("{}{{audit:{log_id}}}:head", self.prefix)
     }
 
     fn conn(&self) -> Conn {
@@ -894,6 +909,37 @@ impl Store for RedisStore {
             .await
             .map_err(unavailable)?;
         Ok(reply.into_iter().nth(1))
+    }
+
+    async fn put_audit_head(&self, head: &AuditHead) -> Result<(), StoreError> {
+        let json = serde_json::to_string(head).map_err(|e| StoreError::corrupt("audit head", e))?;
+        let _: i64 = self
+            .head
+            .key(self.k_audit_head(&head.log_id))
+            .arg(head.seq)
+            .arg(json)
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn audit_head(&self, log_id: &str) -> Result<Option<AuditHead>, StoreError> {
+        let raw: Option<String> = redis::cmd("HGET")
+            .arg(self.k_audit_head(log_id))
+            .arg("v")
+            .query_async(&mut self.conn())
+            .await
+            .map_err(unavailable)?;
+        let Some(raw) = raw else { return Ok(None) };
+        let head: AuditHead =
+            serde_json::from_str(&raw).map_err(|e| StoreError::corrupt("audit head", e))?;
+        if head.log_id != log_id {
+            return Err(StoreError::invalid(
+                "audit head stored under another log's key",
+            ));
+        }
+        Ok(Some(head))
     }
 
     async fn list_blocks(&self) -> Result<Vec<BlockRecord>, StoreError> {

@@ -61,6 +61,8 @@ pub struct TaskClaims {
 pub enum TokenError {
     #[error("signing key is not usable for verification")]
     Key(#[source] serde_json::Error),
+    #[error("a JWS that is not a task token must not say `typ: at+jwt`")]
+    ReservedType,
     #[error("cannot sign or load a token key")]
     Sign(#[source] jsonwebtoken::errors::Error),
     #[error("token is not one of ours or does not verify")]
@@ -137,6 +139,21 @@ impl TokenIssuer {
         }
         Ok(claims)
     }
+}
+
+/// Signs `payload` as a compact JWS with the active signing key (header `alg`, `kid` and
+/// `typ`). `typ` names what is signed and is never `at+jwt`, so that nothing signed here can
+/// pass for a task token (the decision log's checkpoints use it).
+pub fn sign_jws(keys: &KeySet, typ: &str, payload: &impl Serialize) -> Result<String, TokenError> {
+    if typ.eq_ignore_ascii_case("at+jwt") {
+        return Err(TokenError::ReservedType);
+    }
+    crypto::ensure_installed();
+    let key = keys.active();
+    let mut header = Header::new(key.alg.jwt_alg());
+    header.typ = Some(typ.to_string());
+    header.kid = Some(key.kid.clone());
+    jsonwebtoken::encode(&header, payload, key.encoding_key()).map_err(TokenError::Sign)
 }
 
 #[cfg(test)]

@@ -70,11 +70,11 @@ async fn exchange_issues_a_task_token_with_the_contract_claims() {
     assert_eq!(allow["source_ip"], "127.0.0.1");
     let text = app.audit_text();
     assert!(!text.contains(token) && !text.contains(&svid));
-    assert_eq!(
-        writ::audit::verify_file(&app.path("audit.jsonl")).unwrap(),
-        writ::audit::Verification::Intact {
-            records: records.len() as u64
-        }
+    // Intact, and at least as long as what was read above (a checkpoint may have followed).
+    let v = writ::audit::verify_file(&app.path("audit.jsonl")).unwrap();
+    assert!(
+        matches!(&v, writ::audit::Verification::Intact(r) if r.records >= records.len() as u64),
+        "{v:?}"
     );
 }
 
