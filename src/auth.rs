@@ -53,29 +53,7 @@ impl Broker {
         source_ip: Option<String>,
     ) -> Result<Caller, BrokerError> {
         let refuse = |code: ErrorCode, reason: &str, who: Option<String>| {
-            let event = if role == Role::Introspector {
-                Event::IntrospectDenied
-            } else {
-                Event::Admin
-            };
-            let entry = audit::Entry {
-                decision: Some("deny"),
-                subject: who,
-                reason: reason.to_string(),
-                source_ip: source_ip.clone(),
-                ..audit::Entry::default()
-            };
-            // Refusals that name no one are flood-limited; a known caller's is always written.
-            // A failed append is counted by the log (`writ_audit_append_failures_total`).
-            let appended = if entry.subject.is_none() {
-                self.audit.append_unauthenticated(event, entry).map(|_| ())
-            } else {
-                self.audit.append(event, entry).map(|_| ())
-            };
-            if let Err(e) = appended {
-                tracing::error!(error = %e, "cannot record a refused caller in the decision log");
-            }
-            BrokerError::new(code, reason)
+            self.refuse_caller(role, code, reason, who, source_ip.clone())
         };
         let Some(token) = bearer(authorization) else {
             return Err(refuse(
@@ -90,49 +68,16 @@ impl Broker {
             .iter()
             .any(|h| constant_time_eq(h.as_bytes(), hash.as_bytes()))
         {
-            return Ok(Caller::AdminToken(hash[..12].to_string()));
+            return Ok(Caller::AdminToken(hash.chars().take(12).collect()));
         }
-        let now = self.now();
-        let key = VerifiedCache::<String>::key(token.as_bytes());
-        let subject = match self.auth_cache.get(&key, now) {
-            Some(s) => s,
-            None => match self
-                .identity
-                .verify(token, crate::identity::Accept::AnyIdentity, now)
-                .await
-            {
-                Ok(id) => {
-                    let s = id.subject.to_string();
-                    self.auth_cache.insert(key, s.clone(), id.expires_at, now);
-                    s
-                }
-                Err(e) if e.is_unavailable() => return Err(self.fail(e)),
-                Err(e) => {
-                    tracing::info!(reason = %e, "bearer credential refused");
-                    return Err(refuse(
-                        ErrorCode::InvalidToken,
-                        "the bearer credential is not valid",
-                        None,
-                    ));
-                }
-            },
+        let Some(subject) = self.workload_subject(token).await? else {
+            return Err(refuse(
+                ErrorCode::InvalidToken,
+                "the bearer credential is not valid",
+                None,
+            ));
         };
-        let subject = Subject::from_trusted(subject);
-        let admin = self
-            .config
-            .admin
-            .principals
-            .iter()
-            .any(|p| subject.matches(p));
-        let allowed = admin
-            || (role == Role::Introspector
-                && self
-                    .config
-                    .introspection
-                    .principals
-                    .iter()
-                    .any(|p| subject.matches(p)));
-        if !allowed {
+        if !self.may_act_as(&subject, role) {
             return Err(refuse(
                 ErrorCode::AccessDenied,
                 "the caller is not allowed here",
@@ -140,6 +85,73 @@ impl Broker {
             ));
         }
         Ok(Caller::Workload(subject))
+    }
+
+    /// The subject of a workload identity token (cached by the token's hash); `None` when it
+    /// does not verify, 503 when the identity sources cannot say.
+    async fn workload_subject(&self, token: &str) -> Result<Option<Subject>, BrokerError> {
+        let now = self.now();
+        let key = VerifiedCache::<String>::key(token.as_bytes());
+        if let Some(s) = self.auth_cache.get(&key, now) {
+            return Ok(Some(Subject::from_trusted(s)));
+        }
+        match self
+            .identity
+            .verify(token, crate::identity::Accept::AnyIdentity, now)
+            .await
+        {
+            Ok(id) => {
+                self.auth_cache
+                    .insert(key, id.subject.to_string(), id.expires_at, now);
+                Ok(Some(id.subject))
+            }
+            Err(e) if e.is_unavailable() => Err(self.fail(e)),
+            Err(e) => {
+                tracing::info!(reason = %e, "bearer credential refused");
+                Ok(None)
+            }
+        }
+    }
+
+    /// Admin principals may act in every role; introspection principals may introspect.
+    fn may_act_as(&self, subject: &Subject, role: Role) -> bool {
+        let covered = |patterns: &[String]| patterns.iter().any(|p| subject.matches(p));
+        covered(&self.config.admin.principals)
+            || (role == Role::Introspector && covered(&self.config.introspection.principals))
+    }
+
+    /// Records a refused caller and gives its answer. Refusals that name no one are
+    /// flood-limited; a known caller's is always written. A failed append is counted by the
+    /// log (`writ_audit_append_failures_total`); the refusal stands either way.
+    fn refuse_caller(
+        &self,
+        role: Role,
+        code: ErrorCode,
+        reason: &str,
+        who: Option<String>,
+        source_ip: Option<String>,
+    ) -> BrokerError {
+        let event = if role == Role::Introspector {
+            Event::IntrospectDenied
+        } else {
+            Event::Admin
+        };
+        let entry = audit::Entry {
+            decision: Some("deny"),
+            subject: who,
+            reason: reason.to_string(),
+            source_ip,
+            ..audit::Entry::default()
+        };
+        let appended = if entry.subject.is_none() {
+            self.audit.append_unauthenticated(event, entry).map(|_| ())
+        } else {
+            self.audit.append(event, entry).map(|_| ())
+        };
+        if let Err(e) = appended {
+            tracing::error!(error = %e, "cannot record a refused caller in the decision log");
+        }
+        BrokerError::new(code, reason)
     }
 
     /// Called when trust bundles change: cached workload credentials are verified again.

@@ -326,17 +326,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Policy { command } => policy_command(command),
         Command::Keys {
             command: KeysCommand::Generate { alg, out },
-        } => {
-            keys::generate_file(alg, &out)?;
-            let key = keys::SigningKey::load(&out)?;
-            println!(
-                "wrote {} key {} (kid {})",
-                alg.name(),
-                out.display(),
-                key.kid
-            );
-            Ok(())
-        }
+        } => keys_generate(alg, &out),
         Command::Token {
             command: TokenCommand::Exchange(args),
         } => token_exchange(args).await,
@@ -348,14 +338,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     broker,
                     admin_token,
                 },
-        } => {
-            let admin = secret(&admin_token)?;
-            let out = crate::client::Client::new(&broker)?
-                .confirm_store_reset(&admin)
-                .await?;
-            println!("{}", serde_json::to_string_pretty(&out)?);
-            Ok(())
-        }
+        } => confirm_store_reset(&broker, &admin_token).await,
         Command::Revocations { command } => blocks_command(BlockKind::Revocation, command).await,
         Command::Quarantines { command } => blocks_command(BlockKind::Quarantine, command).await,
         Command::Audit {
@@ -376,6 +359,27 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             .await
         }
     }
+}
+
+fn keys_generate(alg: keys::KeyAlg, out: &std::path::Path) -> anyhow::Result<()> {
+    keys::generate_file(alg, out)?;
+    let key = keys::SigningKey::load(out)?;
+    println!(
+        "wrote {} key {} (kid {})",
+        alg.name(),
+        out.display(),
+        key.kid
+    );
+    Ok(())
+}
+
+async fn confirm_store_reset(broker: &str, admin_token: &str) -> anyhow::Result<()> {
+    let admin = secret(admin_token)?;
+    let out = crate::client::Client::new(broker)?
+        .confirm_store_reset(&admin)
+        .await?;
+    println!("{}", serde_json::to_string_pretty(&out)?);
+    Ok(())
 }
 
 async fn config_check(config: &std::path::Path, syntax_only: bool) -> anyhow::Result<()> {

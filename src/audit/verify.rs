@@ -110,45 +110,10 @@ pub fn verify_reader(reader: impl Read, opts: VerifyOptions<'_>) -> std::io::Res
                 );
             }
         };
-        if rec.seq != expected {
-            let why = if rec.seq > expected {
-                format!(
-                    "seq {expected} is missing: found seq {} (a record was deleted or moved)",
-                    rec.seq
-                )
-            } else {
-                format!(
-                    "found seq {} where seq {expected} was expected (a record was moved or repeated)",
-                    rec.seq
-                )
-            };
-            return broken(expected, why);
-        }
-        if rec.prev != prev {
-            return broken(
-                rec.seq,
-                format!(
-                    "seq {}: `prev` is not the hash of the record before it (a record before it was removed, inserted or changed)",
-                    rec.seq
-                ),
-            );
-        }
-        let Some(stated) = rec.hash.clone() else {
-            return broken(rec.seq, format!("seq {}: record has no hash", rec.seq));
+        let stated = match check_link(&rec, expected, &prev) {
+            Ok(h) => h,
+            Err((seq, why)) => return broken(seq, why),
         };
-        match rec.compute_hash() {
-            Ok(h) if h == stated => {}
-            Ok(_) => {
-                return broken(
-                    rec.seq,
-                    format!(
-                        "seq {}: hash does not match the record's contents (it was edited)",
-                        rec.seq
-                    ),
-                );
-            }
-            Err(e) => return broken(rec.seq, e.to_string()),
-        }
         if rec.event == Event::Checkpoint {
             let unproven = last_checkpointed.map_or(1, |s| s + 1);
             if let Err(why) = check_checkpoint(&rec, opts.keys, unproven) {
@@ -171,42 +136,15 @@ pub fn verify_reader(reader: impl Read, opts: VerifyOptions<'_>) -> std::io::Res
     }
     let last_seq = expected - 1;
     if let Some(head) = opts.head {
-        let past_end = lineno + 1;
-        if first_hash.as_deref().is_some_and(|id| id != head.log_id) {
-            return Ok(Verification::Broken(Break {
-                seq: 1,
-                line: 1,
-                reason: "the head is for another log (its log id is not this log's first record)"
-                    .into(),
-            }));
-        }
-        if last_seq < head.seq {
-            return Ok(Verification::Broken(Break {
-                seq: last_seq + 1,
-                line: past_end,
-                reason: format!(
-                    "the log ends at seq {last_seq} but the broker's signed head is at seq {}: {} {} cut from the tail",
-                    head.seq,
-                    span(last_seq + 1, head.seq),
-                    if last_seq + 1 >= head.seq {
-                        "was"
-                    } else {
-                        "were"
-                    }
-                ),
-            }));
-        }
-        if hash_at_head.as_deref() != Some(head.hash.as_str()) {
-            let from = checkpointed_before_head.map_or(1, |s| s + 1);
-            return Ok(Verification::Broken(Break {
-                seq: head.seq,
-                line: head.seq,
-                reason: format!(
-                    "seq {}: hash is not the one the broker's signed head holds: {} and the chain recomputed",
-                    head.seq,
-                    rewritten(from, head.seq)
-                ),
-            }));
+        let reached = HeadCheck {
+            first_hash: first_hash.as_deref(),
+            last_seq,
+            hash_at_head: hash_at_head.as_deref(),
+            checkpointed_before_head,
+            past_end: lineno + 1,
+        };
+        if let Some(b) = reached.against(head) {
+            return Ok(Verification::Broken(b));
         }
     }
     Ok(Verification::Intact(Report {
@@ -294,5 +232,101 @@ fn rewritten(from: u64, to: u64) -> String {
         format!("seq {to} was rewritten")
     } else {
         format!("a record in seq {from} to {to} was rewritten")
+    }
+}
+
+/// What a read of the whole log found, to hold against the broker's signed head.
+struct HeadCheck<'a> {
+    first_hash: Option<&'a str>,
+    last_seq: u64,
+    hash_at_head: Option<&'a str>,
+    /// The last seq a checkpoint covered before the head's: where a rewrite can start.
+    checkpointed_before_head: Option<u64>,
+    past_end: u64,
+}
+
+impl HeadCheck<'_> {
+    /// The first way the log fails to reach `head`, if any.
+    fn against(&self, head: &AuditHead) -> Option<Break> {
+        let last_seq = self.last_seq;
+        if self.first_hash.is_some_and(|id| id != head.log_id) {
+            return Some(Break {
+                seq: 1,
+                line: 1,
+                reason: "the head is for another log (its log id is not this log's first record)"
+                    .into(),
+            });
+        }
+        if self.last_seq < head.seq {
+            return Some(Break {
+                seq: self.last_seq + 1,
+                line: self.past_end,
+                reason: format!(
+                    "the log ends at seq {last_seq} but the broker's signed head is at seq {}: {} {} cut from the tail",
+                    head.seq,
+                    span(self.last_seq + 1, head.seq),
+                    if self.last_seq + 1 >= head.seq {
+                        "was"
+                    } else {
+                        "were"
+                    }
+                ),
+            });
+        }
+        if self.hash_at_head != Some(head.hash.as_str()) {
+            let from = self.checkpointed_before_head.map_or(1, |s| s + 1);
+            return Some(Break {
+                seq: head.seq,
+                line: head.seq,
+                reason: format!(
+                    "seq {}: hash is not the one the broker's signed head holds: {} and the chain recomputed",
+                    head.seq,
+                    rewritten(from, head.seq)
+                ),
+            });
+        }
+        None
+    }
+}
+
+/// `seq` follows on, `prev` links to the record before, and `hash` matches the contents;
+/// returns the record's hash, or the seq to name and why it is broken.
+fn check_link(rec: &Record, expected: u64, prev: &str) -> Result<String, (u64, String)> {
+    if rec.seq != expected {
+        let why = if rec.seq > expected {
+            format!(
+                "seq {expected} is missing: found seq {} (a record was deleted or moved)",
+                rec.seq
+            )
+        } else {
+            format!(
+                "found seq {} where seq {expected} was expected (a record was moved or repeated)",
+                rec.seq
+            )
+        };
+        return Err((expected, why));
+    }
+    if rec.prev != prev {
+        return Err((
+            rec.seq,
+            format!(
+                "seq {}: `prev` is not the hash of the record before it (a record before it was removed, inserted or changed)",
+                rec.seq
+            ),
+        ));
+    }
+    let Some(stated) = rec.hash.clone() else {
+        return Err((rec.seq, format!("seq {}: record has no hash", rec.seq)));
+    };
+    match rec.compute_hash() {
+        Ok(h) if h == stated => Ok(stated),
+        Ok(_) => Err((
+            rec.seq,
+            format!(
+                "seq {}: hash does not match the record's contents (it was edited)",
+                rec.seq
+            ),
+        )),
+        Err(e) => Err((rec.seq, e.to_string())),
     }
 }
