@@ -76,6 +76,10 @@ impl VerifiedIdentity {
 pub enum IdentityError {
     #[error("token is larger than {MAX_SUBJECT_TOKEN_BYTES} bytes")]
     TooLarge,
+    #[error("token header has `crit`: extensions Writ does not understand (RFC 7515 §4.1.11)")]
+    CriticalHeader,
+    #[error("JWT-SVID `typ` is neither `JWT` nor `JOSE`")]
+    WrongSvidType,
     #[error("token is not a well-formed JWT")]
     Malformed,
     #[error("token is an access token (`typ` at+jwt), not an ID token")]
@@ -119,6 +123,7 @@ impl From<crate::token::jwt::JwtFormatError> for IdentityError {
         match e {
             crate::token::jwt::JwtFormatError::TooLarge => IdentityError::TooLarge,
             crate::token::jwt::JwtFormatError::Malformed => IdentityError::Malformed,
+            crate::token::jwt::JwtFormatError::Critical => IdentityError::CriticalHeader,
         }
     }
 }

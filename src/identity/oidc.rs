@@ -144,7 +144,7 @@ impl From<JwtFormatError> for OidcError {
     fn from(e: JwtFormatError) -> Self {
         match e {
             JwtFormatError::TooLarge => OidcError::TooLargeToken,
-            JwtFormatError::Malformed => OidcError::Malformed,
+            JwtFormatError::Malformed | JwtFormatError::Critical => OidcError::Malformed,
         }
     }
 }

@@ -69,6 +69,13 @@ impl JwtSvidVerifier {
         if !JWT_SVID_ALGS.contains(&alg) {
             return Err(IdentityError::UnsupportedAlg);
         }
+        // JWT-SVID §3.2: `typ`, when present, is `JWT` or `JOSE`.
+        if let Some(typ) = jwt.header.typ.as_deref()
+            && !typ.eq_ignore_ascii_case("JWT")
+            && !typ.eq_ignore_ascii_case("JOSE")
+        {
+            return Err(IdentityError::WrongSvidType);
+        }
         let kid = jwt
             .header
             .kid

@@ -11,6 +11,9 @@ use serde_json::{Map, Value};
 pub enum JwtFormatError {
     TooLarge,
     Malformed,
+    /// The header has `crit`: it names extensions that must be understood, and Writ
+    /// understands none (RFC 7515 §4.1.11).
+    Critical,
 }
 
 pub struct ParsedJwt<'a> {
@@ -37,8 +40,13 @@ impl<'a> ParsedJwt<'a> {
         let header_json = B64
             .decode(header_b64)
             .map_err(|_| JwtFormatError::Malformed)?;
-        let header: Header =
+        let header_map: Map<String, Value> =
             serde_json::from_slice(&header_json).map_err(|_| JwtFormatError::Malformed)?;
+        if header_map.contains_key("crit") {
+            return Err(JwtFormatError::Critical);
+        }
+        let header: Header = serde_json::from_value(Value::Object(header_map))
+            .map_err(|_| JwtFormatError::Malformed)?;
         let payload = B64
             .decode(payload_b64)
             .map_err(|_| JwtFormatError::Malformed)?;

@@ -435,3 +435,31 @@ fn an_issuer_path_that_cannot_be_served_is_refused_naming_the_key() {
         assert_eq!(e.key, "server.issuer", "{issuer}: {e:?}");
     }
 }
+
+/// RFC 7515 §4.1.11 and JWT-SVID §3.2: a `crit` header is refused (Writ understands no
+/// extension), and a JWT-SVID's `typ`, when present, is `JWT` or `JOSE`.
+#[tokio::test]
+async fn svid_headers_with_crit_or_a_foreign_typ_are_refused() {
+    let app = spawn_app().await;
+    let now = writ::domain::Clock::now(&*app.clock);
+    let claims = json!({"sub": AGENT, "aud": [AUD], "iat": now, "exp": now + 300});
+    let kid = app.svid_key.kid.clone();
+    let with_header = |header: Value| sign_jwt(&header, &claims, &app.svid_key);
+    for header in [
+        json!({"alg": "ES256", "kid": kid, "typ": "JWT", "crit": ["exp"], "exp": now + 60}),
+        json!({"alg": "ES256", "kid": kid, "crit": []}),
+        json!({"alg": "ES256", "kid": kid, "typ": "at+jwt"}),
+        json!({"alg": "ES256", "kid": kid, "typ": "dpop+jwt"}),
+    ] {
+        app.expect_error(&with_header(header), "repo:read", &[], 400, "invalid_request")
+            .await;
+    }
+    for header in [
+        json!({"alg": "ES256", "kid": kid, "typ": "JOSE"}),
+        json!({"alg": "ES256", "kid": kid, "typ": "jwt"}),
+        json!({"alg": "ES256", "kid": kid}),
+    ] {
+        let (s, v) = app.exchange(&with_header(header), "repo:read", &[]).await;
+        assert_eq!(s, 200, "{v}");
+    }
+}
