@@ -272,6 +272,11 @@ impl Audience {
         if s.to_ascii_lowercase().starts_with("spiffe:") {
             return None;
         }
+        // RFC 3986 first, on the text as given: a URL parser forgives (`\` for `/`, bad
+        // percent-encoding, `<`, `{`), and the audience is compared as this exact string.
+        if !is_rfc3986_absolute_uri(s) {
+            return None;
+        }
         let url = url::Url::parse(s).ok()?;
         if url.cannot_be_a_base() && !matches!(url.scheme(), "urn") {
             return None;
@@ -284,6 +289,40 @@ impl Audience {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+}
+
+/// An absolute URI by RFC 3986's grammar, checked on the characters: a scheme (`ALPHA
+/// *( ALPHA / DIGIT / "+" / "-" / "." )`) and `:`, then only unreserved, reserved and
+/// well-formed percent-encoded characters (a fragment is refused by the caller).
+fn is_rfc3986_absolute_uri(s: &str) -> bool {
+    let Some((scheme, rest)) = s.split_once(':') else {
+        return false;
+    };
+    let mut scheme_chars = scheme.bytes();
+    if !scheme_chars.next().is_some_and(|b| b.is_ascii_alphabetic())
+        || !scheme_chars.all(|b| b.is_ascii_alphanumeric() || b"+-.".contains(&b))
+        || rest.is_empty()
+    {
+        return false;
+    }
+    let bytes = rest.as_bytes();
+    let mut i = 0;
+    while let Some(&b) = bytes.get(i) {
+        if b == b'%' {
+            let hex = |j: usize| bytes.get(j).is_some_and(u8::is_ascii_hexdigit);
+            if !(hex(i + 1) && hex(i + 2)) {
+                return false;
+            }
+            i += 3;
+            continue;
+        }
+        let allowed = b.is_ascii_alphanumeric() || b"-._~:/?[]@!$&'()*+,;=".contains(&b);
+        if !allowed {
+            return false;
+        }
+        i += 1;
+    }
+    true
 }
 
 /// Why a list of requested audiences was refused.

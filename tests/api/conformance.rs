@@ -463,3 +463,39 @@ async fn svid_headers_with_crit_or_a_foreign_typ_are_refused() {
         assert_eq!(s, 200, "{v}");
     }
 }
+
+/// RFC 8707: `audience` and `resource` are absolute URIs by RFC 3986 (or SPIFFE IDs), taken
+/// as given: what a forgiving URL parser would accept or rewrite is refused.
+#[tokio::test]
+async fn audiences_must_be_rfc3986_absolute_uris() {
+    let app = spawn_app().await;
+    let svid = app.svid(AGENT);
+    for bad in [
+        "https://a.org/<script>",
+        "https://api/{\"x\"}|^",
+        "https://a.org/%zz",
+        "https://a.org/%4",
+        "https:\\\\evil.org",
+        "https://a.org/a`b",
+        "1https://a.org",
+        "https://a.org/#frag",
+    ] {
+        app.expect_error(&svid, "repo:read", &[("audience", bad)], 400, "invalid_target")
+            .await;
+        app.expect_error(&svid, "repo:read", &[("resource", bad)], 400, "invalid_target")
+            .await;
+    }
+    for good in [
+        "urn:example:api",
+        "https://a.org/p%20q",
+        "https://api.example.org",
+        "https://a.org:8443/v1/items?x=1&y=(2)",
+        "spiffe://example.org/resource/billing",
+    ] {
+        let (s, v) = app
+            .exchange(&svid, "repo:read", &[("audience", good)])
+            .await;
+        assert_eq!(s, 200, "{good}: {v}");
+        assert_eq!(claims_of(v["access_token"].as_str().unwrap())["aud"], good);
+    }
+}
