@@ -57,7 +57,7 @@ impl Broker {
         };
         let Some(token) = bearer(authorization) else {
             return Err(refuse(
-                ErrorCode::InvalidToken,
+                ErrorCode::CredentialsRequired,
                 "a bearer credential is required",
                 None,
             ));

@@ -30,6 +30,9 @@ pub enum ErrorCode {
     NotFound,
     TemporarilyUnavailable,
     PayloadTooLarge,
+    /// No credential was sent where a bearer is required: `invalid_token` in the body, but
+    /// no error attribute in `WWW-Authenticate` (RFC 6750 §3.1).
+    CredentialsRequired,
 }
 
 impl ErrorCode {
@@ -41,7 +44,7 @@ impl ErrorCode {
             ErrorCode::UnsupportedGrantType => "unsupported_grant_type",
             ErrorCode::InvalidScope => "invalid_scope",
             ErrorCode::InvalidTarget => "invalid_target",
-            ErrorCode::InvalidToken => "invalid_token",
+            ErrorCode::InvalidToken | ErrorCode::CredentialsRequired => "invalid_token",
             ErrorCode::UnsupportedTokenType => "unsupported_token_type",
             ErrorCode::AccessDenied => "access_denied",
             ErrorCode::NotFound => "not_found",
@@ -51,7 +54,9 @@ impl ErrorCode {
 
     pub fn status(self) -> u16 {
         match self {
-            ErrorCode::InvalidClient | ErrorCode::InvalidToken => 401,
+            ErrorCode::InvalidClient | ErrorCode::InvalidToken | ErrorCode::CredentialsRequired => {
+                401
+            }
             ErrorCode::AccessDenied => 403,
             ErrorCode::NotFound => 404,
             ErrorCode::PayloadTooLarge => 413,
@@ -90,6 +95,21 @@ impl BrokerError {
     }
     pub fn invalid_token(d: impl Into<String>) -> Self {
         Self::new(ErrorCode::InvalidToken, d)
+    }
+    /// No bearer credential was sent.
+    pub fn credentials_required() -> Self {
+        Self::new(
+            ErrorCode::CredentialsRequired,
+            "a bearer credential is required",
+        )
+    }
+    /// A client credential (`Authorization: Basic`) the broker cannot verify: Writ has no
+    /// OAuth clients with secrets.
+    pub fn invalid_client() -> Self {
+        Self::new(
+            ErrorCode::InvalidClient,
+            "client authentication is not supported here; present a workload identity",
+        )
     }
     pub fn access_denied(d: impl Into<String>) -> Self {
         Self::new(ErrorCode::AccessDenied, d)

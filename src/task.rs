@@ -228,8 +228,8 @@ impl Broker {
         authorization: Option<&str>,
         source_ip: Option<String>,
     ) -> Result<TaskRecord, BrokerError> {
-        let token = crate::auth::bearer(authorization)
-            .ok_or_else(|| BrokerError::invalid_token("a bearer credential is required"))?;
+        let token =
+            crate::auth::bearer(authorization).ok_or_else(BrokerError::credentials_required)?;
         let holder = self.check_token(token)?.filter(|c| c.txn == id.as_str());
         if holder.is_none() {
             self.authorize(authorization, crate::auth::Role::Admin, source_ip)

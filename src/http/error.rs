@@ -19,11 +19,21 @@ impl IntoResponse for BrokerError {
         )
             .into_response();
         no_store(&mut resp);
-        if status == StatusCode::UNAUTHORIZED {
-            resp.headers_mut().insert(
-                header::WWW_AUTHENTICATE,
-                HeaderValue::from_static("Bearer error=\"invalid_token\""),
-            );
+        // RFC 6750 §3 for bearer endpoints, RFC 6749 §5.2 for client credentials.
+        let challenge = match self.code {
+            ErrorCode::InvalidToken => Some("Bearer error=\"invalid_token\""),
+            ErrorCode::CredentialsRequired => Some("Bearer realm=\"writ\""),
+            ErrorCode::InvalidClient => Some("Basic realm=\"writ\""),
+            ErrorCode::AccessDenied => Some("Bearer error=\"insufficient_scope\""),
+            _ => None,
+        };
+        if let Some(c) = challenge {
+            resp.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static(c));
+        }
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         resp
     }

@@ -33,6 +33,20 @@ impl Authorization {
     pub fn as_deref(&self) -> Option<&str> {
         self.0.as_deref()
     }
+
+    /// At the token and revocation endpoints, which take no client authentication: a
+    /// `Basic` client credential cannot be verified, so it is refused rather than ignored.
+    pub fn refuse_client_credentials(&self) -> Result<(), BrokerError> {
+        let basic = self.0.as_deref().is_some_and(|h| {
+            h.trim_start()
+                .get(..6)
+                .is_some_and(|s| s.eq_ignore_ascii_case("basic "))
+        });
+        if basic {
+            return Err(BrokerError::invalid_client());
+        }
+        Ok(())
+    }
 }
 
 impl<S: Send + Sync> FromRequestParts<S> for Authorization {

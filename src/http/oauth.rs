@@ -199,9 +199,11 @@ fn expires_in(form: &Form) -> Result<Option<u64>, BrokerError> {
 pub async fn token(
     State(broker): State<Arc<Broker>>,
     SourceIp(ip): SourceIp,
+    auth: Authorization,
     form: Result<FormPairs, BrokerError>,
 ) -> Response {
     let result = async {
+        auth.refuse_client_credentials()?;
         let form = Form::new(form?.0, EXCHANGE_PARAMS, &["audience", "resource"])?;
         let req = parse_exchange(&form, ip, &broker.limits.default_scope)?;
         broker.exchange(req).await
@@ -336,9 +338,11 @@ pub async fn introspect(
 pub async fn revoke(
     State(broker): State<Arc<Broker>>,
     SourceIp(ip): SourceIp,
+    auth: Authorization,
     form: Result<FormPairs, BrokerError>,
 ) -> Response {
     let result = async {
+        auth.refuse_client_credentials()?;
         // Writ issues access tokens only, so a token is searched as one whatever its
         // `token_type_hint`: RFC 7009 §2.1 has a wrong or unknown hint ignored.
         let form = Form::new(form?.0, TOKEN_PARAMS, &[])?;

@@ -62,8 +62,7 @@ pub async fn end_task(
 ) -> Response {
     let result = async {
         let id = parse_task_id(&raw)?;
-        let token = bearer(auth.as_deref())
-            .ok_or_else(|| BrokerError::invalid_token("a bearer credential is required"))?;
+        let token = bearer(auth.as_deref()).ok_or_else(BrokerError::credentials_required)?;
         broker.end_task(&id, token, ip).await
     }
     .await;

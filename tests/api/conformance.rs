@@ -451,8 +451,14 @@ async fn svid_headers_with_crit_or_a_foreign_typ_are_refused() {
         json!({"alg": "ES256", "kid": kid, "typ": "at+jwt"}),
         json!({"alg": "ES256", "kid": kid, "typ": "dpop+jwt"}),
     ] {
-        app.expect_error(&with_header(header), "repo:read", &[], 400, "invalid_request")
-            .await;
+        app.expect_error(
+            &with_header(header),
+            "repo:read",
+            &[],
+            400,
+            "invalid_request",
+        )
+        .await;
     }
     for header in [
         json!({"alg": "ES256", "kid": kid, "typ": "JOSE"}),
@@ -480,10 +486,22 @@ async fn audiences_must_be_rfc3986_absolute_uris() {
         "1https://a.org",
         "https://a.org/#frag",
     ] {
-        app.expect_error(&svid, "repo:read", &[("audience", bad)], 400, "invalid_target")
-            .await;
-        app.expect_error(&svid, "repo:read", &[("resource", bad)], 400, "invalid_target")
-            .await;
+        app.expect_error(
+            &svid,
+            "repo:read",
+            &[("audience", bad)],
+            400,
+            "invalid_target",
+        )
+        .await;
+        app.expect_error(
+            &svid,
+            "repo:read",
+            &[("resource", bad)],
+            400,
+            "invalid_target",
+        )
+        .await;
     }
     for good in [
         "urn:example:api",
@@ -498,4 +516,78 @@ async fn audiences_must_be_rfc3986_absolute_uris() {
         assert_eq!(s, 200, "{good}: {v}");
         assert_eq!(claims_of(v["access_token"].as_str().unwrap())["aud"], good);
     }
+}
+
+/// One request with an `Authorization` header given as is: status, `WWW-Authenticate`,
+/// `Retry-After` and the `error` of the body.
+async fn raw(
+    app: &TestApp,
+    path: &str,
+    authorization: Option<&str>,
+    form: &str,
+) -> (u16, Option<String>, Option<String>, Value) {
+    let mut req = app
+        .http
+        .post(format!("{}{path}", app.base))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(form.to_string());
+    if let Some(a) = authorization {
+        req = req.header("authorization", a);
+    }
+    let resp = req.send().await.unwrap();
+    let header = |name: &str| {
+        resp.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
+    let (challenge, retry) = (header("www-authenticate"), header("retry-after"));
+    let status = resp.status().as_u16();
+    let body: Value = resp.json().await.unwrap_or(Value::Null);
+    (status, challenge, retry, body["error"].clone())
+}
+
+/// RFC 6749 §5.2 and RFC 6750 §3.1: a client credential the broker cannot verify is
+/// `invalid_client` with a Basic challenge; a missing bearer gets a challenge without an
+/// error attribute; a valid caller without the privilege gets `insufficient_scope`.
+#[tokio::test]
+async fn challenges_name_what_is_missing() {
+    let app = spawn_app().await;
+    let basic = "Basic d3JpdDpzZWNyZXQ=";
+    let form = format!(
+        "grant_type=urn%3Aietf%3Aparams%3Aoauth%3Agrant-type%3Atoken-exchange&subject_token={}&subject_token_type=urn%3Aietf%3Aparams%3Aoauth%3Atoken-type%3Ajwt&scope=repo%3Aread&audience=https%3A%2F%2Fapi.example.org",
+        app.svid(AGENT)
+    );
+    for (path, body) in [
+        ("/oauth2/token", form.as_str()),
+        ("/oauth2/revoke", "token=x"),
+    ] {
+        let (s, challenge, _, error) = raw(&app, path, Some(basic), body).await;
+        assert_eq!(
+            (s, challenge.as_deref(), error.as_str()),
+            (401, Some("Basic realm=\"writ\""), Some("invalid_client")),
+            "{path}"
+        );
+    }
+    let (s, challenge, _, error) = raw(&app, "/oauth2/introspect", None, "token=x").await;
+    assert_eq!(
+        (s, challenge.as_deref(), error.as_str()),
+        (401, Some("Bearer realm=\"writ\""), Some("invalid_token"))
+    );
+    let bearer = format!("Bearer {}", app.svid("spiffe://example.org/agent/nosy"));
+    let (s, challenge, _, error) = raw(&app, "/oauth2/introspect", Some(&bearer), "token=x").await;
+    assert_eq!(
+        (s, challenge.as_deref(), error.as_str()),
+        (
+            403,
+            Some("Bearer error=\"insufficient_scope\""),
+            Some("access_denied")
+        )
+    );
+    let (s, challenge, _, _) =
+        raw(&app, "/oauth2/introspect", Some("Bearer junk"), "token=x").await;
+    assert_eq!(
+        (s, challenge.as_deref()),
+        (401, Some("Bearer error=\"invalid_token\""))
+    );
 }

@@ -23,6 +23,19 @@ async fn a_corrupt_feed_entry_makes_the_view_stale_until_it_is_removed() {
     let id = id.trim().to_string();
     a.wait_status("/readyz", 503).await;
     // Fail closed: no introspection answer and no exchange while the view is unconfirmed.
+    let resp = a
+        .http
+        .post(format!("{}/oauth2/introspect", a.base))
+        .bearer_auth(ADMIN_TOKEN)
+        .form(&[("token", token.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        resp.headers().get("retry-after").map(|v| v.as_bytes()),
+        Some(&b"1"[..]),
+        "a 503 says when to retry"
+    );
     let (s, v) = a.introspect_as(ADMIN_TOKEN, &token).await;
     assert_eq!(
         (s, v["error"].as_str()),
