@@ -165,12 +165,9 @@ fn spawn_policy_start_check(broker: Arc<Broker>) -> tokio::task::JoinHandle<()> 
         }
         tracing::info!(old = %t.previous, new = %t.current, "policy changed across a restart");
         broker.record_policy_load(Some(&t.previous), "changed across a restart");
-        let reevaluate = broker
-            .config
-            .trips
-            .as_ref()
-            .is_some_and(|t| t.reevaluate_on_policy_change);
-        if reevaluate && let Err(e) = broker.reevaluate_open_tasks(&t.previous).await {
+        if broker.reevaluates_on_policy_change()
+            && let Err(e) = broker.reevaluate_open_tasks(&t.previous).await
+        {
             tracing::error!(error = %e, "re-evaluation of open tasks failed");
         }
     })

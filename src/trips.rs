@@ -26,6 +26,15 @@ pub const TASK_BUDGET: &str = "task_budget";
 pub const POLICY_CHANGED: &str = "policy_changed";
 
 impl Broker {
+    /// `trips.reevaluate_on_policy_change`: open tasks are decided again when the policy
+    /// changes (by reload or across a restart).
+    pub fn reevaluates_on_policy_change(&self) -> bool {
+        self.config
+            .trips
+            .as_ref()
+            .is_some_and(|t| t.reevaluate_on_policy_change)
+    }
+
     /// A policy reload happened (or was refused): recorded, and with
     /// `trips.reevaluate_on_policy_change` the open tasks are decided again.
     pub fn policy_event(
@@ -36,11 +45,7 @@ impl Broker {
             Ok(outcome) if outcome.changed => {
                 tracing::info!(old = %outcome.old_version, new = %outcome.new_version, "policy set reloaded");
                 self.record_policy_load(Some(&outcome.old_version), "reloaded");
-                let reevaluate = self
-                    .config
-                    .trips
-                    .as_ref()
-                    .is_some_and(|t| t.reevaluate_on_policy_change);
+                let reevaluate = self.reevaluates_on_policy_change();
                 tokio::spawn(async move {
                     let r = if reevaluate {
                         self.reevaluate_open_tasks(&outcome.old_version).await
