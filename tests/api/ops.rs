@@ -300,7 +300,7 @@ async fn the_openapi_description_matches_the_routes_served() {
         "invalid_target",
         "unsupported_grant_type",
         "invalid_token",
-        "unsupported_token_type",
+        "invalid_client",
         "access_denied",
         "not_found",
         "temporarily_unavailable",
