@@ -103,7 +103,7 @@ impl Durability {
         std::thread::Builder::new()
             .name("writ-audit-sync".into())
             .spawn(move || syncer(&s))
-            .map_err(|e| AuditError::Io(format!("cannot start the sync thread: {e}")))?;
+            .map_err(|e| AuditError::io("sync thread start", e))?;
         Ok(Durability {
             shared: Some(shared),
             written: AtomicU64::new(seq),
@@ -182,9 +182,7 @@ impl Durability {
     pub(super) fn sync_now(&self) -> Result<(), AuditError> {
         if let Some(s) = &self.shared {
             let target = s.written.load(Ordering::Acquire);
-            s.file
-                .sync_data()
-                .map_err(|e| AuditError::Io(e.to_string()))?;
+            s.file.sync_data().map_err(|e| AuditError::io("sync", e))?;
             s.fsyncs.fetch_add(1, Ordering::Relaxed);
             s.synced.fetch_max(target, Ordering::AcqRel);
             wake(s, false);

@@ -108,7 +108,7 @@ impl Record {
     pub fn compute_hash(&self) -> Result<String, AuditError> {
         let mut unhashed = self.clone();
         unhashed.hash = None;
-        let bytes = serde_json::to_vec(&unhashed).map_err(|e| AuditError::Io(e.to_string()))?;
+        let bytes = serde_json::to_vec(&unhashed).map_err(AuditError::Encode)?;
         Ok(sha256_hex(&bytes))
     }
 }
@@ -116,8 +116,14 @@ impl Record {
 #[non_exhaustive]
 #[derive(Debug, thiserror::Error)]
 pub enum AuditError {
-    #[error("decision log write failed: {0}")]
-    Io(String),
+    #[error("decision log {what} failed")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("a decision log record does not serialise")]
+    Encode(#[source] serde_json::Error),
     #[error("decision log `{path}` ends in a record that does not parse; run `writ audit verify`")]
     CorruptTail { path: String },
     #[error(
@@ -132,6 +138,15 @@ pub enum AuditError {
     Sign(String),
     #[error("cannot keep the decision log head in the store: {0}")]
     Store(String),
+}
+
+impl AuditError {
+    fn io(what: impl Into<String>, source: std::io::Error) -> Self {
+        AuditError::Io {
+            what: what.into(),
+            source,
+        }
+    }
 }
 
 /// Checkpoint and flood settings (`[audit]`).
@@ -294,18 +309,16 @@ impl AuditLog {
         }
         let p = Path::new(path);
         if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| AuditError::Io(e.to_string()))?;
+            std::fs::create_dir_all(dir).map_err(|e| AuditError::io("directory creation", e))?;
         }
         let mut file = OpenOptions::new()
             .read(true)
             .append(true)
             .create(true)
             .open(p)
-            .map_err(|e| AuditError::Io(format!("`{path}`: {e}")))?;
+            .map_err(|e| AuditError::io(format!("open of `{path}`"), e))?;
         let tail = read_tail(&mut file, path)?;
-        let sync_handle = file
-            .try_clone()
-            .map_err(|e| AuditError::Io(e.to_string()))?;
+        let sync_handle = file.try_clone().map_err(|e| AuditError::io("write", e))?;
         let durability = durable::Durability::with_file(sync_handle, tail.seq)?;
         Ok(Self::with_sink(
             Sink::File(file),
@@ -468,7 +481,7 @@ impl AuditLog {
         };
         // One serialisation: hash the record without `hash`, then append the field.
         chain.buf.clear();
-        serde_json::to_writer(&mut chain.buf, &rec).map_err(|e| AuditError::Io(e.to_string()))?;
+        serde_json::to_writer(&mut chain.buf, &rec).map_err(AuditError::Encode)?;
         let hash = sha256_hex(&chain.buf);
         chain.buf.pop();
         chain.buf.extend_from_slice(b",\"hash\":\"");
@@ -477,12 +490,12 @@ impl AuditLog {
         match &mut chain.sink {
             Sink::File(f) => f
                 .write_all(&chain.buf)
-                .map_err(|e| AuditError::Io(e.to_string()))?,
+                .map_err(|e| AuditError::io("write", e))?,
             Sink::Stdout => {
                 let mut out = std::io::stdout().lock();
                 out.write_all(&chain.buf)
                     .and_then(|_| out.flush())
-                    .map_err(|e| AuditError::Io(e.to_string()))?;
+                    .map_err(|e| AuditError::io("write", e))?;
             }
             Sink::Discard => {}
         }
@@ -657,7 +670,7 @@ fn parse_ts_ms(ts: &str) -> u64 {
 /// Reads where an existing log continues from: its last record (seq, hash, ts, and the
 /// checkpoint when it is one) and its first record's hash (the log's id).
 fn read_tail(file: &mut File, path: &str) -> Result<Tail, AuditError> {
-    let io = |e: std::io::Error| AuditError::Io(e.to_string());
+    let io = |e: std::io::Error| AuditError::io("read", e);
     let Some(line) = last_line(file).map_err(io)? else {
         return Ok(Tail::empty());
     };
