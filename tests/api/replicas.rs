@@ -22,14 +22,7 @@ async fn pair(redis: &RedisServer) -> (TestApp, TestApp) {
 }
 
 async fn wait_ready(app: &TestApp) {
-    let start = Instant::now();
-    while start.elapsed() < Duration::from_secs(10) {
-        if app.get("/readyz").await.0 == 200 {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("broker did not become ready");
+    app.wait_status("/readyz", 200).await;
 }
 
 /// Polls introspection on `app` until `token` is inactive; returns how long it took.
