@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# A/B exchange throughput: builds `writ` at each git revision given (and the work tree as
-# `HEAD+`), then runs the memory-store exchange benchmark of scripts/bench.sh (no trip rules,
-# wrk -t1 -c32) against each build in turn, ROUNDS times, so that drift on the machine hits
+# A/B exchange throughput: builds `writ` at each git revision given (a path to a built `writ`
+# binary is used as it is), then runs the memory-store exchange benchmark of scripts/bench.sh
+# (no trip rules, wrk -t1 -c32) against each build in turn, ROUNDS times, so that drift on the machine hits
 # every build alike. Prints one line per run and the median per build.
 #   scripts/bench-ab.sh b722248 HEAD
 set -euo pipefail
@@ -27,6 +27,9 @@ trap cleanup EXIT
 # One build per revision, sharing one target directory so dependencies build once.
 BINS=()
 for rev in "$@"; do
+  if [ -f "$rev" ] && [ -x "$rev" ]; then
+    sha=bin-$(basename "$rev"); cp "$rev" "$AB/writ-$sha"; BINS+=("$sha"); continue
+  fi
   sha=$(git rev-parse --short "$rev")
   if [ ! -x "$AB/writ-$sha" ]; then
     git worktree add -q --detach "$work/src-$sha" "$sha"

@@ -319,10 +319,13 @@ impl Broker {
             }
         };
         let seq = self.record_grant(entry, who, ask, &task, &token, ttl, decision)?;
-        // Durable before issued (SPEC §6): the token leaves only once its record is on disk;
-        // concurrent exchanges share one fsync.
-        self.audit.commit(seq).await.map_err(|e| self.fail(e))?;
-        Ok(self.issue(who, ask, &task, &token, ttl, now)?)
+        // Signed while the record is on its way to disk, but durable before issued (SPEC §6):
+        // the token leaves only once its record is synced; concurrent exchanges share one
+        // fsync. A token whose record never became durable is dropped unsent.
+        let durable = self.audit.start_commit(seq);
+        let response = self.issue(who, ask, &task, &token, ttl, now)?;
+        durable.wait().await.map_err(|e| self.fail(e))?;
+        Ok(response)
     }
 
     /// Who is asking: a workload identity, or the holder of one of our task tokens.

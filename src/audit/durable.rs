@@ -13,6 +13,7 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
 use tokio::sync::oneshot;
@@ -152,30 +153,28 @@ impl Durability {
 
     /// Waits until every record up to `seq` is on disk.
     pub(super) async fn commit(&self, seq: u64) -> Result<(), AuditError> {
+        self.start_commit(seq).wait().await
+    }
+
+    /// Asks for `seq` to be synced now and returns what to wait on, so that the caller can
+    /// do its own work (sign a token) while the sync runs.
+    pub(super) fn start_commit(&self, seq: u64) -> Pending {
         let Some(s) = &self.shared else {
-            return Ok(());
+            return Pending(Wait::Done(Ok(())));
         };
-        let failed = || AuditError::NotDurable("a sync failed".into());
-        let woken = {
-            let mut waiting = s.waiting.lock();
-            // Looked at under the lock the sync thread wakes waiters under: either the sync
-            // that covers `seq` is already counted here, or it will find this waiter.
-            if s.failed.load(Ordering::Acquire) {
-                return Err(failed());
-            }
-            if s.synced.load(Ordering::Acquire) >= seq {
-                return Ok(());
-            }
-            let (tx, rx) = oneshot::channel();
-            waiting.waiters.entry(seq).or_default().push(tx);
-            s.want.notify_one();
-            rx
-        };
-        match woken.await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(())) => Err(failed()),
-            Err(_) => Err(AuditError::NotDurable("the log was closed".into())),
+        let mut waiting = s.waiting.lock();
+        // Looked at under the lock the sync thread wakes waiters under: either the sync that
+        // covers `seq` is already counted here, or it will find this waiter.
+        if s.failed.load(Ordering::Acquire) {
+            return Pending(Wait::Done(Err(sync_failed())));
         }
+        if s.synced.load(Ordering::Acquire) >= seq {
+            return Pending(Wait::Done(Ok(())));
+        }
+        let (tx, rx) = oneshot::channel();
+        waiting.waiters.entry(seq).or_default().push(tx);
+        s.want.notify_one();
+        Pending(Wait::Sync(rx))
     }
 
     /// Syncs everything written so far, now, on this thread (shutdown).
@@ -185,25 +184,64 @@ impl Durability {
             s.file.sync_data().map_err(|e| AuditError::io("sync", e))?;
             s.fsyncs.fetch_add(1, Ordering::Relaxed);
             s.synced.fetch_max(target, Ordering::AcqRel);
-            wake(s, false);
+            let _ = wake(s, false);
         }
         Ok(())
     }
 }
 
-/// Wakes the waiters the last sync covered (all of them, with an error, after a failure).
-fn wake(s: &Shared, failed: bool) {
+fn sync_failed() -> AuditError {
+    AuditError::NotDurable("a sync failed".into())
+}
+
+/// A commit under way: [`Pending::wait`] returns once the record is on disk.
+#[must_use = "a record is durable only once `wait` has returned Ok"]
+pub struct Pending(Wait);
+
+enum Wait {
+    Done(Result<(), AuditError>),
+    Sync(oneshot::Receiver<Result<(), ()>>),
+}
+
+impl Pending {
+    pub async fn wait(self) -> Result<(), AuditError> {
+        match self.0 {
+            Wait::Done(result) => result,
+            Wait::Sync(rx) => match rx.await {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(())) => Err(sync_failed()),
+                Err(_) => Err(AuditError::NotDurable("the log was closed".into())),
+            },
+        }
+    }
+}
+
+/// Wakes the waiters the last sync covered (all of them, with an error, after a failure);
+/// returns how many it woke.
+fn wake(s: &Shared, failed: bool) -> usize {
     let covered = {
         let mut waiting = s.waiting.lock();
         waiting.take_covered(s.synced.load(Ordering::Acquire), failed)
     };
+    let n = covered.len();
     for tx in covered {
         let _ = tx.send(if failed { Err(()) } else { Ok(()) });
     }
+    n
 }
 
+/// The longest a sync is held back to gather more records.
+const MAX_GATHER: Duration = Duration::from_millis(2);
+
 /// The sync thread: syncs while someone waits, until the log is dropped.
+///
+/// Under concurrency (the last sync covered more than one waiter) the next sync is held
+/// back for about as long as the last one took, at most [`MAX_GATHER`], so that it covers
+/// the records written meanwhile too: each fdatasync costs CPU and device round trips, and
+/// fewer, larger groups keep that cost per token low. A lone waiter is synced at once.
 fn syncer(s: &Shared) {
+    let mut last_group = 0usize;
+    let mut last_took = Duration::ZERO;
     loop {
         {
             let mut waiting = s.waiting.lock();
@@ -218,23 +256,28 @@ fn syncer(s: &Shared) {
                 s.want.wait(&mut waiting);
             }
         }
+        if last_group > 1 {
+            std::thread::sleep(last_took.min(MAX_GATHER));
+        }
         // Everything written before the sync starts is covered by it.
         let target = s.written.load(Ordering::Acquire);
+        let started = Instant::now();
         let result = if s.fail_next.swap(false, Ordering::AcqRel) {
             Err(std::io::Error::other("injected sync failure"))
         } else {
             s.file.sync_data()
         };
+        last_took = started.elapsed();
         s.fsyncs.fetch_add(1, Ordering::Relaxed);
         match result {
             Ok(()) => {
                 s.synced.fetch_max(target, Ordering::AcqRel);
-                wake(s, false);
+                last_group = wake(s, false);
             }
             Err(e) => {
                 s.failed.store(true, Ordering::Release);
                 tracing::error!(error = %e, "decision log sync failed: refusing to issue until restarted");
-                wake(s, true);
+                last_group = wake(s, true);
             }
         }
     }

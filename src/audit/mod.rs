@@ -39,6 +39,7 @@ use crate::domain::{Clock, SystemClock, sha256_hex};
 use crate::store::AuditHead;
 use crate::token::keys::KeySet;
 
+pub use durable::Pending;
 pub use verify::{Break, Report, Verification, VerifyOptions, verify_file, verify_reader};
 
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
@@ -581,6 +582,12 @@ impl AuditLog {
     /// discard logs have nothing to sync.
     pub async fn commit(&self, seq: u64) -> Result<(), AuditError> {
         self.durability.commit(seq).await
+    }
+
+    /// Starts the commit of `seq` now; the record is durable once the returned
+    /// [`Pending::wait`] has returned `Ok`. Lets the caller work while the sync runs.
+    pub fn start_commit(&self, seq: u64) -> Pending {
+        self.durability.start_commit(seq)
     }
 
     /// Flushes everything appended so far to stable storage (shutdown).
