@@ -276,3 +276,80 @@ impl RedisCluster {
             .collect()
     }
 }
+
+impl RedisCluster {
+    /// The node serving `slot`, by index into `nodes`.
+    pub fn owner_of(&self, slot: u16) -> usize {
+        let out = self.nodes[0].cli(&["CLUSTER", "SHARDS"]).unwrap();
+        let port = shard_port_for(&out, slot).expect("slot owned by a node");
+        self.nodes.iter().position(|n| n.port == port).unwrap()
+    }
+
+    /// Moves `slot` to node `to` as `redis-cli --cluster reshard` does: IMPORTING on the
+    /// target, MIGRATING on the source, MIGRATE of every key, then the new owner on every
+    /// node (target first).
+    pub fn move_slot(&self, slot: u16, to: usize) {
+        let from = self.owner_of(slot);
+        assert_ne!(from, to, "slot {slot} is already on node {to}");
+        let (src, dst) = (&self.nodes[from], &self.nodes[to]);
+        let id = |n: &RedisServer| n.cli(&["CLUSTER", "MYID"]).unwrap().trim().to_string();
+        let (src_id, dst_id) = (id(src), id(dst));
+        let s = slot.to_string();
+        let ok = |out: Option<String>, what: &str| {
+            let out = out.unwrap_or_default();
+            assert!(out.trim() == "OK" || out.trim() == "NOKEY", "{what}: {out}");
+        };
+        ok(dst.cli(&["CLUSTER", "SETSLOT", &s, "IMPORTING", &src_id]), "importing");
+        ok(src.cli(&["CLUSTER", "SETSLOT", &s, "MIGRATING", &dst_id]), "migrating");
+        loop {
+            let keys = src
+                .cli(&["CLUSTER", "GETKEYSINSLOT", &s, "100"])
+                .unwrap();
+            let keys: Vec<&str> = keys.lines().filter(|l| !l.is_empty()).collect();
+            if keys.is_empty() {
+                break;
+            }
+            let port = dst.port.to_string();
+            let mut args = vec!["MIGRATE", "127.0.0.1", &port, "", "0", "5000", "KEYS"];
+            args.extend(keys);
+            ok(src.cli(&args), "migrate");
+        }
+        for n in std::iter::once(dst)
+            .chain(std::iter::once(src))
+            .chain(self.nodes.iter().filter(|n| n.port != src.port && n.port != dst.port))
+        {
+            ok(n.cli(&["CLUSTER", "SETSLOT", &s, "NODE", &dst_id]), "node");
+        }
+        wait_for("slot move", Duration::from_secs(10), || {
+            self.owner_of(slot) == to
+        });
+    }
+}
+
+/// The port of the shard owning `slot` in `CLUSTER SHARDS` output (redis-cli's plain form:
+/// one value a line).
+fn shard_port_for(shards: &str, slot: u16) -> Option<u16> {
+    let lines: Vec<&str> = shards.lines().map(str::trim).collect();
+    let mut i = 0;
+    let mut owns = false;
+    while i < lines.len() {
+        if lines[i] == "slots" {
+            owns = false;
+            let mut j = i + 1;
+            while j + 1 < lines.len() {
+                let (Ok(a), Ok(b)) = (lines[j].parse::<u16>(), lines[j + 1].parse::<u16>()) else {
+                    break;
+                };
+                owns |= a <= slot && slot <= b;
+                j += 2;
+            }
+            i = j;
+            continue;
+        }
+        if owns && lines[i] == "port" {
+            return lines.get(i + 1).and_then(|p| p.parse().ok());
+        }
+        i += 1;
+    }
+    None
+}
