@@ -83,7 +83,20 @@ async fn revocations_go_on_when_the_feeds_slot_moves_to_another_node() {
     }
 
     let from = cluster.owner_of(FEED_SLOT);
-    cluster.move_slot(FEED_SLOT, (from + 1) % 3);
+    let to = (from + 1) % 3;
+    // Revocations while the feed's keys are half-way (MIGRATING/IMPORTING); the move
+    // finishes meanwhile.
+    let (mid_a, _) = a.task_token(AGENT, "repo:read").await;
+    let (mid_b, _) = b.task_token(AGENT, "repo:read").await;
+    cluster.begin_move(&[FEED_SLOT], to);
+    let finish = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        tokio::task::block_in_place(|| cluster.finish_move(&[FEED_SLOT], from, to));
+    };
+    let ((sa, _), (sb, _), ()) = tokio::join!(revoke(&a, &mid_a), revoke(&b, &mid_b), finish);
+    assert_eq!((sa, sb), (200, 200), "revocations during the move");
+    until_inactive(&b, &mid_a).await;
+    until_inactive(&a, &mid_b).await;
 
     for (i, (app, other)) in [(&a, &b), (&b, &a)].into_iter().enumerate() {
         let (held, leaked) = (&tokens[2 * i], &tokens[2 * i + 1]);
@@ -137,4 +150,62 @@ async fn a_replica_that_cannot_publish_revocations_is_not_ready_until_it_can() {
     assert_eq!((s, &v["checks"]["revocation_publish"]), (200, &json!("ok")));
     assert_eq!(revoke(&a, &token).await.0, 200);
     assert_eq!(a.introspect(&token).await, json!({"active": false}));
+}
+
+/// The cluster hash slot of `key` (CRC16/XMODEM of its hash tag, mod 16384).
+fn slot_of(key: &str) -> u16 {
+    let tag = match key.split_once('{').and_then(|(_, r)| r.split_once('}')) {
+        Some((t, _)) if !t.is_empty() => t,
+        _ => key,
+    };
+    let mut crc: u16 = 0;
+    for b in tag.bytes() {
+        crc ^= u16::from(b) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            };
+        }
+    }
+    crc % 16384
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exchanges_go_on_when_task_slots_move_to_another_node() {
+    assert_eq!(slot_of("writ:{feed}:stream"), FEED_SLOT);
+    let cluster = RedisCluster::start();
+    let a = on_cluster(&cluster).await;
+    let b = spawn_replica(&a).await;
+    for app in [&a, &b] {
+        app.task_token(AGENT, "repo:read").await;
+    }
+    // An eighth of the key space moves: the replicas' slot maps are stale for those slots,
+    // and a new task lands in one of them about once in eight exchanges.
+    let from = cluster.owner_of(0);
+    let to = (from + 1) % 3;
+    assert_ne!(cluster.owner_of(FEED_SLOT), from);
+    let moved = cluster.slots_of(from, 2048);
+    cluster.move_slots(&moved, to);
+
+    let mut landed = 0;
+    for i in 0..200 {
+        let app = if i % 2 == 0 { &a } else { &b };
+        let (s, v) = app.exchange(&app.svid(AGENT), "repo:read", &[]).await;
+        assert_eq!(s, 200, "exchange {i} after the move: {v}");
+        let task = v["task_id"].as_str().unwrap();
+        if moved.binary_search(&slot_of(task)).is_ok() {
+            landed += 1;
+            let token = v["access_token"].as_str().unwrap();
+            let (s, v) = app.end_task(task, token).await;
+            assert_eq!(s, 200, "ending a task on a moved slot: {v}");
+            let other = if i % 2 == 0 { &b } else { &a };
+            until_inactive(other, token).await;
+            if landed == 4 {
+                break;
+            }
+        }
+    }
+    assert_eq!(landed, 4, "tasks created on moved slots");
 }

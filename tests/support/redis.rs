@@ -285,44 +285,119 @@ impl RedisCluster {
         self.nodes.iter().position(|n| n.port == port).unwrap()
     }
 
-    /// Moves `slot` to node `to` as `redis-cli --cluster reshard` does: IMPORTING on the
-    /// target, MIGRATING on the source, MIGRATE of every key, then the new owner on every
-    /// node (target first).
+    /// Up to `n` slots served by node `node`, lowest first, from one look at the cluster.
+    pub fn slots_of(&self, node: usize, n: usize) -> Vec<u16> {
+        let out = self.nodes[0].cli(&["CLUSTER", "SHARDS"]).unwrap();
+        let port = self.nodes[node].port;
+        (0..16384u16)
+            .filter(|&s| shard_port_for(&out, s) == Some(port))
+            .take(n)
+            .collect()
+    }
+
+    /// Moves `slot` to node `to` as `redis-cli --cluster reshard` does.
     pub fn move_slot(&self, slot: u16, to: usize) {
-        let from = self.owner_of(slot);
-        assert_ne!(from, to, "slot {slot} is already on node {to}");
-        let (src, dst) = (&self.nodes[from], &self.nodes[to]);
-        let id = |n: &RedisServer| n.cli(&["CLUSTER", "MYID"]).unwrap().trim().to_string();
-        let (src_id, dst_id) = (id(src), id(dst));
-        let s = slot.to_string();
-        let ok = |out: Option<String>, what: &str| {
-            let out = out.unwrap_or_default();
-            assert!(out.trim() == "OK" || out.trim() == "NOKEY", "{what}: {out}");
+        self.move_slots(&[slot], to);
+    }
+
+    /// Moves `slots` (all on one node) to node `to` as `redis-cli --cluster reshard` does:
+    /// IMPORTING on the target, MIGRATING on the source, MIGRATE of every key, then the new
+    /// owner on every node (target first).
+    pub fn move_slots(&self, slots: &[u16], to: usize) {
+        let from = self.begin_move(slots, to);
+        self.finish_move(slots, from, to);
+    }
+
+    /// The first half of a move: `slots` are MIGRATING on their owner and IMPORTING on `to`;
+    /// their keys have not moved yet. Returns the owner.
+    pub fn begin_move(&self, slots: &[u16], to: usize) -> usize {
+        let from = self.owner_of(slots[0]);
+        assert_ne!(from, to, "the slots are already on node {to}");
+        let (src_id, dst_id) = (self.nodes[from].id(), self.nodes[to].id());
+        let state = |node: usize, how: &str, id: &str| {
+            let cmds: Vec<String> = slots
+                .iter()
+                .map(|s| format!("CLUSTER SETSLOT {s} {how} {id}"))
+                .collect();
+            let out = self.nodes[node].cli_batch(&cmds);
+            assert!(out.lines().all(|l| l.trim() == "OK"), "{how}: {out}");
         };
-        ok(dst.cli(&["CLUSTER", "SETSLOT", &s, "IMPORTING", &src_id]), "importing");
-        ok(src.cli(&["CLUSTER", "SETSLOT", &s, "MIGRATING", &dst_id]), "migrating");
-        loop {
-            let keys = src
-                .cli(&["CLUSTER", "GETKEYSINSLOT", &s, "100"])
-                .unwrap();
-            let keys: Vec<&str> = keys.lines().filter(|l| !l.is_empty()).collect();
-            if keys.is_empty() {
-                break;
+        state(to, "IMPORTING", &src_id);
+        state(from, "MIGRATING", &dst_id);
+        from
+    }
+
+    /// The second half of a move begun by [`begin_move`]: the keys move, then the owner.
+    pub fn finish_move(&self, slots: &[u16], from: usize, to: usize) {
+        let (src, dst) = (&self.nodes[from], &self.nodes[to]);
+        let counts: Vec<String> = slots
+            .iter()
+            .map(|s| format!("CLUSTER COUNTKEYSINSLOT {s}"))
+            .collect();
+        let counts = src.cli_batch(&counts);
+        let holding = slots
+            .iter()
+            .zip(counts.lines())
+            .filter(|(_, n)| n.trim() != "0")
+            .map(|(s, _)| s);
+        for slot in holding {
+            let s = slot.to_string();
+            loop {
+                let keys = src.cli(&["CLUSTER", "GETKEYSINSLOT", &s, "100"]).unwrap();
+                let keys: Vec<&str> = keys.lines().filter(|l| !l.is_empty()).collect();
+                if keys.is_empty() {
+                    break;
+                }
+                let port = dst.port.to_string();
+                let mut args = vec!["MIGRATE", "127.0.0.1", &port, "", "0", "5000", "KEYS"];
+                args.extend(keys);
+                let out = src.cli(&args).unwrap_or_default();
+                assert_eq!(out.trim(), "OK", "migrate");
             }
-            let port = dst.port.to_string();
-            let mut args = vec!["MIGRATE", "127.0.0.1", &port, "", "0", "5000", "KEYS"];
-            args.extend(keys);
-            ok(src.cli(&args), "migrate");
         }
-        for n in std::iter::once(dst)
-            .chain(std::iter::once(src))
-            .chain(self.nodes.iter().filter(|n| n.port != src.port && n.port != dst.port))
-        {
-            ok(n.cli(&["CLUSTER", "SETSLOT", &s, "NODE", &dst_id]), "node");
+        let dst_id = dst.id();
+        let cmds: Vec<String> = slots
+            .iter()
+            .map(|s| format!("CLUSTER SETSLOT {s} NODE {dst_id}"))
+            .collect();
+        let others = (0..self.nodes.len()).filter(|&n| n != from && n != to);
+        for n in [to, from].into_iter().chain(others) {
+            let out = self.nodes[n].cli_batch(&cmds);
+            assert!(out.lines().all(|l| l.trim() == "OK"), "node: {out}");
         }
-        wait_for("slot move", Duration::from_secs(10), || {
-            self.owner_of(slot) == to
-        });
+        for n in &self.nodes {
+            wait_for("slot move", Duration::from_secs(10), || {
+                let out = n.cli(&["CLUSTER", "SHARDS"]).unwrap();
+                slots
+                    .iter()
+                    .all(|&s| shard_port_for(&out, s) == Some(dst.port))
+            });
+        }
+    }
+}
+
+impl RedisServer {
+    /// This node's cluster id.
+    pub fn id(&self) -> String {
+        self.cli(&["CLUSTER", "MYID"]).unwrap().trim().to_string()
+    }
+
+    /// Runs `commands` (one a line) through one redis-cli; its output.
+    pub fn cli_batch(&self, commands: &[String]) -> String {
+        use std::io::Write;
+        let mut child = Command::new("redis-cli")
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(commands.join("\n").as_bytes()).unwrap();
+        stdin.write_all(b"\n").unwrap();
+        drop(stdin);
+        let out = child.wait_with_output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
     }
 }
 
