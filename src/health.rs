@@ -30,11 +30,11 @@ impl Broker {
                 "checks": {
                     "store": if store_ok { "ok" } else { "unreachable" },
                     "revocation_feed": if feed_ok { "ok" } else { "stale" },
-                "revocation_publish": if publish_ok {
-                    "ok"
-                } else {
-                    "failing: revocations cannot be written to the revocation feed"
-                },
+                    "revocation_publish": if publish_ok {
+                        "ok"
+                    } else {
+                        "failing: revocations cannot be written to the revocation feed"
+                    },
                     "decision_log": if log_ok { "ok" } else { "failed" },
                     "revocation_state": self.revocations.problem().unwrap_or("ok"),
                     "store_eviction_policy": self.revocations.eviction_policy(),
@@ -53,7 +53,8 @@ impl Broker {
             match self.store.probe_feed().await {
                 Ok(()) => self.revocations.wrote_feed(true),
                 Err(e) => {
-                    tracing::warn!(error = %crate::error::chain(&e), "the revocation feed still cannot be written");
+                    let error = crate::error::chain(&e);
+                    tracing::warn!(%error, "the revocation feed still cannot be written");
                 }
             }
         }
