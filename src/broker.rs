@@ -217,10 +217,9 @@ impl Broker {
     /// Publishes a revocation on the feed, then applies it here: effective on this replica
     /// before the reply, on the others as they read the feed.
     pub async fn publish(&self, event: &FeedEvent, now: i64) -> Result<(), BrokerError> {
-        self.store
-            .publish(event, now)
-            .await
-            .map_err(|e| self.fail(e))?;
+        let published = self.store.publish(event, now).await;
+        self.revocations.wrote_feed(published.is_ok());
+        published.map_err(|e| self.fail(e))?;
         let kind = match event {
             FeedEvent::Token { .. } => "token",
             FeedEvent::Task { .. } => "task",

@@ -13,15 +13,16 @@ pub struct Readiness {
 }
 
 impl Broker {
-    /// Ready when the store answers, the revocation view is confirmed, and keys and
-    /// policies are loaded.
+    /// Ready when the store answers, the revocation view is confirmed, revocations can be
+    /// published, and keys and policies are loaded.
     pub async fn readiness(&self) -> Readiness {
         let store_ok = self.store.ping().await.is_ok();
+        let publish_ok = self.can_publish().await;
         let policy = self.policy.current();
         let keys = self.tokens.keys().all().len();
         let feed_ok = self.revocations.is_fresh();
         let log_ok = !self.audit.is_failed();
-        let ready = store_ok && feed_ok && log_ok && keys > 0;
+        let ready = store_ok && feed_ok && publish_ok && log_ok && keys > 0;
         Readiness {
             ready,
             body: json!({
@@ -29,6 +30,11 @@ impl Broker {
                 "checks": {
                     "store": if store_ok { "ok" } else { "unreachable" },
                     "revocation_feed": if feed_ok { "ok" } else { "stale" },
+                    "revocation_publish": if publish_ok {
+                        "ok"
+                    } else {
+                        "failing: revocations cannot be written to the revocation feed"
+                    },
                     "decision_log": if log_ok { "ok" } else { "failed" },
                     "revocation_state": self.revocations.problem().unwrap_or("ok"),
                     "store_eviction_policy": self.revocations.eviction_policy(),
@@ -37,6 +43,22 @@ impl Broker {
                 }
             }),
         }
+    }
+
+    /// False while this replica cannot write to the revocation feed: its last publish failed
+    /// and no write since succeeded. After a failure the feed is probed (a cheap write to
+    /// its slot) at most once a second, so readiness returns as soon as writes do.
+    async fn can_publish(&self) -> bool {
+        if self.revocations.probe_due() {
+            match self.store.probe_feed().await {
+                Ok(()) => self.revocations.wrote_feed(true),
+                Err(e) => {
+                    let error = crate::error::chain(&e);
+                    tracing::warn!(%error, "the revocation feed still cannot be written");
+                }
+            }
+        }
+        !self.revocations.publish_failing()
     }
 
     /// Prometheus text; gauges are read at scrape time.

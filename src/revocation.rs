@@ -42,6 +42,11 @@ pub struct RevocationCache {
     problem: RwLock<Option<&'static str>>,
     /// The store's `maxmemory-policy`, once read (shown by /readyz).
     eviction: RwLock<Option<String>>,
+    /// The last attempt to write to the feed (a publish or a probe) failed: this replica
+    /// cannot revoke (shown by /readyz).
+    publish_failed: AtomicBool,
+    /// When the feed was last probed after a failed publish.
+    last_probe: parking_lot::Mutex<Option<Instant>>,
 }
 
 impl std::fmt::Debug for RevocationCache {
@@ -68,6 +73,8 @@ impl RevocationCache {
             local,
             problem: RwLock::new(None),
             eviction: RwLock::new(None),
+            publish_failed: AtomicBool::new(false),
+            last_probe: parking_lot::Mutex::new(None),
         };
         if fresh {
             c.mark_ok();
@@ -106,6 +113,30 @@ impl RevocationCache {
 
     fn set_problem(&self, problem: Option<&'static str>) {
         *self.problem.write() = problem;
+    }
+
+    /// Records whether a write to the feed (a publish or a probe) succeeded.
+    pub fn wrote_feed(&self, ok: bool) {
+        self.publish_failed.store(!ok, Ordering::SeqCst);
+    }
+
+    /// True when the last write to the feed failed: this replica cannot revoke.
+    pub fn publish_failing(&self) -> bool {
+        self.publish_failed.load(Ordering::SeqCst)
+    }
+
+    /// Whether the feed should be probed now: its last write failed and it was not probed in
+    /// the last second. Counts as the probe's start.
+    pub fn probe_due(&self) -> bool {
+        if !self.publish_failing() {
+            return false;
+        }
+        let mut last = self.last_probe.lock();
+        if last.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
+            return false;
+        }
+        *last = Some(Instant::now());
+        true
     }
 
     /// Feed reads that met an entry this replica cannot read.

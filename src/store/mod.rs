@@ -436,6 +436,12 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         Ok(false)
     }
 
+    /// A cheap write where revocations are published (Redis: a key in the feed's slot):
+    /// succeeds when a revocation could be published now. A store in this process always can.
+    async fn probe_feed(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
     /// The eviction policy of the store, when it has one and lets this broker read it.
     async fn eviction_policy(&self) -> Result<Option<String>, StoreError> {
         Ok(None)

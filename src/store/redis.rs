@@ -12,6 +12,7 @@
 //! | `writ:{feed}:stream` | stream | revocation events (`e` = JSON), trimmed by age |
 //! | `writ:{feed}:blocks` | hash | standing blocks by id |
 //! | `writ:{feed}:p:j:<jti>`, `writ:{feed}:p:t:<task id>` | string | the revocation was published (expires with it) |
+//! | `writ:{feed}:probe` | string | written by the readiness check after a failed publish (expires in 10 s) |
 //! | `writ:{feed}:epoch` | string | the store's generation: random, set once, never expires |
 //! | `writ:{audit:<log id>}:head` | hash | a decision log's latest signed head: `seq`, `v` (JSON); never expires |
 //!
@@ -28,7 +29,10 @@ use redis::aio::{
     ConnectionLike, ConnectionManager, ConnectionManagerConfig, MultiplexedConnection,
 };
 use redis::cluster_async::ClusterConnection;
-use redis::{AsyncConnectionConfig, Cmd, Pipeline, RedisFuture, Script, Value};
+use redis::{
+    AsyncConnectionConfig, Cmd, ErrorKind, FromRedisValue, Pipeline, RedisFuture, Script,
+    ScriptInvocation, ServerErrorKind, Value,
+};
 
 use super::{
     AuditHead, BlockRecord, FeedCursor, FeedEvent, MintOutcome, PolicyTransition, Store,
@@ -93,6 +97,7 @@ pub struct RedisStore {
     prefix: String,
     /// How long feed entries are kept: longer than any token or task lives.
     horizon_secs: i64,
+    create: Script,
     mint: Script,
     close: Script,
     lift: Script,
@@ -113,6 +118,46 @@ impl std::fmt::Debug for RedisStore {
 fn unavailable(e: redis::RedisError) -> StoreError {
     StoreError::Unavailable(e)
 }
+
+/// How often a script is tried while its slot moves between cluster nodes, and the first
+/// pause between tries (doubled each time, at most [`SLOT_MOVE_MAX_PAUSE`]): about 2 s in all.
+const SLOT_MOVE_TRIES: u32 = 8;
+const SLOT_MOVE_FIRST_PAUSE: Duration = Duration::from_millis(25);
+const SLOT_MOVE_MAX_PAUSE: Duration = Duration::from_millis(500);
+
+/// An answer of a cluster whose slot is moving or just moved: trying again after a moment
+/// reaches the slot's owner (the client refreshes its slot map on MOVED).
+fn slot_moving(e: &redis::RedisError) -> bool {
+    let moving = |k: &ServerErrorKind| {
+        matches!(
+            k,
+            ServerErrorKind::Moved
+                | ServerErrorKind::Ask
+                | ServerErrorKind::TryAgain
+                | ServerErrorKind::ClusterDown
+        )
+    };
+    match e.kind() {
+        ErrorKind::Server(ServerErrorKind::ExecAbort) => {
+            e.clone().into_server_errors().is_some_and(|errs| {
+                errs.iter()
+                    .any(|(_, se)| se.kind().is_some_and(|k| moving(&k)))
+            })
+        }
+        ErrorKind::Server(k) => moving(&k),
+        _ => false,
+    }
+}
+
+/// A new task: its record with the first token (KEYS[1]) and its mutable hash (KEYS[2]), both
+/// expiring after ARGV[2] seconds. A script rather than MULTI/EXEC: the cluster client follows
+/// a MOVED or ASK answer for a script, while a transaction it cannot re-route fails whole.
+const CREATE_LUA: &str = r"
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+redis.call('HSET', KEYS[2], 'o', ARGV[3], 's', 'open', 'd', ARGV[4], 'n', '1')
+redis.call('EXPIRE', KEYS[2], ARGV[2])
+return 1
+";
 
 const MINT_LUA: &str = r"
 local f = redis.call('HMGET', KEYS[1], 'o', 's', 'd', 'n')
@@ -258,6 +303,10 @@ impl RedisStore {
                 .connection_timeout(CONNECT_TIMEOUT)
                 .response_timeout(TIMEOUT)
                 .retries(2)
+                // The client's own pause before retrying TRYAGAIN or CLUSTERDOWN (milliseconds;
+                // 1.28 s at least by default): short, since `run` tries again itself.
+                .min_retry_wait(25)
+                .max_retry_wait(500)
                 .build()
                 .map_err(unavailable)?;
             let conn = client.get_async_connection().await.map_err(unavailable)?;
@@ -269,6 +318,7 @@ impl RedisStore {
             feed: tokio::sync::Mutex::new(None),
             prefix: key_prefix.unwrap_or("writ:").to_string(),
             horizon_secs: crate::domain::duration_secs(horizon).saturating_add(60),
+            create: Script::new(CREATE_LUA),
             mint: Script::new(MINT_LUA),
             close: Script::new(CLOSE_LUA),
             lift: Script::new(LIFT_LUA),
@@ -312,6 +362,30 @@ impl RedisStore {
 
     fn conn(&self) -> Conn {
         self.conn.clone()
+    }
+
+    /// Runs a script, trying again (a bounded number of times) while its slot moves between
+    /// cluster nodes: a write is never lost to a reshard. A script is loaded again on a node
+    /// that does not know it (NOSCRIPT).
+    async fn run<T: FromRedisValue>(
+        &self,
+        script: &ScriptInvocation<'_>,
+        conn: &mut Conn,
+    ) -> Result<T, StoreError> {
+        let mut pause = SLOT_MOVE_FIRST_PAUSE;
+        let mut tries = 1;
+        loop {
+            match script.invoke_async(conn).await {
+                Ok(v) => return Ok(v),
+                Err(e) if tries < SLOT_MOVE_TRIES && slot_moving(&e) => {
+                    tracing::debug!(error = %e, tries, "the slot is moving; trying again");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(SLOT_MOVE_MAX_PAUSE);
+                    tries += 1;
+                }
+                Err(e) => return Err(unavailable(e)),
+            }
+        }
     }
 
     async fn feed_conn(&self) -> Result<Conn, StoreError> {
@@ -363,18 +437,19 @@ impl RedisStore {
             _ => (String::new(), String::new()),
         };
         let _: i64 = self
-            .publish
-            .key(self.k_stream())
-            .key(self.k_blocks())
-            .key(marker)
-            .arg(json)
-            .arg(self.min_stream_id(now))
-            .arg(ttl)
-            .arg(block_id)
-            .arg(block)
-            .invoke_async(conn)
-            .await
-            .map_err(unavailable)?;
+            .run(
+                self.publish
+                    .key(self.k_stream())
+                    .key(self.k_blocks())
+                    .key(marker)
+                    .arg(json)
+                    .arg(self.min_stream_id(now))
+                    .arg(ttl)
+                    .arg(block_id)
+                    .arg(block),
+                conn,
+            )
+            .await?;
         Ok(())
     }
 
@@ -483,28 +558,19 @@ impl Store for RedisStore {
             cl: task.claims.clone(),
         })
         .map_err(|e| StoreError::corrupt("task record", e))?;
-        let mut p = redis::pipe();
-        p.atomic()
-            .cmd("SET")
-            .arg(self.k_tokens(id))
-            .arg(format!("{rec}\n{} {};", first.jti, first.exp))
-            .arg("EX")
-            .arg(ttl)
-            .ignore()
-            .hset_multiple(
-                self.k_task(id),
-                &[
-                    ("o", owner_digest(&task.owner).as_str()),
-                    ("s", "open"),
-                    ("d", &task.deadline.to_string()),
-                    ("n", "1"),
-                ],
-            )
-            .ignore()
-            .expire(self.k_task(id), ttl)
-            .ignore();
         let mut conn = self.conn();
-        p.query_async::<()>(&mut conn).await.map_err(unavailable)?;
+        let _: i64 = self
+            .run(
+                self.create
+                    .key(self.k_tokens(id))
+                    .key(self.k_task(id))
+                    .arg(format!("{rec}\n{} {};", first.jti, first.exp))
+                    .arg(ttl)
+                    .arg(owner_digest(&task.owner))
+                    .arg(task.deadline),
+                &mut conn,
+            )
+            .await?;
         // The listing index lives on another slot: not part of the atomic write.
         let mut idx = redis::pipe();
         idx.zadd(self.k_index(), id, task.deadline).ignore();
@@ -552,16 +618,17 @@ impl Store for RedisStore {
         now: i64,
     ) -> Result<MintOutcome, StoreError> {
         let status: String = self
-            .mint
-            .key(self.k_task(id.as_str()))
-            .key(self.k_tokens(id.as_str()))
-            .arg(owner_digest(owner))
-            .arg(format!("{} {};", token.jti, token.exp))
-            .arg(now)
-            .arg(max_tokens)
-            .invoke_async(&mut self.conn())
-            .await
-            .map_err(unavailable)?;
+            .run(
+                self.mint
+                    .key(self.k_task(id.as_str()))
+                    .key(self.k_tokens(id.as_str()))
+                    .arg(owner_digest(owner))
+                    .arg(format!("{} {};", token.jti, token.exp))
+                    .arg(now)
+                    .arg(max_tokens),
+                &mut self.conn(),
+            )
+            .await?;
         let task = || async {
             self.get_task(id)
                 .await?
@@ -585,14 +652,15 @@ impl Store for RedisStore {
         now: i64,
     ) -> Result<Option<TaskRecord>, StoreError> {
         let found: i64 = self
-            .close
-            .key(self.k_task(id.as_str()))
-            .arg(state.as_str())
-            .arg(now)
-            .arg(short(reason))
-            .invoke_async(&mut self.conn())
-            .await
-            .map_err(unavailable)?;
+            .run(
+                self.close
+                    .key(self.k_task(id.as_str()))
+                    .arg(state.as_str())
+                    .arg(now)
+                    .arg(short(reason)),
+                &mut self.conn(),
+            )
+            .await?;
         if found == 0 {
             return Ok(None);
         }
@@ -683,16 +751,17 @@ impl Store for RedisStore {
                 let updated = serde_json::to_string(&record)
                     .map_err(|e| StoreError::corrupt("feed record", e))?;
                 let _: i64 = self
-                    .lift
-                    .key(self.k_blocks())
-                    .key(self.k_stream())
-                    .arg(id)
-                    .arg(updated)
-                    .arg(&json)
-                    .arg(self.min_stream_id(now))
-                    .invoke_async(&mut conn)
-                    .await
-                    .map_err(unavailable)?;
+                    .run(
+                        self.lift
+                            .key(self.k_blocks())
+                            .key(self.k_stream())
+                            .arg(id)
+                            .arg(updated)
+                            .arg(&json)
+                            .arg(self.min_stream_id(now)),
+                        &mut conn,
+                    )
+                    .await?;
             }
             _ => self.append(event, &json, now, &mut conn).await?,
         }
@@ -787,16 +856,17 @@ impl Store for RedisStore {
     ) -> Result<u64, StoreError> {
         let member = crate::domain::random_id(&format!("{now}:")).map_err(StoreError::Random)?;
         let count: u64 = self
-            .hit
-            .key(format!("{}{{c:{key}}}", self.prefix))
-            .arg(now)
-            .arg(now.saturating_sub(crate::domain::duration_secs(window)))
-            .arg(cap)
-            .arg(member)
-            .arg(window.as_secs() + 1)
-            .invoke_async(&mut self.conn())
-            .await
-            .map_err(unavailable)?;
+            .run(
+                self.hit
+                    .key(format!("{}{{c:{key}}}", self.prefix))
+                    .arg(now)
+                    .arg(now.saturating_sub(crate::domain::duration_secs(window)))
+                    .arg(cap)
+                    .arg(member)
+                    .arg(window.as_secs() + 1),
+                &mut self.conn(),
+            )
+            .await?;
         Ok(count)
     }
 
@@ -837,13 +907,14 @@ impl Store for RedisStore {
 
     async fn advance_policy(&self, version: &str) -> Result<PolicyTransition, StoreError> {
         let (changed, previous, generation): (i64, String, u64) = self
-            .advance
-            .key(format!("{}{{policy}}:current", self.prefix))
-            .key(format!("{}{{policy}}:generation", self.prefix))
-            .arg(version)
-            .invoke_async(&mut self.conn())
-            .await
-            .map_err(unavailable)?;
+            .run(
+                self.advance
+                    .key(format!("{}{{policy}}:current", self.prefix))
+                    .key(format!("{}{{policy}}:generation", self.prefix))
+                    .arg(version),
+                &mut self.conn(),
+            )
+            .await?;
         Ok(PolicyTransition {
             previous,
             current: version.to_string(),
@@ -901,6 +972,18 @@ impl Store for RedisStore {
         Ok(false)
     }
 
+    async fn probe_feed(&self) -> Result<(), StoreError> {
+        let _: () = redis::cmd("SET")
+            .arg(format!("{}{{feed}}:probe", self.prefix))
+            .arg("1")
+            .arg("PX")
+            .arg(10_000)
+            .query_async(&mut self.conn())
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
     async fn eviction_policy(&self) -> Result<Option<String>, StoreError> {
         let reply: Vec<String> = redis::cmd("CONFIG")
             .arg("GET")
@@ -914,13 +997,14 @@ impl Store for RedisStore {
     async fn put_audit_head(&self, head: &AuditHead) -> Result<(), StoreError> {
         let json = serde_json::to_string(head).map_err(|e| StoreError::corrupt("audit head", e))?;
         let _: i64 = self
-            .head
-            .key(self.k_audit_head(&head.log_id))
-            .arg(head.seq)
-            .arg(json)
-            .invoke_async(&mut self.conn())
-            .await
-            .map_err(unavailable)?;
+            .run(
+                self.head
+                    .key(self.k_audit_head(&head.log_id))
+                    .arg(head.seq)
+                    .arg(json),
+                &mut self.conn(),
+            )
+            .await?;
         Ok(())
     }
 

@@ -19,6 +19,7 @@ mod oidc;
 mod ops;
 mod redis_ops;
 mod replicas;
+mod reshard;
 mod revocation;
 mod rotation;
 mod serving;

@@ -276,3 +276,155 @@ impl RedisCluster {
             .collect()
     }
 }
+
+impl RedisCluster {
+    /// The node serving `slot`, by index into `nodes`.
+    pub fn owner_of(&self, slot: u16) -> usize {
+        let out = self.nodes[0].cli(&["CLUSTER", "SHARDS"]).unwrap();
+        let port = shard_port_for(&out, slot).expect("slot owned by a node");
+        self.nodes.iter().position(|n| n.port == port).unwrap()
+    }
+
+    /// Up to `n` slots served by node `node`, lowest first, from one look at the cluster.
+    pub fn slots_of(&self, node: usize, n: usize) -> Vec<u16> {
+        let out = self.nodes[0].cli(&["CLUSTER", "SHARDS"]).unwrap();
+        let port = self.nodes[node].port;
+        (0..16384u16)
+            .filter(|&s| shard_port_for(&out, s) == Some(port))
+            .take(n)
+            .collect()
+    }
+
+    /// Moves `slot` to node `to` as `redis-cli --cluster reshard` does.
+    pub fn move_slot(&self, slot: u16, to: usize) {
+        self.move_slots(&[slot], to);
+    }
+
+    /// Moves `slots` (all on one node) to node `to` as `redis-cli --cluster reshard` does:
+    /// IMPORTING on the target, MIGRATING on the source, MIGRATE of every key, then the new
+    /// owner on every node (target first).
+    pub fn move_slots(&self, slots: &[u16], to: usize) {
+        let from = self.begin_move(slots, to);
+        self.finish_move(slots, from, to);
+    }
+
+    /// The first half of a move: `slots` are MIGRATING on their owner and IMPORTING on `to`;
+    /// their keys have not moved yet. Returns the owner.
+    pub fn begin_move(&self, slots: &[u16], to: usize) -> usize {
+        let from = self.owner_of(slots[0]);
+        assert_ne!(from, to, "the slots are already on node {to}");
+        let (src_id, dst_id) = (self.nodes[from].id(), self.nodes[to].id());
+        let state = |node: usize, how: &str, id: &str| {
+            let cmds: Vec<String> = slots
+                .iter()
+                .map(|s| format!("CLUSTER SETSLOT {s} {how} {id}"))
+                .collect();
+            let out = self.nodes[node].cli_batch(&cmds);
+            assert!(out.lines().all(|l| l.trim() == "OK"), "{how}: {out}");
+        };
+        state(to, "IMPORTING", &src_id);
+        state(from, "MIGRATING", &dst_id);
+        from
+    }
+
+    /// The second half of a move begun by [`begin_move`]: the keys move, then the owner.
+    pub fn finish_move(&self, slots: &[u16], from: usize, to: usize) {
+        let (src, dst) = (&self.nodes[from], &self.nodes[to]);
+        let counts: Vec<String> = slots
+            .iter()
+            .map(|s| format!("CLUSTER COUNTKEYSINSLOT {s}"))
+            .collect();
+        let counts = src.cli_batch(&counts);
+        let holding = slots
+            .iter()
+            .zip(counts.lines())
+            .filter(|(_, n)| n.trim() != "0")
+            .map(|(s, _)| s);
+        for slot in holding {
+            let s = slot.to_string();
+            loop {
+                let keys = src.cli(&["CLUSTER", "GETKEYSINSLOT", &s, "100"]).unwrap();
+                let keys: Vec<&str> = keys.lines().filter(|l| !l.is_empty()).collect();
+                if keys.is_empty() {
+                    break;
+                }
+                let port = dst.port.to_string();
+                let mut args = vec!["MIGRATE", "127.0.0.1", &port, "", "0", "5000", "KEYS"];
+                args.extend(keys);
+                let out = src.cli(&args).unwrap_or_default();
+                assert_eq!(out.trim(), "OK", "migrate");
+            }
+        }
+        let dst_id = dst.id();
+        let cmds: Vec<String> = slots
+            .iter()
+            .map(|s| format!("CLUSTER SETSLOT {s} NODE {dst_id}"))
+            .collect();
+        let others = (0..self.nodes.len()).filter(|&n| n != from && n != to);
+        for n in [to, from].into_iter().chain(others) {
+            let out = self.nodes[n].cli_batch(&cmds);
+            assert!(out.lines().all(|l| l.trim() == "OK"), "node: {out}");
+        }
+        for n in &self.nodes {
+            wait_for("slot move", Duration::from_secs(10), || {
+                let out = n.cli(&["CLUSTER", "SHARDS"]).unwrap();
+                slots
+                    .iter()
+                    .all(|&s| shard_port_for(&out, s) == Some(dst.port))
+            });
+        }
+    }
+}
+
+impl RedisServer {
+    /// This node's cluster id.
+    pub fn id(&self) -> String {
+        self.cli(&["CLUSTER", "MYID"]).unwrap().trim().to_string()
+    }
+
+    /// Runs `commands` (one a line) through one redis-cli; its output.
+    pub fn cli_batch(&self, commands: &[String]) -> String {
+        use std::io::Write;
+        let mut child = Command::new("redis-cli")
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(commands.join("\n").as_bytes()).unwrap();
+        stdin.write_all(b"\n").unwrap();
+        drop(stdin);
+        let out = child.wait_with_output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+/// The port of the shard owning `slot` in `CLUSTER SHARDS` output (redis-cli's plain form:
+/// one value a line).
+fn shard_port_for(shards: &str, slot: u16) -> Option<u16> {
+    let lines: Vec<&str> = shards.lines().map(str::trim).collect();
+    let mut i = 0;
+    let mut owns = false;
+    while i < lines.len() {
+        if lines[i] == "slots" {
+            owns = false;
+            let mut j = i + 1;
+            while j + 1 < lines.len() {
+                let (Ok(a), Ok(b)) = (lines[j].parse::<u16>(), lines[j + 1].parse::<u16>()) else {
+                    break;
+                };
+                owns |= a <= slot && slot <= b;
+                j += 2;
+            }
+            i = j;
+            continue;
+        }
+        if owns && lines[i] == "port" {
+            return lines.get(i + 1).and_then(|p| p.parse().ok());
+        }
+        i += 1;
+    }
+    None
+}
