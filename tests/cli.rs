@@ -848,3 +848,73 @@ fn audit_verify_with_head_from_catches_a_cut_tail() {
     );
     assert!(!ok && err.contains("401"), "{err}");
 }
+
+#[test]
+fn config_check_refuses_a_signing_key_listed_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), "");
+    let key = dir.path().join("k.pem");
+    let kid = writ::token::keys::SigningKey::load(&key).unwrap().kid;
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    let listed = format!("[\"{}\"]", key.display());
+    // The same path twice.
+    let twice = format!("[\"{0}\", \"{0}\"]", key.display());
+    std::fs::write(&cfg, text.replace(&listed, &twice)).unwrap();
+    let (ok, _, err) = run(writ().args(["config", "check", "--config"]).arg(&cfg));
+    assert!(!ok);
+    let want = format!(
+        "error: config error at `tokens.signing_keys[1]`: duplicates tokens.signing_keys[0] (same key, kid {kid})"
+    );
+    assert!(err.lines().any(|l| l == want), "{err}");
+    // Another file with the same key, behind a different key.
+    let other = dir.path().join("other.pem");
+    let copy = dir.path().join("copy.pem");
+    let (ok, _, err) = run(writ()
+        .args(["keys", "generate", "--alg", "Ed25519", "--out"])
+        .arg(&other));
+    assert!(ok, "{err}");
+    std::fs::copy(&key, &copy).unwrap();
+    let three = format!(
+        "[\"{}\", \"{}\", \"{}\"]",
+        key.display(),
+        other.display(),
+        copy.display()
+    );
+    std::fs::write(&cfg, text.replace(&listed, &three)).unwrap();
+    let (ok, _, err) = run(writ().args(["config", "check", "--config"]).arg(&cfg));
+    assert!(!ok);
+    let want = format!(
+        "error: config error at `tokens.signing_keys[2]`: duplicates tokens.signing_keys[0] (same key, kid {kid})"
+    );
+    assert!(err.lines().any(|l| l == want), "{err}");
+}
+
+#[cfg(unix)]
+#[test]
+fn config_check_warns_of_a_signing_key_others_can_read() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), "");
+    let key = dir.path().join("k.pem");
+    let check = || {
+        run(writ()
+            .args(["config", "check", "--config"])
+            .arg(&cfg)
+            .env("NO_COLOR", "1"))
+    };
+    let (ok, _, err) = check();
+    assert!(ok, "{err}");
+    assert!(!err.contains("chmod"), "an owner-only key is quiet: {err}");
+    for mode in [0o644, 0o640, 0o604] {
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(mode)).unwrap();
+        let (ok, stdout, err) = check();
+        assert!(ok, "a warning, not a refusal: {err}");
+        assert!(stdout.contains("config ok"), "{stdout}");
+        let line = err
+            .lines()
+            .find(|l| l.contains("WARN") && l.contains("chmod 600"))
+            .unwrap_or_else(|| panic!("no warning for {mode:o}: {err}"));
+        assert!(line.contains(&key.display().to_string()), "{line}");
+        assert!(line.contains(&format!("{mode:04o}")), "{line}");
+    }
+}
