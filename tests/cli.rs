@@ -541,18 +541,21 @@ fn serve_logs_json_with_request_ids_and_stops_cleanly_on_sigterm() {
         v["message"].as_str().unwrap().contains("listening"),
         "{first}"
     );
-    // One request, with an id.
-    {
+    // One request, with the caller's own id.
+    let ours = {
         use std::io::Write;
         let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
         s.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\nx-request-id: req-42\r\nconnection: close\r\n\r\n").unwrap();
         let mut resp = String::new();
         s.read_to_string(&mut resp).unwrap();
-        assert!(
-            resp.starts_with("HTTP/1.1 200") && resp.contains("x-request-id: req-42"),
-            "{resp}"
-        );
-    }
+        assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+        resp.lines()
+            .find_map(|l| l.strip_prefix("x-request-id: "))
+            .unwrap_or_else(|| panic!("no request id in {resp}"))
+            .trim()
+            .to_string()
+    };
+    assert_ne!(ours, "req-42", "the broker answers with its own id");
     let started = std::time::Instant::now();
     std::process::Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
@@ -568,7 +571,8 @@ fn serve_logs_json_with_request_ids_and_stops_cleanly_on_sigterm() {
         .find(|l| l.contains("req-42"))
         .unwrap_or_else(|| panic!("no request line in:\n{rest}"));
     let v: serde_json::Value = serde_json::from_str(line).unwrap();
-    assert_eq!(v["span"]["request_id"], "req-42");
+    assert_eq!(v["span"]["client_request_id"], "req-42");
+    assert_eq!(v["span"]["request_id"], ours.as_str());
     assert!(rest.contains("stopped; decision log flushed"), "{rest}");
     // The decision log is intact.
     let (ok, stdout, err) = run(writ()
