@@ -312,3 +312,75 @@ async fn the_openapi_description_matches_the_routes_served() {
         assert!(codes.contains(&code.to_string()), "{code}");
     }
 }
+
+/// Waits (10 s at most) for a `policy_load` record that `wanted` picks in the broker's log.
+async fn policy_load_record(app: &TestApp, wanted: impl Fn(&Value) -> bool) -> Value {
+    let start = std::time::Instant::now();
+    loop {
+        if let Some(r) = app
+            .audit_records()
+            .into_iter()
+            .find(|r| r["event"] == "policy_load" && wanted(r))
+        {
+            return r;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "no such policy_load record in:\n{}",
+            app.audit_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn an_emptied_policy_file_is_refused_and_the_old_set_keeps_serving() {
+    let app = spawn_app().await;
+    let version = app.broker.policy.current().version().to_string();
+    app.assert_still_serving().await;
+    // Truncated in place while the broker runs: the watcher sees it change.
+    std::fs::write(app.path("policies/test.cedar"), "").unwrap();
+    let refused = policy_load_record(&app, |r| r["decision"] == "deny").await;
+    assert_eq!(refused["policy_version"], version.as_str(), "{refused}");
+    let reason = refused["reason"].as_str().unwrap();
+    assert!(
+        reason.starts_with("policy reload refused: ") && reason.contains("policy.max_drop_share"),
+        "{reason}"
+    );
+    assert_eq!(app.broker.policy.current().version(), version);
+    app.assert_still_serving().await;
+    let (s, v) = app.get("/readyz").await;
+    assert_eq!(s, 200, "{v}");
+}
+
+#[tokio::test]
+async fn with_allow_empty_an_emptied_policy_file_is_taken() {
+    let first = spawn_app().await;
+    let app = spawn_edited(&first, |t| {
+        t.replace("[policy]\n", "[policy]\nallow_empty = true\n")
+    })
+    .await;
+    let version = app.broker.policy.current().version().to_string();
+    app.assert_still_serving().await;
+    // The replica reads the first broker's policy directory.
+    std::fs::write(first.path("policies/test.cedar"), "").unwrap();
+    let start = std::time::Instant::now();
+    while app.broker.policy.current().policy_count() != 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the empty set was not taken"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let loaded = policy_load_record(&app, |r| r["reason"] == "reloaded").await;
+    assert_ne!(loaded["policy_version"], version.as_str(), "{loaded}");
+    assert_eq!(
+        loaded["detail"]["previous_version"],
+        version.as_str(),
+        "{loaded}"
+    );
+    assert_eq!(loaded["detail"]["policies"], 0, "{loaded}");
+    // An empty set permits nothing.
+    app.expect_error(&app.svid(AGENT), "repo:read", &[], 400, "invalid_scope")
+        .await;
+}
