@@ -1,6 +1,6 @@
 //! Who is calling the admin and introspection endpoints: a bearer admin token (compared by
 //! SHA-256) or a workload identity token (JWT-SVID or OIDC) whose subject a configured
-//! principal pattern covers.
+//! principal pattern covers and that no standing block or quarantine refuses.
 
 use crate::audit::{self, Event};
 use crate::broker::Broker;
@@ -45,7 +45,8 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 
 impl Broker {
     /// Authenticates and authorizes a caller for `role`: 401 without a valid credential, 403
-    /// when the credential is valid but not allowed. Refusals are recorded.
+    /// when the credential is valid but not allowed, or names a subject that a standing block
+    /// or quarantine covers (admin tokens are not subjects). Refusals are recorded.
     pub async fn authorize(
         &self,
         authorization: Option<&str>,
@@ -81,6 +82,15 @@ impl Broker {
             return Err(refuse(
                 ErrorCode::AccessDenied,
                 "the caller is not allowed here",
+                Some(subject.to_string()),
+            ));
+        }
+        // A standing block or quarantine of the subject covers every way in, these
+        // endpoints too: a blocked admin workload cannot lift its own block.
+        if let Some(block) = self.revocations.blocking(subject.as_str(), self.now()) {
+            return Err(refuse(
+                ErrorCode::AccessDenied,
+                &format!("the caller is {}", block.refusal()),
                 Some(subject.to_string()),
             ));
         }

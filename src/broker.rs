@@ -59,12 +59,31 @@ impl std::fmt::Debug for Broker {
     }
 }
 
-/// Loads the signing keys named by `tokens.signing_keys`.
+/// Loads the signing keys named by `tokens.signing_keys`. A key listed twice (the same file,
+/// or two files with the same key) is refused: it would be published twice under one `kid`.
+/// A key file its group or others may read loads with a warning.
 pub fn load_keys(config: &Config) -> Result<KeySet, ConfigError> {
-    let mut keys = Vec::new();
+    let mut keys: Vec<SigningKey> = Vec::new();
     for (i, path) in config.tokens.signing_keys.iter().enumerate() {
-        let key = SigningKey::load(path)
-            .map_err(|e| ConfigError::new(format!("tokens.signing_keys[{i}]"), e.to_string()))?;
+        let at = format!("tokens.signing_keys[{i}]");
+        let key =
+            SigningKey::load(path).map_err(|e| ConfigError::new(at.clone(), e.to_string()))?;
+        if let Some(first) = keys.iter().position(|k| k.kid == key.kid) {
+            return Err(ConfigError::new(
+                at,
+                format!(
+                    "duplicates tokens.signing_keys[{first}] (same key, kid {})",
+                    key.kid
+                ),
+            ));
+        }
+        if let Some(mode) = crate::token::keys::loose_mode(path) {
+            tracing::warn!(
+                path = %path.display(),
+                mode = %format!("{mode:04o}"),
+                "signing key file is readable or writable by its group or others; chmod 600 it"
+            );
+        }
         keys.push(key);
     }
     KeySet::new(keys).ok_or_else(|| {

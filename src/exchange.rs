@@ -14,7 +14,7 @@ use crate::domain::{Audience, Scope, Subject, TaskId, TokenId, secs_i64};
 use crate::error::{BrokerError, ErrorCode};
 use crate::identity::{Accept, Source};
 use crate::policy::{PolicyAction, PolicyContext, PolicyPrincipal};
-use crate::store::{BlockKind, MintOutcome, TaskRecord, TaskState, TokenEntry};
+use crate::store::{MintOutcome, TaskRecord, TaskState, TokenEntry};
 use crate::token::{Aud, TaskClaims};
 use crate::trips::{self, Consequence};
 
@@ -418,13 +418,7 @@ impl Broker {
         now: i64,
     ) -> Result<Option<TaskRecord>, Stop> {
         if let Some(block) = self.revocations.blocking(who.subject.as_str(), now) {
-            let why = match (block.kind, block.expires_at) {
-                (BlockKind::Quarantine, Some(until)) => {
-                    format!("subject is quarantined until {until} ({})", block.reason)
-                }
-                _ => format!("subject is blocked by revocation {}", block.id),
-            };
-            return Err(Refusal::grant(why).into());
+            return Err(Refusal::grant(format!("subject is {}", block.refusal())).into());
         }
         self.count_exchange(&who.subject, req.source_ip.as_deref())
             .await?;

@@ -21,7 +21,8 @@ fn init_tracing(json: bool) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
     if json {
-        // Every line of a request carries the request span (request_id, method, route).
+        // Every line of a request carries the request span (request_id, the caller's
+        // client_request_id when it sent one, method, route).
         builder
             .json()
             .flatten_event(true)

@@ -541,18 +541,21 @@ fn serve_logs_json_with_request_ids_and_stops_cleanly_on_sigterm() {
         v["message"].as_str().unwrap().contains("listening"),
         "{first}"
     );
-    // One request, with an id.
-    {
+    // One request, with the caller's own id.
+    let ours = {
         use std::io::Write;
         let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
         s.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\nx-request-id: req-42\r\nconnection: close\r\n\r\n").unwrap();
         let mut resp = String::new();
         s.read_to_string(&mut resp).unwrap();
-        assert!(
-            resp.starts_with("HTTP/1.1 200") && resp.contains("x-request-id: req-42"),
-            "{resp}"
-        );
-    }
+        assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+        resp.lines()
+            .find_map(|l| l.strip_prefix("x-request-id: "))
+            .unwrap_or_else(|| panic!("no request id in {resp}"))
+            .trim()
+            .to_string()
+    };
+    assert_ne!(ours, "req-42", "the broker answers with its own id");
     let started = std::time::Instant::now();
     std::process::Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
@@ -568,7 +571,8 @@ fn serve_logs_json_with_request_ids_and_stops_cleanly_on_sigterm() {
         .find(|l| l.contains("req-42"))
         .unwrap_or_else(|| panic!("no request line in:\n{rest}"));
     let v: serde_json::Value = serde_json::from_str(line).unwrap();
-    assert_eq!(v["span"]["request_id"], "req-42");
+    assert_eq!(v["span"]["client_request_id"], "req-42");
+    assert_eq!(v["span"]["request_id"], ours.as_str());
     assert!(rest.contains("stopped; decision log flushed"), "{rest}");
     // The decision log is intact.
     let (ok, stdout, err) = run(writ()
@@ -847,4 +851,74 @@ fn audit_verify_with_head_from_catches_a_cut_tail() {
         ],
     );
     assert!(!ok && err.contains("401"), "{err}");
+}
+
+#[test]
+fn config_check_refuses_a_signing_key_listed_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), "");
+    let key = dir.path().join("k.pem");
+    let kid = writ::token::keys::SigningKey::load(&key).unwrap().kid;
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    let listed = format!("[\"{}\"]", key.display());
+    // The same path twice.
+    let twice = format!("[\"{0}\", \"{0}\"]", key.display());
+    std::fs::write(&cfg, text.replace(&listed, &twice)).unwrap();
+    let (ok, _, err) = run(writ().args(["config", "check", "--config"]).arg(&cfg));
+    assert!(!ok);
+    let want = format!(
+        "error: config error at `tokens.signing_keys[1]`: duplicates tokens.signing_keys[0] (same key, kid {kid})"
+    );
+    assert!(err.lines().any(|l| l == want), "{err}");
+    // Another file with the same key, behind a different key.
+    let other = dir.path().join("other.pem");
+    let copy = dir.path().join("copy.pem");
+    let (ok, _, err) = run(writ()
+        .args(["keys", "generate", "--alg", "Ed25519", "--out"])
+        .arg(&other));
+    assert!(ok, "{err}");
+    std::fs::copy(&key, &copy).unwrap();
+    let three = format!(
+        "[\"{}\", \"{}\", \"{}\"]",
+        key.display(),
+        other.display(),
+        copy.display()
+    );
+    std::fs::write(&cfg, text.replace(&listed, &three)).unwrap();
+    let (ok, _, err) = run(writ().args(["config", "check", "--config"]).arg(&cfg));
+    assert!(!ok);
+    let want = format!(
+        "error: config error at `tokens.signing_keys[2]`: duplicates tokens.signing_keys[0] (same key, kid {kid})"
+    );
+    assert!(err.lines().any(|l| l == want), "{err}");
+}
+
+#[cfg(unix)]
+#[test]
+fn config_check_warns_of_a_signing_key_others_can_read() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), "");
+    let key = dir.path().join("k.pem");
+    let check = || {
+        run(writ()
+            .args(["config", "check", "--config"])
+            .arg(&cfg)
+            .env("NO_COLOR", "1"))
+    };
+    let (ok, _, err) = check();
+    assert!(ok, "{err}");
+    assert!(!err.contains("chmod"), "an owner-only key is quiet: {err}");
+    for mode in [0o644, 0o640, 0o604] {
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(mode)).unwrap();
+        let (ok, stdout, err) = check();
+        assert!(ok, "a warning, not a refusal: {err}");
+        assert!(stdout.contains("config ok"), "{stdout}");
+        let line = err
+            .lines()
+            .find(|l| l.contains("WARN") && l.contains("chmod 600"))
+            .unwrap_or_else(|| panic!("no warning for {mode:o}: {err}"));
+        assert!(line.contains(&key.display().to_string()), "{line}");
+        assert!(line.contains(&format!("{mode:04o}")), "{line}");
+    }
 }

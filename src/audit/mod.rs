@@ -312,10 +312,13 @@ impl AuditLog {
         if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| AuditError::io("directory creation", e))?;
         }
-        let mut file = OpenOptions::new()
-            .read(true)
-            .append(true)
-            .create(true)
+        let mut opts = OpenOptions::new();
+        opts.read(true).append(true).create(true);
+        // A new log is readable by its owner only (it names every subject and decision); an
+        // existing one keeps the mode it has.
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+        let mut file = opts
             .open(p)
             .map_err(|e| AuditError::io(format!("open of `{path}`"), e))?;
         let tail = read_tail(&mut file, path)?;

@@ -131,6 +131,25 @@ fn chain_verifies_and_continues_after_reopen() {
     assert_eq!(log.checkpoint_now(), None);
 }
 
+#[cfg(unix)]
+#[test]
+fn a_new_log_file_is_owner_only_and_an_existing_one_keeps_its_mode() {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("log.jsonl");
+    let log = AuditLog::open(path.to_str().unwrap()).unwrap();
+    log.append(Event::Exchange, entry("one")).unwrap();
+    assert_eq!(mode(&path), 0o600);
+    // An operator's choice for a log that exists is left alone.
+    let shared = dir.path().join("shared.jsonl");
+    std::fs::write(&shared, "").unwrap();
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let log = AuditLog::open(shared.to_str().unwrap()).unwrap();
+    log.append(Event::Exchange, entry("one")).unwrap();
+    assert_eq!(mode(&shared), 0o640);
+}
+
 #[test]
 fn an_intact_signed_log_verifies_with_its_keys_and_head() {
     let s = signed_log();

@@ -101,7 +101,7 @@ fn layered(routes: Router<Arc<Broker>>, broker: Arc<Broker>) -> Router {
             observe::REQUEST_ID,
             observe::MakeWritRequestId,
         ))
-        .route_layer(map_request(observe::drop_unplain_request_id))
+        .route_layer(map_request(observe::take_client_request_id))
         .with_state(broker)
 }
 

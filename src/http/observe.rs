@@ -1,11 +1,12 @@
-//! Per-request observability: a request id on every log line of the request (taken from a
-//! well-formed `x-request-id` header or made here, and echoed back), and request counts and
-//! latency by route and status.
+//! Per-request observability: a request id made by the broker on every log line of the
+//! request (and on the response), the caller's own `x-request-id` beside it when it sent a
+//! well-formed one, and request counts and latency by route and status.
 //!
 //! The id travels with tower-http's request-id layers (see `super::router`): a caller's header
-//! that is not short and plain is dropped first ([`drop_unplain_request_id`]), then
-//! `SetRequestIdLayer` makes one where none is left ([`MakeWritRequestId`]) and
-//! `PropagateRequestIdLayer` echoes it on the response.
+//! is taken off the request first ([`take_client_request_id`]; kept as [`ClientRequestId`]
+//! when it is short and plain), then `SetRequestIdLayer` makes the broker's
+//! ([`MakeWritRequestId`]) and `PropagateRequestIdLayer` puts it on the response. A caller
+//! cannot choose the id the broker logs its requests under.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -39,7 +40,7 @@ fn tag_of(random: Result<String, crate::domain::RngError>) -> String {
         .unwrap_or_else(|| format!("pid{}", std::process::id()))
 }
 
-/// A caller-supplied id is kept when it is short and plain; anything else is replaced, so
+/// A caller-supplied id is logged when it is short and plain; anything else is dropped, so
 /// that nothing a caller sends can forge log structure.
 fn is_plain(v: &HeaderValue) -> bool {
     let b = v.as_bytes();
@@ -49,10 +50,20 @@ fn is_plain(v: &HeaderValue) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || b"-_.:".contains(c))
 }
 
-/// Removes an `x-request-id` that is not short and plain, so that a fresh one is made.
-pub async fn drop_unplain_request_id(mut req: Request) -> Request {
-    if !req.headers().get(&REQUEST_ID).is_some_and(is_plain) {
-        req.headers_mut().remove(&REQUEST_ID);
+/// The `x-request-id` a caller sent, when short and plain: logged as `client_request_id`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientRequestId(pub String);
+
+/// Takes the caller's `x-request-id` off the request, so that the broker makes its own; a
+/// short and plain one is kept as a [`ClientRequestId`], anything else is dropped.
+pub async fn take_client_request_id(mut req: Request) -> Request {
+    let theirs = req
+        .headers_mut()
+        .remove(&REQUEST_ID)
+        .filter(is_plain)
+        .and_then(|v| v.to_str().ok().map(str::to_string));
+    if let Some(id) = theirs {
+        req.extensions_mut().insert(ClientRequestId(id));
     }
     req
 }
@@ -84,7 +95,16 @@ pub async fn observe(State(broker): State<Arc<Broker>>, req: Request, next: Next
         .get::<MatchedPath>()
         .map_or_else(|| "unmatched".to_string(), |m| m.as_str().to_string());
     let method = req.method().clone();
-    let span = tracing::info_span!("request", request_id = %id, method = %method, route = %route);
+    let span = tracing::info_span!(
+        "request",
+        request_id = %id,
+        client_request_id = tracing::field::Empty,
+        method = %method,
+        route = %route
+    );
+    if let Some(ClientRequestId(theirs)) = req.extensions().get::<ClientRequestId>() {
+        span.record("client_request_id", theirs.as_str());
+    }
     let started = Instant::now();
     let resp = next.run(req).instrument(span.clone()).await;
     let elapsed = started.elapsed().as_secs_f64();

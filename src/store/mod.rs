@@ -217,6 +217,17 @@ impl BlockRecord {
     pub fn relevant_at(&self, now: i64) -> bool {
         self.active_at(now) || self.until >= now
     }
+
+    /// Why a subject it covers is refused: `quarantined until T (reason)` or `blocked by
+    /// revocation ID`.
+    pub fn refusal(&self) -> String {
+        match (self.kind, self.expires_at) {
+            (BlockKind::Quarantine, Some(until)) => {
+                format!("quarantined until {until} ({})", self.reason)
+            }
+            _ => format!("blocked by revocation {}", self.id),
+        }
+    }
 }
 
 /// One revocation on the feed every replica follows. Each carries `until`: after it, what it

@@ -245,6 +245,23 @@ pub fn generate_file(alg: KeyAlg, out: &Path) -> Result<(), KeyError> {
     })
 }
 
+/// The permission bits of a private key file that its group or others may read or write
+/// (`mode & 0o077 != 0`), or `None` when only its owner may (or on a system without Unix
+/// modes, or when the file cannot be examined: reading it reports that).
+pub fn loose_mode(path: &Path) -> Option<u32> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(path).ok()?.permissions().mode() & 0o777;
+        (mode & 0o077 != 0).then_some(mode)
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = path;
+        None
+    }
+}
+
 /// Creates (or truncates) a file with mode 0600 and writes `data`.
 pub fn write_private(path: &Path, data: &[u8]) -> std::io::Result<()> {
     use std::io::Write;

@@ -29,7 +29,10 @@ async fn wait_ready(app: &TestApp) {
 async fn until_inactive(app: &TestApp, token: &str) -> Duration {
     let start = Instant::now();
     loop {
-        let v = app.introspect(token).await;
+        // As the admin token: the kill switch refuses every workload caller, resource servers
+        // included.
+        let (s, v) = app.introspect_as(ADMIN_TOKEN, token).await;
+        assert_eq!(s, 200, "{v}");
         if v == json!({"active": false}) {
             return start.elapsed();
         }

@@ -365,7 +365,15 @@ async fn issuer_and_kill_switch_revocations() {
         )
         .await;
     assert_eq!((s, v["revoked_tasks"].as_u64()), (200, Some(1)), "{v}");
-    assert_eq!(app.introspect(&t).await, json!({"active": false}));
+    // The block covers the trust domain's resource servers too: the admin token introspects.
+    let (s, body) = app.introspect_as(ADMIN_TOKEN, &t).await;
+    assert_eq!((s, body), (200, json!({"active": false})));
+    let (s, body) = app.introspect_as(&app.svid(RESOURCE), &t).await;
+    assert_eq!(
+        (s, body["error"].as_str()),
+        (403, Some("access_denied")),
+        "{body}"
+    );
     app.expect_error(&app.svid(AGENT), "repo:read", &[], 400, "invalid_grant")
         .await;
     let rid = v["revocation_id"].as_str().unwrap().to_string();
@@ -382,7 +390,8 @@ async fn issuer_and_kill_switch_revocations() {
         .admin_revoke(json!({"selector": {"all": true}, "reason": "kill switch"}))
         .await;
     assert_eq!((s, v["revoked_tasks"].as_u64()), (200, Some(1)), "{v}");
-    assert_eq!(app.introspect(&t2).await, json!({"active": false}));
+    let (s, v) = app.introspect_as(ADMIN_TOKEN, &t2).await;
+    assert_eq!((s, v), (200, json!({"active": false})));
     app.expect_error(
         &app.svid("spiffe://example.org/agent/z"),
         "repo:read",
@@ -557,4 +566,133 @@ async fn admin_lists_tasks_by_subject_and_state() {
         .await;
     assert_eq!(s, 403);
     let _ = app.clock.now();
+}
+
+/// The decision log's refusals of `subject` as a caller of `event`'s endpoints.
+fn caller_refusals(app: &TestApp, event: &str, subject: &str) -> Vec<serde_json::Value> {
+    app.audit_records()
+        .into_iter()
+        .filter(|r| r["event"] == event && r["decision"] == "deny" && r["subject"] == subject)
+        .collect()
+}
+
+#[tokio::test]
+async fn a_blocked_admin_workload_cannot_lift_its_own_block() {
+    let app = spawn_app().await;
+    let admin = app.svid(SECURITY);
+    let (s, v) = app
+        .admin_revoke(json!({"selector": {"subject": SECURITY}, "reason": "stolen laptop"}))
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let rid = v["revocation_id"].as_str().unwrap().to_string();
+    let path = format!("/admin/v1/revocations/{rid}");
+    let (s, v) = app.call(Method::DELETE, &path, Some(&admin), None).await;
+    assert_eq!(
+        (s, v["error"].as_str()),
+        (403, Some("access_denied")),
+        "{v}"
+    );
+    assert!(
+        v["error_description"].as_str().unwrap().contains(&rid),
+        "{v}"
+    );
+    // Nor may it read or revoke anything else while blocked.
+    let (s, _) = app
+        .call(Method::GET, "/admin/v1/revocations", Some(&admin), None)
+        .await;
+    assert_eq!(s, 403);
+    let (s, v) = app
+        .call(
+            Method::GET,
+            "/admin/v1/revocations",
+            Some(ADMIN_TOKEN),
+            None,
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["revocations"][0]["id"], rid.as_str());
+    assert!(v["revocations"][0]["lifted_at"].is_null(), "{v}");
+    assert_eq!(caller_refusals(&app, "admin", SECURITY).len(), 2);
+    // An admin token is not a subject: it lifts the block, and the workload is back.
+    let (s, v) = app
+        .call(Method::DELETE, &path, Some(ADMIN_TOKEN), None)
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let (s, v) = app
+        .call(Method::GET, "/admin/v1/revocations", Some(&admin), None)
+        .await;
+    assert_eq!(s, 200, "{v}");
+}
+
+#[tokio::test]
+async fn a_quarantined_admin_workload_cannot_lift_its_quarantine() {
+    let app = spawn_app_with(Options {
+        extra_config: "[trips]\ndenials = { count = 2, window = \"1m\" }\nquarantine = \"10m\"\n"
+            .into(),
+        ..Options::default()
+    })
+    .await;
+    let admin = app.svid(SECURITY);
+    for _ in 0..2 {
+        app.expect_error(&admin, "repo:admin", &[], 400, "invalid_scope")
+            .await;
+    }
+    let (s, v) = app
+        .call(
+            Method::GET,
+            "/admin/v1/quarantines",
+            Some(ADMIN_TOKEN),
+            None,
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let qid = v["quarantines"][0]["id"].as_str().unwrap().to_string();
+    let path = format!("/admin/v1/quarantines/{qid}");
+    let (s, v) = app.call(Method::DELETE, &path, Some(&admin), None).await;
+    assert_eq!(
+        (s, v["error"].as_str()),
+        (403, Some("access_denied")),
+        "{v}"
+    );
+    assert!(
+        v["error_description"]
+            .as_str()
+            .unwrap()
+            .contains("quarantined until"),
+        "{v}"
+    );
+    let (s, v) = app
+        .call(
+            Method::GET,
+            "/admin/v1/quarantines",
+            Some(ADMIN_TOKEN),
+            None,
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["quarantines"][0]["id"], qid.as_str(), "still standing");
+    assert_eq!(caller_refusals(&app, "admin", SECURITY).len(), 1);
+}
+
+#[tokio::test]
+async fn a_blocked_introspection_caller_is_refused() {
+    let app = spawn_app().await;
+    let (token, _) = app.task_token(AGENT, "repo:read").await;
+    let (s, v) = app
+        .admin_revoke(json!({"selector": {"subject": "spiffe://example.org/resource/*"}, "reason": "rogue API"}))
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let (s, v) = app.introspect_as(&app.svid(RESOURCE), &token).await;
+    assert_eq!(
+        (s, v["error"].as_str()),
+        (403, Some("access_denied")),
+        "{v}"
+    );
+    assert_eq!(
+        caller_refusals(&app, "introspect_denied", RESOURCE).len(),
+        1
+    );
+    // The admin token still introspects: the block covers subjects only.
+    let (s, v) = app.introspect_as(ADMIN_TOKEN, &token).await;
+    assert_eq!((s, v["active"].as_bool()), (200, Some(true)), "{v}");
 }
