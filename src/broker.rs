@@ -51,6 +51,8 @@ pub struct Broker {
     /// Verified workload bearer credentials by hash (introspection and admin callers).
     pub auth_cache: VerifiedCache<String>,
     pub metrics: Metrics,
+    /// When this broker started (clock seconds): a memory store knows nothing from before.
+    pub started_at: i64,
 }
 
 impl std::fmt::Debug for Broker {
@@ -163,6 +165,7 @@ impl Broker {
             local_store,
         ));
         let broker = Broker {
+            started_at: clock.now(),
             revocations,
             token_cache: VerifiedCache::new(100_000),
             auth_cache: VerifiedCache::new(10_000),
