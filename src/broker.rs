@@ -106,6 +106,30 @@ pub async fn connect_store(config: &Config) -> Result<Option<Arc<dyn Store>>, Co
     }
 }
 
+/// What `writ config check` found.
+#[derive(Debug, Clone)]
+pub struct CheckReport {
+    pub signing_keys: usize,
+    pub policy_version: String,
+}
+
+/// Loads what a broker would load (keys, policies, trust bundles) and connects the store,
+/// without building a broker: nothing is written and the decision log is not opened, so a
+/// check beside a running broker leaves its log alone.
+pub async fn check_config(config: &Config) -> Result<CheckReport, ConfigError> {
+    let keys = load_keys(config)?;
+    let signing_keys = keys.all().len();
+    TokenIssuer::new(config.server.issuer.clone(), keys)
+        .map_err(|e| ConfigError::new("tokens.signing_keys", e.to_string()))?;
+    let policies = load_policies(config)?;
+    IdentityVerifier::from_config(config)?;
+    connect_store(config).await?;
+    Ok(CheckReport {
+        signing_keys,
+        policy_version: policies.version().to_string(),
+    })
+}
+
 impl Broker {
     /// Builds every component, checking files (keys, bundles, policies) with the key named,
     /// and connects the configured store.
@@ -137,7 +161,7 @@ impl Broker {
             }
         };
         let audit = AuditLog::from_config(&config.audit, tokens.keys().clone(), clock.clone())
-            .map_err(|e| ConfigError::new("audit.path", e.to_string()))?;
+            .map_err(|e| ConfigError::new("audit.path", crate::error::chain(&e)))?;
         let limits = Limits {
             default_ttl_secs: config.tokens.default_ttl.as_secs(),
             max_ttl_secs: config.tokens.max_ttl.as_secs(),
