@@ -65,8 +65,9 @@ impl std::fmt::Debug for Broker {
 pub fn load_keys(config: &Config) -> Result<KeySet, ConfigError> {
     let mut keys = Vec::new();
     for (i, path) in config.tokens.signing_keys.iter().enumerate() {
-        let key = SigningKey::load(path)
-            .map_err(|e| ConfigError::new(format!("tokens.signing_keys[{i}]"), e.to_string()))?;
+        let key = SigningKey::load(path).map_err(|e| {
+            ConfigError::new(format!("tokens.signing_keys[{i}]"), crate::error::chain(&e))
+        })?;
         keys.push(key);
     }
     KeySet::new(keys).ok_or_else(|| {
