@@ -15,6 +15,29 @@ use crate::policy::{ReloadOutcome, spawn_watcher};
 /// period is 30 s).
 pub const DRAIN_BOUND: Duration = Duration::from_secs(20);
 
+/// The main listener and, when `[metrics] listen` is set, the metrics listener.
+async fn bind(config: &Config) -> anyhow::Result<(TcpListener, Option<TcpListener>)> {
+    let listen = &config.server.listen;
+    let listener = TcpListener::bind(listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on server.listen `{listen}`: {e}"))?;
+    let metrics = match &config.metrics.listen {
+        Some(a) => Some(
+            TcpListener::bind(a)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot listen on metrics.listen `{a}`: {e}"))?,
+        ),
+        None => None,
+    };
+    Ok((listener, metrics))
+}
+
+/// Logged at the start of a broker on the memory store.
+pub const MEMORY_STORE_FORGETS: &str = "store.backend is memory: tasks, revocations, blocks \
+and quarantines live in this process only and are forgotten when it stops; tokens issued \
+before this start are reported inactive. Use a Redis store for anything that must survive a \
+restart";
+
 pub struct Application {
     listener: TcpListener,
     metrics_listener: Option<TcpListener>,
@@ -24,23 +47,25 @@ pub struct Application {
 }
 
 impl Application {
-    /// Builds the broker and binds the listener (`:0` picks a free port).
+    /// Binds the listeners (`:0` picks a free port), then builds the broker: a port in use
+    /// stops the start before the broker touches its decision log.
     pub async fn build(config: Config) -> anyhow::Result<Application> {
+        let (listener, metrics_listener) = bind(&config).await?;
         let broker = Broker::build(config).await?;
-        Self::from_broker(Arc::new(broker)).await
+        Self::assemble(Arc::new(broker), listener, metrics_listener)
     }
 
     pub async fn from_broker(broker: Arc<Broker>) -> anyhow::Result<Application> {
-        let listener = TcpListener::bind(&broker.config.server.listen).await?;
+        let (listener, metrics_listener) = bind(&broker.config).await?;
+        Self::assemble(broker, listener, metrics_listener)
+    }
+
+    fn assemble(
+        broker: Arc<Broker>,
+        listener: TcpListener,
+        metrics_listener: Option<TcpListener>,
+    ) -> anyhow::Result<Application> {
         let addr = listener.local_addr()?;
-        let metrics_listener = match &broker.config.metrics.listen {
-            Some(a) => Some(
-                TcpListener::bind(a)
-                    .await
-                    .map_err(|e| anyhow::anyhow!("cannot listen on metrics.listen `{a}`: {e}"))?,
-            ),
-            None => None,
-        };
         let metrics_addr = match &metrics_listener {
             Some(l) => Some(l.local_addr()?),
             None => None,
@@ -73,6 +98,9 @@ impl Application {
         self,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
+        if self.broker.config.store.backend == crate::config::StoreBackend::Memory {
+            tracing::warn!("{MEMORY_STORE_FORGETS}");
+        }
         let background = spawn_background(self.broker.clone());
         let limits = Limits::from_config(&self.broker.config.server);
         let (stopping_tx, stopping_rx) = tokio::sync::watch::channel(false);

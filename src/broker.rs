@@ -51,6 +51,8 @@ pub struct Broker {
     /// Verified workload bearer credentials by hash (introspection and admin callers).
     pub auth_cache: VerifiedCache<String>,
     pub metrics: Metrics,
+    /// When this broker started (clock seconds): a memory store knows nothing from before.
+    pub started_at: i64,
 }
 
 impl std::fmt::Debug for Broker {
@@ -66,8 +68,8 @@ pub fn load_keys(config: &Config) -> Result<KeySet, ConfigError> {
     let mut keys: Vec<SigningKey> = Vec::new();
     for (i, path) in config.tokens.signing_keys.iter().enumerate() {
         let at = format!("tokens.signing_keys[{i}]");
-        let key =
-            SigningKey::load(path).map_err(|e| ConfigError::new(at.clone(), e.to_string()))?;
+        let key = SigningKey::load(path)
+            .map_err(|e| ConfigError::new(at.clone(), crate::error::chain(&e)))?;
         if let Some(first) = keys.iter().position(|k| k.kid == key.kid) {
             return Err(ConfigError::new(
                 at,
@@ -123,6 +125,30 @@ pub async fn connect_store(config: &Config) -> Result<Option<Arc<dyn Store>>, Co
     }
 }
 
+/// What `writ config check` found.
+#[derive(Debug, Clone)]
+pub struct CheckReport {
+    pub signing_keys: usize,
+    pub policy_version: String,
+}
+
+/// Loads what a broker would load (keys, policies, trust bundles) and connects the store,
+/// without building a broker: nothing is written and the decision log is not opened, so a
+/// check beside a running broker leaves its log alone.
+pub async fn check_config(config: &Config) -> Result<CheckReport, ConfigError> {
+    let keys = load_keys(config)?;
+    let signing_keys = keys.all().len();
+    TokenIssuer::new(config.server.issuer.clone(), keys)
+        .map_err(|e| ConfigError::new("tokens.signing_keys", e.to_string()))?;
+    let policies = load_policies(config)?;
+    IdentityVerifier::from_config(config)?;
+    connect_store(config).await?;
+    Ok(CheckReport {
+        signing_keys,
+        policy_version: policies.version().to_string(),
+    })
+}
+
 impl Broker {
     /// Builds every component, checking files (keys, bundles, policies) with the key named,
     /// and connects the configured store.
@@ -154,7 +180,7 @@ impl Broker {
             }
         };
         let audit = AuditLog::from_config(&config.audit, tokens.keys().clone(), clock.clone())
-            .map_err(|e| ConfigError::new("audit.path", e.to_string()))?;
+            .map_err(|e| ConfigError::new("audit.path", crate::error::chain(&e)))?;
         let limits = Limits {
             default_ttl_secs: config.tokens.default_ttl.as_secs(),
             max_ttl_secs: config.tokens.max_ttl.as_secs(),
@@ -182,6 +208,7 @@ impl Broker {
             local_store,
         ));
         let broker = Broker {
+            started_at: clock.now(),
             revocations,
             token_cache: VerifiedCache::new(100_000),
             auth_cache: VerifiedCache::new(10_000),

@@ -133,8 +133,13 @@ pub enum KeysCommand {
     Generate {
         #[arg(long, value_enum)]
         alg: KeyAlg,
+        /// Where to write it (its folder is created); an existing file is kept unless
+        /// `--force` is given.
         #[arg(long, value_name = "FILE")]
         out: PathBuf,
+        /// Replace an existing key file.
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -146,7 +151,8 @@ pub enum TokenCommand {
 
 #[derive(Debug, clap::Args)]
 pub struct ExchangeArgs {
-    #[arg(long, value_name = "URL")]
+    /// The broker's base URL, e.g. http://127.0.0.1:8080 (default: $WRIT_BROKER).
+    #[arg(long, value_name = "URL", env = "WRIT_BROKER")]
     broker: String,
     /// File holding the subject token, or `-` for standard input.
     #[arg(long, value_name = "FILE|-")]
@@ -171,7 +177,8 @@ pub struct ExchangeArgs {
 pub enum TaskCommand {
     /// End the task that the token belongs to; all its tokens are revoked.
     End {
-        #[arg(long, value_name = "URL")]
+        /// The broker's base URL, e.g. http://127.0.0.1:8080 (default: $WRIT_BROKER).
+        #[arg(long, value_name = "URL", env = "WRIT_BROKER")]
         broker: String,
         /// File holding a token of the task, or `-` for standard input.
         #[arg(long, value_name = "FILE|-")]
@@ -179,10 +186,13 @@ pub enum TaskCommand {
     },
     /// List tasks (admin).
     List {
-        #[arg(long, value_name = "URL")]
+        /// The broker's base URL, e.g. http://127.0.0.1:8080 (default: $WRIT_BROKER).
+        #[arg(long, value_name = "URL", env = "WRIT_BROKER")]
         broker: String,
+        /// File holding the admin token, or `-` for standard input (default: the token
+        /// itself from $WRIT_ADMIN_TOKEN).
         #[arg(long, value_name = "FILE|-")]
-        admin_token: String,
+        admin_token: Option<String>,
         /// A subject, or a prefix ending in `/*`.
         #[arg(long)]
         subject: Option<String>,
@@ -195,10 +205,13 @@ pub enum TaskCommand {
 #[derive(Debug, Args)]
 #[command(group(clap::ArgGroup::new("selector").required(true).args(["jti", "task", "subject", "issuer", "all"])))]
 pub struct RevokeArgs {
-    #[arg(long, value_name = "URL")]
+    /// The broker's base URL, e.g. http://127.0.0.1:8080 (default: $WRIT_BROKER).
+    #[arg(long, value_name = "URL", env = "WRIT_BROKER")]
     pub broker: String,
+    /// File holding the admin token, or `-` for standard input (default: the token
+    /// itself from $WRIT_ADMIN_TOKEN).
     #[arg(long, value_name = "FILE|-")]
-    pub admin_token: String,
+    pub admin_token: Option<String>,
     #[arg(long, value_name = "J")]
     pub jti: Option<String>,
     #[arg(long, value_name = "T")]
@@ -220,18 +233,24 @@ pub struct RevokeArgs {
 pub enum BlocksCommand {
     /// List the standing ones (revocations also while recently lifted).
     List {
-        #[arg(long, value_name = "URL")]
+        /// The broker's base URL, e.g. http://127.0.0.1:8080 (default: $WRIT_BROKER).
+        #[arg(long, value_name = "URL", env = "WRIT_BROKER")]
         broker: String,
+        /// File holding the admin token, or `-` for standard input (default: the token
+        /// itself from $WRIT_ADMIN_TOKEN).
         #[arg(long, value_name = "FILE|-")]
-        admin_token: String,
+        admin_token: Option<String>,
     },
     /// Lift one by its id: the subjects it refused may exchange again.
     Lift {
         id: String,
-        #[arg(long, value_name = "URL")]
+        /// The broker's base URL, e.g. http://127.0.0.1:8080 (default: $WRIT_BROKER).
+        #[arg(long, value_name = "URL", env = "WRIT_BROKER")]
         broker: String,
+        /// File holding the admin token, or `-` for standard input (default: the token
+        /// itself from $WRIT_ADMIN_TOKEN).
         #[arg(long, value_name = "FILE|-")]
-        admin_token: String,
+        admin_token: Option<String>,
     },
 }
 
@@ -240,10 +259,13 @@ pub enum StoreCommand {
     /// Confirm that the store lost its revocation state (flushed or evicted while no replica
     /// remembered it): replicas waiting for this become ready; what was lost stays lost.
     ConfirmReset {
-        #[arg(long, value_name = "URL")]
+        /// The broker's base URL, e.g. http://127.0.0.1:8080 (default: $WRIT_BROKER).
+        #[arg(long, value_name = "URL", env = "WRIT_BROKER")]
         broker: String,
+        /// File holding the admin token, or `-` for standard input (default: the token
+        /// itself from $WRIT_ADMIN_TOKEN).
         #[arg(long, value_name = "FILE|-")]
-        admin_token: String,
+        admin_token: Option<String>,
     },
 }
 
@@ -259,9 +281,10 @@ pub enum AuditCommand {
         jwks: Option<String>,
         /// The broker (its base URL, or its `/admin/v1/audit/head` URL) whose signed head the
         /// log must reach: catches a cut tail.
-        #[arg(long, value_name = "URL", requires = "admin_token")]
+        #[arg(long, value_name = "URL")]
         head_from: Option<String>,
-        /// Admin token for `--head-from`: a file, or `-` for standard input.
+        /// Admin token for `--head-from`: a file, or `-` for standard input (default: the
+        /// token itself from $WRIT_ADMIN_TOKEN).
         #[arg(long, value_name = "FILE|-", requires = "head_from")]
         admin_token: Option<String>,
     },
@@ -274,7 +297,7 @@ async fn blocks_command(kind: BlockKind, command: BlocksCommand) -> anyhow::Resu
             broker,
             admin_token,
         } => {
-            let admin = secret(&admin_token)?;
+            let admin = admin_secret(admin_token.as_deref())?;
             crate::client::Client::new(&broker)?
                 .list_blocks(&admin, kind)
                 .await?
@@ -284,7 +307,7 @@ async fn blocks_command(kind: BlockKind, command: BlocksCommand) -> anyhow::Resu
             broker,
             admin_token,
         } => {
-            let admin = secret(&admin_token)?;
+            let admin = admin_secret(admin_token.as_deref())?;
             crate::client::Client::new(&broker)?
                 .lift_block(&admin, kind, &id)
                 .await?
@@ -325,8 +348,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         } => config_check(&config, syntax_only).await,
         Command::Policy { command } => policy_command(command),
         Command::Keys {
-            command: KeysCommand::Generate { alg, out },
-        } => keys_generate(alg, &out),
+            command: KeysCommand::Generate { alg, out, force },
+        } => keys_generate(alg, &out, force),
         Command::Token {
             command: TokenCommand::Exchange(args),
         } => token_exchange(args).await,
@@ -338,7 +361,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     broker,
                     admin_token,
                 },
-        } => confirm_store_reset(&broker, &admin_token).await,
+        } => confirm_store_reset(&broker, admin_token.as_deref()).await,
         Command::Revocations { command } => blocks_command(BlockKind::Revocation, command).await,
         Command::Quarantines { command } => blocks_command(BlockKind::Quarantine, command).await,
         Command::Audit {
@@ -361,8 +384,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-fn keys_generate(alg: keys::KeyAlg, out: &std::path::Path) -> anyhow::Result<()> {
-    keys::generate_file(alg, out)?;
+fn keys_generate(alg: keys::KeyAlg, out: &std::path::Path, force: bool) -> anyhow::Result<()> {
+    keys::generate_into(alg, out, force)?;
     let key = keys::SigningKey::load(out)?;
     println!(
         "wrote {} key {} (kid {})",
@@ -373,8 +396,8 @@ fn keys_generate(alg: keys::KeyAlg, out: &std::path::Path) -> anyhow::Result<()>
     Ok(())
 }
 
-async fn confirm_store_reset(broker: &str, admin_token: &str) -> anyhow::Result<()> {
-    let admin = secret(admin_token)?;
+async fn confirm_store_reset(broker: &str, admin_token: Option<&str>) -> anyhow::Result<()> {
+    let admin = admin_secret(admin_token)?;
     let out = crate::client::Client::new(broker)?
         .confirm_store_reset(&admin)
         .await?;
@@ -388,11 +411,10 @@ async fn config_check(config: &std::path::Path, syntax_only: bool) -> anyhow::Re
         println!("config ok (keys and values; files and store not checked)");
         return Ok(());
     }
-    let broker = crate::broker::Broker::build(cfg).await?;
+    let report = crate::broker::check_config(&cfg).await?;
     println!(
         "config ok: {} signing key(s), policy version {}",
-        broker.tokens.keys().all().len(),
-        broker.policy.current().version()
+        report.signing_keys, report.policy_version
     );
     Ok(())
 }
@@ -425,9 +447,7 @@ fn policy_command(command: PolicyCommand) -> anyhow::Result<()> {
 }
 
 async fn token_exchange(args: ExchangeArgs) -> anyhow::Result<()> {
-    let subject_token = &args.subject_token;
-    let token = crate::client::read_secret(subject_token)
-        .with_context(|| format!("reading the subject token from `{subject_token}`"))?;
+    let token = secret("--subject-token", &args.subject_token)?;
     let client = crate::client::Client::new(&args.broker)?;
     let resp = client
         .exchange(&crate::client::ExchangeParams {
@@ -447,7 +467,7 @@ async fn token_exchange(args: ExchangeArgs) -> anyhow::Result<()> {
 async fn task_command(command: TaskCommand) -> anyhow::Result<()> {
     let out = match command {
         TaskCommand::End { broker, token } => {
-            let token = secret(&token)?;
+            let token = secret("--token", &token)?;
             crate::client::Client::new(&broker)?
                 .end_task(&token)
                 .await?
@@ -458,7 +478,7 @@ async fn task_command(command: TaskCommand) -> anyhow::Result<()> {
             subject,
             state,
         } => {
-            let admin = secret(&admin_token)?;
+            let admin = admin_secret(admin_token.as_deref())?;
             crate::client::Client::new(&broker)?
                 .list_tasks(&admin, subject.as_deref(), state.as_deref())
                 .await?
@@ -469,7 +489,7 @@ async fn task_command(command: TaskCommand) -> anyhow::Result<()> {
 }
 
 async fn revoke_command(args: RevokeArgs) -> anyhow::Result<()> {
-    let admin = secret(&args.admin_token)?;
+    let admin = admin_secret(args.admin_token.as_deref())?;
     let selector = if let Some(j) = args.jti {
         serde_json::json!({"jti": j})
     } else if let Some(t) = args.task {
@@ -499,7 +519,7 @@ async fn audit_verify(
         None => None,
         Some(src) => {
             let bytes = if src.starts_with("https://") || src.starts_with("http://") {
-                let v = crate::client::Client::new(src)?
+                let v = crate::client::Client::for_documents()?
                     .get_json(src)
                     .await
                     .with_context(|| format!("fetching the JWKS from `{src}`"))?;
@@ -512,9 +532,9 @@ async fn audit_verify(
             Some(keys)
         }
     };
-    let head: Option<AuditHead> = match (head_from, admin_token) {
-        (Some(url), Some(token)) => {
-            let admin = secret(token)?;
+    let head: Option<AuditHead> = match head_from {
+        Some(url) => {
+            let admin = admin_secret(admin_token)?;
             let base = url
                 .trim_end_matches('/')
                 .trim_end_matches("/admin/v1/audit/head");
@@ -527,7 +547,7 @@ async fn audit_verify(
                     .context("the broker's head is not {log_id, seq, hash, checkpoint}")?,
             )
         }
-        _ => None,
+        None => None,
     };
     let opts = VerifyOptions {
         keys: keys.as_ref(),
@@ -567,12 +587,62 @@ async fn audit_verify(
     Ok(())
 }
 
-fn secret(source: &str) -> anyhow::Result<String> {
-    crate::client::read_secret(source).with_context(|| format!("reading a secret from `{source}`"))
+/// Reads a secret from the file named by `flag`, or standard input for `-`. The value given
+/// is never shown, not even in an error: it may be the secret itself, pasted by mistake.
+fn secret(flag: &str, source: &str) -> anyhow::Result<String> {
+    crate::client::read_secret(source).map_err(|e| {
+        if looks_like_secret(source) {
+            let hint = if flag == "--admin-token" {
+                ", or set WRIT_ADMIN_TOKEN to the token itself"
+            } else {
+                ""
+            };
+            anyhow::anyhow!(
+                "the value of {flag} looks like a secret, not a file name: pass the name of a \
+                 file holding it, or - to read it from standard input{hint}"
+            )
+        } else {
+            anyhow::anyhow!(
+                "the file named by {flag} could not be read: {}",
+                io_reason(&e)
+            )
+        }
+    })
+}
+
+/// The admin token: from the file named by `--admin-token`, else `WRIT_ADMIN_TOKEN`.
+fn admin_secret(file: Option<&str>) -> anyhow::Result<String> {
+    if let Some(f) = file {
+        return secret("--admin-token", f);
+    }
+    match std::env::var("WRIT_ADMIN_TOKEN") {
+        Ok(v) if !v.trim().is_empty() => Ok(v.trim().to_string()),
+        _ => anyhow::bail!(
+            "an admin token is needed: pass --admin-token FILE (or - for standard input), or \
+             set WRIT_ADMIN_TOKEN to the token"
+        ),
+    }
+}
+
+/// A value that is no file name: long, without a folder separator.
+fn looks_like_secret(value: &str) -> bool {
+    value.len() >= 24 && !value.contains(['/', '\\'])
+}
+
+/// Why a file could not be read, without its name or content.
+fn io_reason(e: &std::io::Error) -> String {
+    match e.kind() {
+        std::io::ErrorKind::NotFound => "no such file".to_string(),
+        std::io::ErrorKind::PermissionDenied => "permission denied".to_string(),
+        std::io::ErrorKind::IsADirectory => "it is a folder".to_string(),
+        std::io::ErrorKind::InvalidData => "it is not UTF-8 text".to_string(),
+        kind => kind.to_string(),
+    }
 }
 
 async fn run_dev(listen: &str) -> anyhow::Result<()> {
     let files = DevFiles::new(dev::DEV_DIR);
+    dev::ensure_not_running(&files, listen)?;
     let admin = dev::prepare(&files, listen)?;
     let config = Config::load(&files.config())?;
     let app = Application::build(config).await?;

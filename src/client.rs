@@ -17,6 +17,8 @@ pub enum ClientError {
     NotJson,
     #[error("the token is not a Writ task token (no `txn` claim)")]
     NotATaskToken,
+    #[error("`{url}` is not a broker URL: {why}")]
+    BadUrl { url: String, why: String },
 }
 
 /// An error with its causes, for a person reading a terminal.
@@ -48,16 +50,51 @@ pub struct ExchangeParams {
     pub task_id: Option<String>,
 }
 
+/// A broker's base URL, checked: `http` or `https`, a host, no path.
+fn broker_base(given: &str) -> Result<String, ClientError> {
+    let bad = |why: String| ClientError::BadUrl {
+        url: given.to_string(),
+        why,
+    };
+    let no_scheme = || {
+        bad(format!(
+            "it has no scheme (write http://{given} or https://{given})"
+        ))
+    };
+    if !given.contains("://") {
+        return Err(no_scheme());
+    }
+    let url = url::Url::parse(given).map_err(|e| bad(e.to_string()))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(bad("its scheme must be http or https".to_string()));
+    }
+    if !matches!(url.path(), "" | "/") || url.query().is_some() || url.fragment().is_some() {
+        let base = format!("{}://{}", url.scheme(), url.authority());
+        return Err(bad(format!(
+            "it has a path (`{}`); give the broker's base URL, e.g. {base}",
+            url.path()
+        )));
+    }
+    Ok(given.trim_end_matches('/').to_string())
+}
+
 impl Client {
+    /// A client of the broker at `base` (`http(s)://host[:port]`).
     pub fn new(base: &str) -> Result<Self, ClientError> {
+        Self::with_base(broker_base(base)?)
+    }
+
+    /// A client for documents fetched by their full URL (a JWKS).
+    pub fn for_documents() -> Result<Self, ClientError> {
+        Self::with_base(String::new())
+    }
+
+    fn with_base(base: String) -> Result<Self, ClientError> {
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(15))
             .build()
             .map_err(|e| ClientError::Transport(e.to_string()))?;
-        Ok(Client {
-            base: base.trim_end_matches('/').to_string(),
-            http,
-        })
+        Ok(Client { base, http })
     }
 
     pub async fn exchange(&self, p: &ExchangeParams) -> Result<Value, ClientError> {

@@ -58,9 +58,30 @@ impl DevFiles {
 
 fn ensure_key(path: &Path, alg: KeyAlg) -> anyhow::Result<SigningKey> {
     if !path.exists() {
-        keys::generate_file(alg, path).with_context(|| format!("writing {}", path.display()))?;
+        keys::generate_file(alg, path)?;
     }
     Ok(SigningKey::load(path)?)
+}
+
+/// Refuses to start over a running dev broker, before anything is written: its decision
+/// log is locked while it runs, and its port is taken.
+pub fn ensure_not_running(files: &DevFiles, listen: &str) -> anyhow::Result<()> {
+    let log = files.audit();
+    if crate::audit::lock::in_use(&log) {
+        anyhow::bail!(
+            "a `writ dev` broker is already running on {}/ (its decision log `{}` is locked); \
+             stop it first. Nothing was written",
+            files.dir.display(),
+            log.display()
+        );
+    }
+    if let Err(e) = std::net::TcpListener::bind(listen) {
+        anyhow::bail!(
+            "cannot listen on `{listen}`: {e} (is another broker running there? pass --listen \
+             to choose another address). Nothing was written"
+        );
+    }
+    Ok(())
 }
 
 /// Writes (or reuses) the dev files and returns the config path and the admin token.

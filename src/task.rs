@@ -230,7 +230,10 @@ impl Broker {
     ) -> Result<TaskRecord, BrokerError> {
         let token =
             crate::auth::bearer(authorization).ok_or_else(BrokerError::credentials_required)?;
-        let holder = self.check_token(token)?.filter(|c| c.txn == id.as_str());
+        let holder = self
+            .check_token(token)
+            .await?
+            .filter(|c| c.txn == id.as_str());
         if holder.is_none() {
             self.authorize(authorization, crate::auth::Role::Admin, source_ip)
                 .await?;

@@ -574,6 +574,11 @@ fn serve_logs_json_with_request_ids_and_stops_cleanly_on_sigterm() {
     assert_eq!(v["span"]["client_request_id"], "req-42");
     assert_eq!(v["span"]["request_id"], ours.as_str());
     assert!(rest.contains("stopped; decision log flushed"), "{rest}");
+    // The memory store says what it forgets.
+    assert!(
+        rest.contains("store.backend is memory: tasks, revocations, blocks and quarantines live in this process only and are forgotten when it stops"),
+        "{rest}"
+    );
     // The decision log is intact.
     let (ok, stdout, err) = run(writ()
         .args(["audit", "verify"])
@@ -921,4 +926,335 @@ fn config_check_warns_of_a_signing_key_others_can_read() {
         assert!(line.contains(&key.display().to_string()), "{line}");
         assert!(line.contains(&format!("{mode:04o}")), "{line}");
     }
+}
+
+/// Runs `cmd` for at most `secs` seconds: (exited, success, stderr). A command still
+/// running at the bound is killed.
+fn run_bounded(cmd: &mut Command, secs: u64) -> (bool, bool, String) {
+    let mut child = cmd
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            let mut err = String::new();
+            std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+            return (true, status.success(), err);
+        }
+        if start.elapsed() > std::time::Duration::from_secs(secs) {
+            let _ = child.kill();
+            let _ = child.wait();
+            return (false, false, String::new());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// A dev broker that writes nothing more to its log (past its first checkpoint) while a test
+/// compares the log.
+fn start_quiet_dev() -> Dev {
+    let dev = start_dev_with(&[("WRIT_AUDIT__CHECKPOINT_INTERVAL", "1h")]);
+    let log = dev.dir.path().join(".writ-dev/decisions.jsonl");
+    let start = std::time::Instant::now();
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("\"event\":\"checkpoint\"")
+    {
+        assert!(start.elapsed() < std::time::Duration::from_secs(10));
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    dev
+}
+
+#[test]
+fn config_check_leaves_a_running_brokers_log_byte_identical() {
+    let dev = start_quiet_dev();
+    let d = dev.dir.path();
+    let log = d.join(".writ-dev/decisions.jsonl");
+    let before = std::fs::read_to_string(&log).unwrap();
+    let (ok, stdout, err) =
+        run(writ()
+            .current_dir(d)
+            .args(["config", "check", "--config", ".writ-dev/writ.toml"]));
+    assert!(ok, "{err}");
+    assert!(stdout.contains("config ok"), "{stdout}");
+    assert_eq!(
+        std::fs::read_to_string(&log).unwrap(),
+        before,
+        "the check wrote to the log"
+    );
+    let (ok, _, err) = run(writ().current_dir(d).args(["audit", "verify"]).arg(&log));
+    assert!(ok, "{err}");
+}
+
+#[test]
+fn a_second_broker_on_the_same_decision_log_refuses_to_start() {
+    let dev = start_quiet_dev();
+    let d = dev.dir.path();
+    let log = d.join(".writ-dev/decisions.jsonl");
+    let before = std::fs::read_to_string(&log).unwrap();
+    let (exited, ok, err) = run_bounded(
+        writ()
+            .current_dir(d)
+            .env("WRIT_SERVER__LISTEN", "127.0.0.1:0")
+            .args(["serve", "--config", ".writ-dev/writ.toml"]),
+        20,
+    );
+    assert!(exited, "a second broker started on the same decision log");
+    assert!(!ok);
+    assert!(
+        err.contains(
+            "config error at `audit.path`: decision log `.writ-dev/decisions.jsonl` is locked: \
+             another broker is running and writes it (one process appends to a log; stop that \
+             broker, or give this one its own audit.path)"
+        ),
+        "{err}"
+    );
+    assert_eq!(std::fs::read_to_string(&log).unwrap(), before);
+}
+
+#[test]
+fn a_second_writ_dev_leaves_the_running_ones_files_alone() {
+    let dev = start_quiet_dev();
+    let d = dev.dir.path();
+    let files = ["writ.toml", "dev.writ.local.bundle.json", "decisions.jsonl"];
+    let read_all = || -> Vec<String> {
+        files
+            .iter()
+            .map(|f| std::fs::read_to_string(d.join(".writ-dev").join(f)).unwrap())
+            .collect()
+    };
+    let before = read_all();
+    // On the same folder, another port or the same one.
+    let other = format!("127.0.0.1:{}", free_port());
+    let same = dev.url.trim_start_matches("http://").to_string();
+    for listen in [other.as_str(), same.as_str()] {
+        let (exited, ok, err) =
+            run_bounded(writ().current_dir(d).args(["dev", "--listen", listen]), 20);
+        assert!(exited, "a second dev broker started on {listen}");
+        assert!(!ok);
+        assert!(
+            err.contains(
+                "error: a `writ dev` broker is already running on .writ-dev/ (its decision log \
+                 `.writ-dev/decisions.jsonl` is locked); stop it first. Nothing was written"
+            ),
+            "{err}"
+        );
+        assert_eq!(
+            read_all(),
+            before,
+            "files of the running broker changed ({listen})"
+        );
+    }
+    // From another folder, on the running broker's port: nothing is written there either.
+    let elsewhere = tempfile::tempdir().unwrap();
+    let (exited, ok, err) = run_bounded(
+        writ()
+            .current_dir(elsewhere.path())
+            .args(["dev", "--listen", &same]),
+        20,
+    );
+    assert!(exited && !ok);
+    assert!(
+        err.contains(&format!("error: cannot listen on `{same}`: ")),
+        "{err}"
+    );
+    assert!(
+        err.contains("(is another broker running there? pass --listen to choose another address). Nothing was written"),
+        "{err}"
+    );
+    assert!(!elsewhere.path().join(".writ-dev").exists());
+}
+
+#[test]
+fn keys_generate_keeps_an_existing_key_unless_forced_and_creates_folders() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("k.pem");
+    let generate = |out: &std::path::Path, force: bool| {
+        let mut cmd = writ();
+        cmd.args(["keys", "generate", "--alg", "ES256", "--out"])
+            .arg(out);
+        if force {
+            cmd.arg("--force");
+        }
+        run(&mut cmd)
+    };
+    let (ok, _, err) = generate(&out, false);
+    assert!(ok, "{err}");
+    let first = std::fs::read(&out).unwrap();
+    let (ok, stdout, err) = generate(&out, false);
+    assert!(!ok, "{stdout}");
+    assert_eq!(
+        err,
+        format!(
+            "error: key file `{}` already exists; it is kept (replace it with --force)\n",
+            out.display()
+        )
+    );
+    assert_eq!(std::fs::read(&out).unwrap(), first);
+    let (ok, _, err) = generate(&out, true);
+    assert!(ok, "{err}");
+    assert_ne!(std::fs::read(&out).unwrap(), first);
+
+    // Missing folders are created.
+    let nested = dir.path().join("a/b/k.pem");
+    let (ok, _, err) = generate(&nested, false);
+    assert!(ok, "{err}");
+    assert!(nested.exists());
+
+    // A folder that cannot be: one clean message, its cause said once.
+    std::fs::write(dir.path().join("file"), "").unwrap();
+    let blocked = dir.path().join("file/k.pem");
+    let (ok, _, err) = generate(&blocked, false);
+    assert!(!ok);
+    assert_eq!(
+        err,
+        format!(
+            "error: cannot write key file `{}`: File exists (os error 17)\n",
+            blocked.display()
+        )
+    );
+}
+
+const PASTED_SECRET: &str = "writ-admin-Zm9vYmFyYmF6cXV4cXV1eGZvb2JhcmJhenF1eA";
+
+#[test]
+fn a_secret_given_where_a_file_is_expected_is_never_echoed() {
+    let (ok, _, err) = run(writ()
+        .env_remove("WRIT_ADMIN_TOKEN")
+        .args([
+            "task",
+            "list",
+            "--broker",
+            "http://127.0.0.1:9",
+            "--admin-token",
+        ])
+        .arg(PASTED_SECRET));
+    assert!(!ok);
+    assert!(!err.contains(PASTED_SECRET), "{err}");
+    assert_eq!(
+        err,
+        "error: the value of --admin-token looks like a secret, not a file name: pass the name \
+         of a file holding it, or - to read it from standard input, or set WRIT_ADMIN_TOKEN to \
+         the token itself\n"
+    );
+
+    let jwt = "eyJhbGciOiJFUzI1NiJ9.eyJzdWIiOiJzcGlmZmUifQ.c2lnbmF0dXJlLW5vdC1yZWFs";
+    let (ok, _, err) = run(writ().args([
+        "token",
+        "exchange",
+        "--broker",
+        "http://127.0.0.1:9",
+        "--scope",
+        "a",
+        "--subject-token",
+        jwt,
+    ]));
+    assert!(!ok);
+    assert!(!err.contains(jwt), "{err}");
+    assert_eq!(
+        err,
+        "error: the value of --subject-token looks like a secret, not a file name: pass the \
+         name of a file holding it, or - to read it from standard input\n"
+    );
+
+    let (ok, _, err) = run(writ()
+        .args([
+            "revocations",
+            "list",
+            "--broker",
+            "http://127.0.0.1:9",
+            "--admin-token",
+        ])
+        .arg("no-such-file"));
+    assert!(!ok);
+    assert_eq!(
+        err,
+        "error: the file named by --admin-token could not be read: no such file\n"
+    );
+
+    let (ok, _, err) = run(writ().env_remove("WRIT_ADMIN_TOKEN").args([
+        "task",
+        "list",
+        "--broker",
+        "http://127.0.0.1:9",
+    ]));
+    assert!(!ok);
+    assert_eq!(
+        err,
+        "error: an admin token is needed: pass --admin-token FILE (or - for standard input), \
+         or set WRIT_ADMIN_TOKEN to the token\n"
+    );
+
+    // Help shows where the token may come from, never its value.
+    let (ok, stdout, err) = run(writ()
+        .env("WRIT_ADMIN_TOKEN", PASTED_SECRET)
+        .env("WRIT_BROKER", "http://127.0.0.1:9")
+        .args(["task", "list", "--help"]));
+    assert!(ok, "{err}");
+    assert!(stdout.contains("WRIT_ADMIN_TOKEN"), "{stdout}");
+    assert!(!stdout.contains(PASTED_SECRET), "{stdout}");
+}
+
+#[test]
+fn broker_urls_without_a_scheme_or_with_a_path_are_refused_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let tok = dir.path().join("t");
+    std::fs::write(&tok, "x.y.z").unwrap();
+    let exchange = |broker: &str| {
+        run(writ()
+            .args([
+                "token",
+                "exchange",
+                "--scope",
+                "a",
+                "--broker",
+                broker,
+                "--subject-token",
+            ])
+            .arg(&tok))
+    };
+    let (ok, _, err) = exchange("127.0.0.1:8080");
+    assert!(!ok);
+    assert_eq!(
+        err,
+        "error: `127.0.0.1:8080` is not a broker URL: it has no scheme (write \
+         http://127.0.0.1:8080 or https://127.0.0.1:8080)\n"
+    );
+    let (ok, _, err) = exchange("http://127.0.0.1:8080/oauth2/token");
+    assert!(!ok);
+    assert_eq!(
+        err,
+        "error: `http://127.0.0.1:8080/oauth2/token` is not a broker URL: it has a path \
+         (`/oauth2/token`); give the broker's base URL, e.g. http://127.0.0.1:8080\n"
+    );
+    let (ok, _, err) = exchange("ftp://127.0.0.1:8080");
+    assert!(!ok);
+    assert_eq!(
+        err,
+        "error: `ftp://127.0.0.1:8080` is not a broker URL: its scheme must be http or https\n"
+    );
+}
+
+#[test]
+fn the_broker_and_the_admin_token_may_come_from_the_environment() {
+    let dev = start_dev();
+    let d = dev.dir.path();
+    let admin = std::fs::read_to_string(d.join(".writ-dev/admin-token")).unwrap();
+    let (ok, stdout, err) = run(writ()
+        .current_dir(d)
+        .env("WRIT_BROKER", &dev.url)
+        .env("WRIT_ADMIN_TOKEN", admin.trim())
+        .args(["task", "list"]));
+    assert!(ok, "{err}");
+    assert!(stdout.contains("\"tasks\""), "{stdout}");
+    // A file named on the command line wins over the environment.
+    let (ok, _, err) = run(writ()
+        .current_dir(d)
+        .env("WRIT_BROKER", &dev.url)
+        .env("WRIT_ADMIN_TOKEN", "not-the-token")
+        .args(["task", "list", "--admin-token", ".writ-dev/admin-token"]));
+    assert!(ok, "{err}");
 }

@@ -20,6 +20,7 @@
 pub mod checkpoint;
 mod durable;
 pub mod flood;
+pub mod lock;
 pub mod maintain;
 pub mod verify;
 
@@ -135,6 +136,11 @@ pub enum AuditError {
         "decision log could not be made durable ({0}); nothing more is issued until the broker is restarted"
     )]
     NotDurable(String),
+    #[error(
+        "decision log `{path}` is locked: another broker is running and writes it (one process \
+         appends to a log; stop that broker, or give this one its own audit.path)"
+    )]
+    Locked { path: String },
     #[error("cannot sign a decision log checkpoint: {0}")]
     Sign(String),
     #[error("cannot keep the decision log head in the store: {0}")]
@@ -261,6 +267,8 @@ pub struct AuditLog {
     pub(crate) head_written: tokio::sync::Notify,
     flood: Mutex<flood::Limiter>,
     counters: Counters,
+    /// The exclusive lock on the log's file, held while it is open.
+    _writer: Option<lock::WriterLock>,
 }
 
 impl std::fmt::Debug for AuditLog {
@@ -321,17 +329,13 @@ impl AuditLog {
         let mut file = opts
             .open(p)
             .map_err(|e| AuditError::io(format!("open of `{path}`"), e))?;
+        let writer = lock::acquire(p)?;
         let tail = read_tail(&mut file, path)?;
         let sync_handle = file.try_clone().map_err(|e| AuditError::io("write", e))?;
         let durability = durable::Durability::with_file(sync_handle, tail.seq)?;
-        Ok(Self::with_sink(
-            Sink::File(file),
-            durability,
-            tail,
-            options,
-            keys,
-            clock,
-        ))
+        let mut log = Self::with_sink(Sink::File(file), durability, tail, options, keys, clock);
+        log._writer = Some(writer);
+        Ok(log)
     }
 
     /// A log that keeps the chain but writes nowhere (benchmarks of the crypto floor only).
@@ -386,6 +390,7 @@ impl AuditLog {
             head_written: tokio::sync::Notify::new(),
             flood: Mutex::new(flood),
             counters: Counters::default(),
+            _writer: None,
         }
     }
 

@@ -292,7 +292,7 @@ pub async fn introspect(
             crate::auth::Caller::AdminToken(_) => None,
             crate::auth::Caller::Workload(s) => Some(s.as_str()),
         };
-        broker.introspect_for(token, workload)
+        broker.introspect_for(token, workload).await
     }
     .await;
     let outcome = match &result {

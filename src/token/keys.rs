@@ -43,7 +43,7 @@ impl KeyAlg {
 #[non_exhaustive]
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
-    #[error("cannot read key file `{path}`: {source}")]
+    #[error("cannot read key file `{path}`")]
     Read {
         path: String,
         source: std::io::Error,
@@ -54,11 +54,13 @@ pub enum KeyError {
     Unsupported(String),
     #[error("cannot generate key: {0}")]
     Generate(String),
-    #[error("cannot write key file `{path}`: {source}")]
+    #[error("cannot write key file `{path}`")]
     Write {
         path: String,
         source: std::io::Error,
     },
+    #[error("key file `{0}` already exists; it is kept (replace it with --force)")]
+    Exists(String),
 }
 
 /// One loaded signing key.
@@ -238,10 +240,32 @@ pub fn generate_pem(alg: KeyAlg) -> Result<String, KeyError> {
 
 /// Writes a new key file readable by its owner only.
 pub fn generate_file(alg: KeyAlg, out: &Path) -> Result<(), KeyError> {
-    let pem = generate_pem(alg)?;
-    write_private(out, pem.as_bytes()).map_err(|source| KeyError::Write {
-        path: out.display().to_string(),
+    generate_into(alg, out, true)
+}
+
+/// Writes a new key to `out`, creating its folder; an existing file is replaced only when
+/// `replace` is set, never truncated otherwise.
+pub fn generate_into(alg: KeyAlg, out: &Path, replace: bool) -> Result<(), KeyError> {
+    let shown = || out.display().to_string();
+    let write = |source| KeyError::Write {
+        path: shown(),
         source,
+    };
+    if !replace && out.exists() {
+        return Err(KeyError::Exists(shown()));
+    }
+    let pem = generate_pem(alg)?;
+    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(write)?;
+    }
+    let written = if replace {
+        write_private(out, pem.as_bytes())
+    } else {
+        write_new_private(out, pem.as_bytes())
+    };
+    written.map_err(|e| match e.kind() {
+        std::io::ErrorKind::AlreadyExists => KeyError::Exists(shown()),
+        _ => write(e),
     })
 }
 
@@ -264,11 +288,24 @@ pub fn loose_mode(path: &Path) -> Option<u32> {
 
 /// Creates (or truncates) a file with mode 0600 and writes `data`.
 pub fn write_private(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    write_private_with(path, data, false)
+}
+
+/// Creates a file that must not exist yet, with mode 0600, and writes `data`.
+pub fn write_new_private(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    write_private_with(path, data, true)
+}
+
+fn write_private_with(path: &Path, data: &[u8], new: bool) -> std::io::Result<()> {
     use std::io::Write;
     #[cfg(unix)]
     use std::os::unix::fs::OpenOptionsExt;
     let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
+    if new {
+        opts.write(true).create_new(true);
+    } else {
+        opts.write(true).create(true).truncate(true);
+    }
     #[cfg(unix)]
     opts.mode(0o600);
     let mut f = opts.open(path)?;

@@ -125,6 +125,8 @@ async fn config_max_ttl_is_a_hard_ceiling() {
         .config_text
         .replace("max_ttl = \"15m\"", "max_ttl = \"1m\"")
         .replace("default_ttl = \"5m\"", "default_ttl = \"1m\"");
+    // A broker of its own beside the running one: its own decision log.
+    let text = text.replace("audit.jsonl", "audit-2.jsonl");
     let config = writ::config::Config::from_toml_with_env(&text, Vec::new()).unwrap();
     let broker = writ::broker::Broker::build(config).await.unwrap();
     assert_eq!(broker.limits.max_ttl_secs, 60);
@@ -634,6 +636,8 @@ async fn default_audience_applies_when_none_is_requested() {
         "max_ttl = \"15m\"",
         "max_ttl = \"15m\"\ndefault_audience = \"https://default.example.org\"",
     );
+    // A broker of its own beside the running one: its own decision log.
+    let text = text.replace("audit.jsonl", "audit-2.jsonl");
     let config = writ::config::Config::from_toml_with_env(&text, Vec::new()).unwrap();
     let broker = writ::broker::Broker::build(config).await.unwrap();
     let req = writ::exchange::ExchangeRequest {

@@ -228,6 +228,16 @@ pub fn stop(app: TestApp) -> (String, tempfile::TempDir, String) {
 /// A broker on the files and config of one that [`stop`] stopped.
 pub async fn restart(stopped: (String, tempfile::TempDir, String)) -> TestApp {
     let (text, dir, svid_pem) = stopped;
+    // The stopped broker lets go of its decision log once its last request has finished.
+    let log = dir.path().join("audit.jsonl");
+    let start_wait = std::time::Instant::now();
+    while writ::audit::lock::in_use(&log) {
+        assert!(
+            start_wait.elapsed() < Duration::from_secs(10),
+            "the stopped broker still holds its decision log"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let svid_key = SigningKey::from_pem(svid_pem.as_bytes(), "svid").unwrap();
     let mut app = start(text, dir, svid_key).await;
     app.svid_key_pem = svid_pem;

@@ -293,3 +293,21 @@ async fn readiness_shows_the_stores_eviction_policy() {
         assert_eq!(v["checks"]["store_eviction_policy"], want, "{v}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_whose_task_the_store_does_not_hold_is_inactive() {
+    let redis = RedisServer::start();
+    let app = spawn_on_redis(&redis.url()).await;
+    let (token, task) = app.task_token(AGENT, "repo:read").await;
+    let (other, _) = app.task_token(AGENT, "repo:read").await;
+    assert_eq!(app.introspect(&token).await["active"], true);
+    // The task's keys are gone (deleted by hand, or lost with a store that was not
+    // persistent) while nothing on the feed revokes the token.
+    for suffix in ["r", "h", "children"] {
+        redis
+            .cli(&["DEL", &format!("writ:{{{task}}}:{suffix}")])
+            .unwrap();
+    }
+    assert_eq!(app.introspect(&token).await, json!({"active": false}));
+    assert_eq!(app.introspect(&other).await["active"], true);
+}

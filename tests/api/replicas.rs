@@ -217,7 +217,8 @@ async fn redis_down_fails_closed_and_recovery_keeps_every_revocation() {
     wait_ready(&b).await;
     assert_eq!(a.introspect(&revoked).await, json!({"active": false}));
     assert_eq!(b.introspect(&revoked).await, json!({"active": false}));
-    assert_eq!(a.introspect(&live).await["active"], true);
+    // The live token's task was lost with the store: no replica can vouch for it now.
+    assert_eq!(a.introspect(&live).await, json!({"active": false}));
     // A fresh replica that only knows what Redis knows sees it too.
     let c = spawn_replica(&a).await;
     wait_ready(&c).await;

@@ -696,3 +696,21 @@ async fn a_blocked_introspection_caller_is_refused() {
     let (s, v) = app.introspect_as(ADMIN_TOKEN, &token).await;
     assert_eq!((s, v["active"].as_bool()), (200, Some(true)), "{v}");
 }
+
+#[tokio::test]
+async fn a_restarted_memory_store_broker_vouches_for_no_token_issued_before() {
+    let app = spawn_app().await;
+    let (ended, ended_task) = app.task_token(AGENT, "repo:read").await;
+    let (live, _) = app.task_token(AGENT, "repo:read").await;
+    let (s, v) = app.end_task(&ended_task, &ended).await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(app.introspect(&ended).await, json!({"active": false}));
+    assert_eq!(app.introspect(&live).await["active"], true);
+
+    // Same keys, same files: the memory store forgot the end and every task.
+    let app = restart(stop(app)).await;
+    assert_eq!(app.introspect(&ended).await, json!({"active": false}));
+    assert_eq!(app.introspect(&live).await, json!({"active": false}));
+    let (fresh, _) = app.task_token(AGENT, "repo:read").await;
+    assert_eq!(app.introspect(&fresh).await["active"], true);
+}

@@ -6,6 +6,7 @@ use serde_json::json;
 use writ::token::keys::{KeyAlg, generate_pem};
 
 use crate::helpers::*;
+use crate::redis_support::RedisServer;
 
 async fn with_keys(first: &TestApp, files: &[&str]) -> TestApp {
     let list = files
@@ -38,9 +39,12 @@ async fn with_keys(first: &TestApp, files: &[&str]) -> TestApp {
     a
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rotation_keeps_every_published_key_verifying() {
-    let old = spawn_app().await;
+    // Replicas share their tasks and revocations through Redis: a broker vouches only for
+    // tokens whose task its store holds.
+    let redis = RedisServer::start();
+    let old = spawn_on_redis(&redis.url()).await;
     std::fs::write(old.path("next.pem"), generate_pem(KeyAlg::Es256).unwrap()).unwrap();
     let old_kid = old.broker.tokens.keys().active().kid.clone();
     let (t_old, _) = old.task_token(AGENT, "repo:read").await;
