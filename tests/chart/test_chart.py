@@ -4,6 +4,7 @@ rejects bad values, and that the rendered writ.toml and policies pass Writ's own
 
 Run by scripts/test.sh with the project's .venv. Prints `N passed, N failed`."""
 
+import base64
 import copy
 import json
 import os
@@ -12,6 +13,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import urllib.parse
 
 import helm_python as helm
 import yaml
@@ -90,13 +92,14 @@ def checkov(directory):
         assert s.get("check_result", {}).get("suppress_comment"), f"skip without a reason: {s['check_id']}"
 
 
-def writ_checks(rendered):
+def writ_checks(rendered, env=None):
     cms = {d["metadata"]["name"]: d for d in manifests(rendered) if d["kind"] == "ConfigMap"}
     toml = cms["writ-config"]["data"]["writ.toml"]
     with tempfile.TemporaryDirectory() as d:
         cfg = pathlib.Path(d) / "writ.toml"
         cfg.write_text(toml)
-        out = subprocess.run([WRIT, "config", "check", "--syntax-only", "--config", str(cfg)], capture_output=True, text=True)
+        out = subprocess.run([WRIT, "config", "check", "--syntax-only", "--config", str(cfg)], capture_output=True, text=True,
+                             env={**os.environ, **(env or {})})
         assert out.returncode == 0, out.stderr
         pol = pathlib.Path(d) / "policies"
         pol.mkdir()
@@ -109,6 +112,31 @@ def writ_checks(rendered):
 
 def deployment(rendered):
     return next(d for d in manifests(rendered) if d["kind"] == "Deployment" and d["metadata"]["name"] == "writ")
+
+
+def container_env(rendered):
+    return {e["name"]: e for e in deployment(rendered)["spec"]["template"]["spec"]["containers"][0]["env"]}
+
+
+def kubelet_env(env, secrets):
+    """The environment the kubelet gives the container: secretKeyRef values from `secrets`
+    ({(name, key): value}; other Secrets are left out) and $(VAR) references to earlier variables expanded."""
+    out = {}
+    for name, e in env.items():
+        if "valueFrom" in e:
+            ref = e["valueFrom"]["secretKeyRef"]
+            if (ref["name"], ref["key"]) in secrets:
+                out[name] = secrets[(ref["name"], ref["key"])]
+        else:
+            out[name] = re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", lambda m: out.get(m.group(1), m.group(0)), e["value"])
+    return out
+
+
+def notes(rendered):
+    return next(text for path, text in rendered.items() if path.endswith("NOTES.txt"))
+
+
+REDIS_PASSWORD = "s3cr3t p@ss/word+%"
 
 
 with helm.Chart.load(str(CHART)) as chart:
@@ -178,6 +206,15 @@ with helm.Chart.load(str(CHART)) as chart:
         "an unknown Workload API mode": {"spiffe": {"workloadApi": {"mode": "socket"}}},
         "an http OIDC issuer": {"oidc": {"issuers": [{"issuer": "http://issuer.example", "audience": "writ"}]}},
         "a principal that is no subject": {"broker": {**copy.deepcopy(chart.values["broker"]), "adminPrincipals": ["root"]}},
+        "a Redis URL carrying a password": {"redis": {"url": "redis://:hunter2@redis:6379/0", "internal": {"enabled": False}}},
+        "a Redis Cluster node URL carrying a password": {"redis": {"url": "", "clusterNodes": ["redis://u:hunter2@r0:6379"], "internal": {"enabled": False}}},
+        "both redis.auth.password and redis.existingSecret": {"redis": {"auth": {"password": "x"}, "existingSecret": "writ-redis", "internal": {"enabled": False}}},
+        "an empty redis.existingSecretKey": {"redis": {"existingSecret": "writ-redis", "existingSecretKey": "", "internal": {"enabled": False}}},
+        "an unknown redis.existingSecretKeyType": {"redis": {"existingSecret": "writ-redis", "existingSecretKeyType": "token", "internal": {"enabled": False}}},
+        "an empty networkPolicy.ingressFrom": {"networkPolicy": {"enabled": True, "ingressFrom": []}},
+        "an empty networkPolicy.metricsFrom": {"networkPolicy": {"enabled": True, "metricsFrom": []}},
+        "a metrics port equal to the broker's": {"metrics": {"port": 8080}},
+        "a metrics port out of range": {"metrics": {"port": 70000}},
     }
     for label, values in bad_values.items():
 
@@ -198,6 +235,8 @@ with helm.Chart.load(str(CHART)) as chart:
         for values, needle in [
             ({"redis": {"url": "", "internal": {"enabled": False}}}, "redis.url"),
             ({"signingKeys": {"existingSecret": "", "files": ["writ-1.pem"]}}, "signingKeys.existingSecret"),
+            ({"redis": {"url": "", "clusterNodes": ["redis://r0:6379"], "existingSecret": "writ-redis", "internal": {"enabled": False}}},
+             "redis.existingSecretKeyType"),
         ]:
             try:
                 chart.render(values, name="writ", namespace="writ")
@@ -205,6 +244,115 @@ with helm.Chart.load(str(CHART)) as chart:
                 assert needle in str(e), str(e)
                 continue
             raise AssertionError(f"rendered without {needle}")
+
+    @check("redis.auth.password: in a chart-made Secret only, never in a ConfigMap or the NOTES")
+    def _():
+        values = {"redis": {"url": "redis://redis.data:6379/0", "auth": {"password": REDIS_PASSWORD}, "internal": {"enabled": False}}}
+        r = render(chart, values)
+        encoded = urllib.parse.quote(REDIS_PASSWORD, safe="")
+        for d in manifests(r):
+            if d["kind"] == "ConfigMap":
+                text = json.dumps(d)
+                assert REDIS_PASSWORD not in text and encoded not in text, d["metadata"]["name"]
+        assert REDIS_PASSWORD not in notes(r) and encoded not in notes(r)
+        secret = next(d for d in manifests(r) if d["kind"] == "Secret" and d["metadata"]["name"] == "writ-redis-auth")
+        assert base64.b64decode(secret["data"]["password"]).decode() == REDIS_PASSWORD
+        assert base64.b64decode(secret["data"]["password-urlencoded"]).decode() == encoded
+        env = container_env(r)
+        assert env["WRIT_REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "writ-redis-auth", "key": "password-urlencoded"}
+        assert all(REDIS_PASSWORD not in e.get("value", "") for e in env.values())
+        live = kubelet_env(env, {("writ-redis-auth", "password-urlencoded"): encoded})
+        assert live["WRIT_STORE__URL"] == f"redis://:{encoded}@redis.data:6379/0", live
+        writ_checks(r, live)
+        with tempfile.TemporaryDirectory() as d:
+            validate_strict(write_out(r, d))
+            checkov(d)
+
+    @check("redis.existingSecret holding the URL: WRIT_STORE__URL from the Secret, no URL in the ConfigMap")
+    def _():
+        values = {"redis": {"url": "", "existingSecret": "writ-redis", "existingSecretKey": "url", "internal": {"enabled": False}}}
+        r = render(chart, values)
+        env = container_env(r)
+        assert env["WRIT_STORE__URL"]["valueFrom"]["secretKeyRef"] == {"name": "writ-redis", "key": "url"}
+        assert "WRIT_REDIS_PASSWORD" not in env
+        assert not [d for d in manifests(r) if d["kind"] == "Secret" and d["metadata"]["name"] == "writ-redis-auth"]
+        toml = writ_checks(r, {"WRIT_STORE__URL": f"redis://:{REDIS_PASSWORD}@redis.data:6379/0"})
+        assert "url =" not in toml.split("[store]")[1].split("\n\n")[0], toml
+        assert "writ-redis" in notes(r) and "redis://" not in notes(r)
+        with tempfile.TemporaryDirectory() as d:
+            validate_strict(write_out(r, d))
+            checkov(d)
+
+    @check("redis.existingSecret holding a password: put into every Redis Cluster node URL by the kubelet")
+    def _():
+        values = copy.deepcopy(PROD)
+        values["redis"].update({"existingSecret": "writ-redis", "existingSecretKey": "password", "existingSecretKeyType": "password"})
+        r = render(chart, values)
+        env = container_env(r)
+        assert env["WRIT_REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "writ-redis", "key": "password"}
+        live = kubelet_env(env, {("writ-redis", "password"): "pw%2Fx"})
+        assert live["WRIT_STORE__NODES"] == (
+            '["redis://:pw%2Fx@redis-cluster-0.redis-cluster:6379", "redis://:pw%2Fx@redis-cluster-1.redis-cluster:6379", '
+            '"redis://:pw%2Fx@redis-cluster-2.redis-cluster:6379"]'
+        ), live
+        writ_checks(r, live)
+        assert "pw%2Fx" not in json.dumps(manifests(r))
+
+    @check("an ACL user in redis.url is kept when the password is added")
+    def _():
+        values = {"redis": {"url": "rediss://writ@redis.data:6380/2", "auth": {"password": "pw"}, "internal": {"enabled": False}}}
+        live = kubelet_env(container_env(render(chart, values)), {("writ-redis-auth", "password-urlencoded"): "pw"})
+        assert live["WRIT_STORE__URL"] == "rediss://writ:pw@redis.data:6380/2", live
+
+    @check("redis.auth.password with the single-node Redis: the trial Redis requires it")
+    def _():
+        r = render(chart, {"redis": {"url": "", "auth": {"password": "pw"}, "internal": {"enabled": True}}})
+        red = next(d for d in manifests(r) if d["kind"] == "Deployment" and d["metadata"]["name"] == "writ-redis")
+        c = red["spec"]["template"]["spec"]["containers"][0]
+        assert c["args"][-2:] == ["--requirepass", "$(REDIS_PASSWORD)"], c["args"]
+        assert c["env"][0]["valueFrom"]["secretKeyRef"] == {"name": "writ-redis-auth", "key": "password"}
+        live = kubelet_env(container_env(r), {("writ-redis-auth", "password-urlencoded"): "pw"})
+        assert live["WRIT_STORE__URL"] == "redis://:pw@writ-redis:6379/0", live
+        with tempfile.TemporaryDirectory() as d:
+            validate_strict(write_out(r, d))
+            checkov(d)
+
+    @check("default NetworkPolicy names its sources: broker port from ingressFrom, metrics port from metricsFrom")
+    def _():
+        r = render(chart, {})
+        np = next(d for d in manifests(r) if d["kind"] == "NetworkPolicy" and d["metadata"]["name"] == "writ")
+        rules = np["spec"]["ingress"]
+        assert rules and all(rule.get("from") for rule in rules), rules
+        by_port = {rule["ports"][0]["port"]: rule for rule in rules}
+        assert set(by_port) == {8080, 9090}, rules
+        assert all(len(rule["ports"]) == 1 for rule in rules), rules
+        assert by_port[8080]["from"] == [{"podSelector": {"matchLabels": {"writ-client": "true"}}}]
+        assert by_port[9090]["from"] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
+
+    @check("metrics on their own port: [metrics] listen, a metrics Service the ServiceMonitor scrapes, not the main Service")
+    def _():
+        r = render(chart, {"metrics": {"port": 9464}, "serviceMonitor": {"enabled": True}})
+        toml = writ_checks(r)
+        assert '[metrics]\nlisten = "0.0.0.0:9464"' in toml, toml
+        c = deployment(r)["spec"]["template"]["spec"]["containers"][0]
+        assert {p["name"]: p["containerPort"] for p in c["ports"]} == {"http": 8080, "metrics": 9464}
+        for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+            assert c[probe]["httpGet"]["port"] == "http"
+        services = {d["metadata"]["name"]: d for d in manifests(r) if d["kind"] == "Service"}
+        assert [p["name"] for p in services["writ"]["spec"]["ports"]] == ["http"]
+        assert [(p["name"], p["port"], p["targetPort"]) for p in services["writ-metrics"]["spec"]["ports"]] == [("metrics", 9464, "metrics")]
+        sm = next(d for d in manifests(r) if d["kind"] == "ServiceMonitor")
+        assert [e["port"] for e in sm["spec"]["endpoints"]] == ["metrics"]
+        sel = sm["spec"]["selector"]["matchLabels"]
+        assert sel.items() <= services["writ-metrics"]["metadata"]["labels"].items()
+        assert not sel.items() <= services["writ"]["metadata"]["labels"].items(), "the ServiceMonitor also selects the main Service"
+
+    @check("helm lint --strict passes with the default, production and Redis Secret values")
+    def _():
+        for values in [{}, PROD, {"redis": {"auth": {"password": REDIS_PASSWORD}, "internal": {"enabled": True}}},
+                       {"redis": {"existingSecret": "writ-redis", "internal": {"enabled": False}}}]:
+            out = helm.lint(str(CHART), values, strict=True, namespace="writ")
+            assert not out["errors"] and all(m["severity"] < 2 for m in out["messages"]), out
 
     @check("the Dockerfile builds the chart's default image: non-root user 10001, writ entrypoint")
     def _():

@@ -69,3 +69,73 @@ app.kubernetes.io/component: broker
 {{- .Values.redis.url -}}
 {{- end -}}
 {{- end -}}
+
+{{- /* The Secret holding the Redis credential, or "" when there is none. */ -}}
+{{- define "writ.redisSecretName" -}}
+{{- if .Values.redis.existingSecret -}}
+{{- .Values.redis.existingSecret -}}
+{{- else if .Values.redis.auth.password -}}
+{{- printf "%s-redis-auth" (include "writ.fullname" .) -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "writ.redisSecretKey" -}}
+{{- if .Values.redis.existingSecret -}}
+{{- .Values.redis.existingSecretKey -}}
+{{- else -}}
+password-urlencoded
+{{- end -}}
+{{- end -}}
+
+{{- /* "url" when the Secret holds the whole URL, "password" when it holds the password. */ -}}
+{{- define "writ.redisSecretHolds" -}}
+{{- if .Values.redis.existingSecret -}}
+{{- .Values.redis.existingSecretKeyType -}}
+{{- else -}}
+password
+{{- end -}}
+{{- end -}}
+
+{{- /* A Redis URL with the password the kubelet expands from $(WRIT_REDIS_PASSWORD); an ACL
+user already in the URL is kept. */ -}}
+{{- define "writ.withRedisPassword" -}}
+{{- regexReplaceAll "^(rediss?)://(?:([^:@/]*)@)?" . "${1}://${2}:$$(WRIT_REDIS_PASSWORD)@" -}}
+{{- end -}}
+
+{{- /* The container's Redis credential variables: the URL from the Secret, or the password
+(expanded by the kubelet into WRIT_STORE__URL / WRIT_STORE__NODES, defined after it). */ -}}
+{{- define "writ.redisEnv" -}}
+{{- $name := include "writ.redisSecretName" . -}}
+{{- if $name -}}
+{{- if eq (include "writ.redisSecretHolds" .) "url" -}}
+# The Redis URL, credential included, from the Secret (never in the ConfigMap).
+- name: WRIT_STORE__URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ $name }}
+      key: {{ include "writ.redisSecretKey" . }}
+{{- else -}}
+# The Redis password (URL-encoded) from the Secret, added to the URL(s) below.
+- name: WRIT_REDIS_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ $name }}
+      key: {{ include "writ.redisSecretKey" . }}
+{{- if .Values.redis.clusterNodes }}
+- name: WRIT_STORE__NODES
+  value: {{ printf "[%s]" (join ", " (include "writ.redisNodesWithPassword" . | fromJsonArray)) | quote }}
+{{- else }}
+- name: WRIT_STORE__URL
+  value: {{ include "writ.withRedisPassword" (include "writ.redisUrl" .) | quote }}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "writ.redisNodesWithPassword" -}}
+{{- $out := list -}}
+{{- range .Values.redis.clusterNodes -}}
+{{- $out = append $out (include "writ.withRedisPassword" . | quote) -}}
+{{- end -}}
+{{- $out | toJson -}}
+{{- end -}}
