@@ -14,6 +14,14 @@ use crate::dev::{self, DevFiles};
 use crate::store::{AuditHead, BlockKind};
 use crate::token::keys::{self, KeyAlg};
 
+mod output;
+pub use output::Output;
+
+/// `writ token introspect` found the token inactive: the process exits with status 2.
+#[derive(Debug, thiserror::Error)]
+#[error("the token is not active")]
+pub struct TokenInactive;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "writ",
@@ -81,6 +89,12 @@ pub enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell) to standard
+    /// output, e.g. `writ completions bash > /etc/bash_completion.d/writ`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -108,12 +122,14 @@ pub enum DevCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum ConfigCommand {
-    /// Load and validate a config, its keys, bundles and policies.
+    /// Load and validate a config and read its key, bundle and policy files. Read-only and
+    /// offline: it writes nothing, opens no decision log and connects to nothing (a wrong
+    /// store URL or an unreachable OIDC issuer is not found here).
     Check {
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
-        /// Check keys and values only: read no key, bundle or policy file and connect to no
-        /// store (for configs rendered away from their files, e.g. by the Helm chart).
+        /// Check keys and values only: read no key, bundle or policy file (for configs
+        /// rendered away from their files, e.g. by the Helm chart).
         #[arg(long)]
         syntax_only: bool,
     },
@@ -147,6 +163,36 @@ pub enum KeysCommand {
 pub enum TokenCommand {
     /// Exchange a workload identity token for a task token; prints the token response JSON.
     Exchange(ExchangeArgs),
+    /// Ask the broker whether a token is active (RFC 7662, with the admin token): exits 0
+    /// when it is active, 2 when it is not, 1 on an error.
+    Introspect {
+        /// File holding the token to look at, or `-` for standard input.
+        #[arg(value_name = "TOKEN_FILE|-")]
+        token: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+        #[arg(long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+}
+
+/// Where the broker is and how to be its admin.
+#[derive(Debug, clap::Args)]
+pub struct AdminArgs {
+    /// The broker's base URL, e.g. http://127.0.0.1:8080 (default: $WRIT_BROKER).
+    #[arg(long, value_name = "URL", env = "WRIT_BROKER")]
+    broker: String,
+    /// File holding the admin token, or `-` for standard input (default: the token
+    /// itself from $WRIT_ADMIN_TOKEN).
+    #[arg(long, value_name = "FILE|-")]
+    admin_token: Option<String>,
+}
+
+impl AdminArgs {
+    fn client(&self) -> anyhow::Result<(crate::client::Client, String)> {
+        let admin = admin_secret(self.admin_token.as_deref())?;
+        Ok((crate::client::Client::new(&self.broker)?, admin))
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -199,6 +245,16 @@ pub enum TaskCommand {
         /// open, ended or revoked.
         #[arg(long)]
         state: Option<String>,
+        #[arg(long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// Show one task's state (admin).
+    Get {
+        task_id: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+        #[arg(long, value_enum, default_value_t = Output::Table)]
+        output: Output,
     },
 }
 
@@ -240,6 +296,8 @@ pub enum BlocksCommand {
         /// itself from $WRIT_ADMIN_TOKEN).
         #[arg(long, value_name = "FILE|-")]
         admin_token: Option<String>,
+        #[arg(long, value_enum, default_value_t = Output::Table)]
+        output: Output,
     },
     /// Lift one by its id: the subjects it refused may exchange again.
     Lift {
@@ -292,28 +350,76 @@ pub enum AuditCommand {
 
 /// `writ revocations …` and `writ quarantines …`: list or lift blocks of one kind.
 async fn blocks_command(kind: BlockKind, command: BlocksCommand) -> anyhow::Result<()> {
-    let out = match command {
+    match command {
         BlocksCommand::List {
             broker,
             admin_token,
+            output,
         } => {
             let admin = admin_secret(admin_token.as_deref())?;
-            crate::client::Client::new(&broker)?
+            let out = crate::client::Client::new(&broker)?
                 .list_blocks(&admin, kind)
-                .await?
+                .await?;
+            let (columns, field) = match kind {
+                BlockKind::Revocation => (output::REVOCATION_COLUMNS, "revocations"),
+                BlockKind::Quarantine => (output::QUARANTINE_COLUMNS, "quarantines"),
+            };
+            print_list(&out, field, columns, output)
         }
         BlocksCommand::Lift {
             id,
             broker,
             admin_token,
         } => {
+            check_lift_id(kind, &id)?;
             let admin = admin_secret(admin_token.as_deref())?;
-            crate::client::Client::new(&broker)?
+            let out = crate::client::Client::new(&broker)?
                 .lift_block(&admin, kind, &id)
-                .await?
+                .await?;
+            print_record(&out, output::BLOCK_TIMES, Output::Json)
         }
-    };
-    println!("{}", serde_json::to_string_pretty(&out)?);
+    }
+}
+
+/// An id of the other kind of block is lifted by the other command: say which.
+fn check_lift_id(kind: BlockKind, id: &str) -> anyhow::Result<()> {
+    match kind {
+        BlockKind::Revocation if id.starts_with("qtn_") => anyhow::bail!(
+            "`{id}` is a quarantine, not a revocation: lift it with `writ quarantines lift {id}`"
+        ),
+        BlockKind::Quarantine if id.starts_with("rev_") => anyhow::bail!(
+            "`{id}` is a revocation, not a quarantine: lift it with `writ revocations lift {id}`"
+        ),
+        _ => Ok(()),
+    }
+}
+
+/// A list the broker answered (`{field: [...]}`): as a table, or its JSON as is.
+fn print_list(
+    out: &serde_json::Value,
+    field: &str,
+    columns: &[(&str, &str, bool)],
+    output: Output,
+) -> anyhow::Result<()> {
+    match output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(out)?),
+        Output::Table => {
+            let items = out
+                .get(field)
+                .and_then(serde_json::Value::as_array)
+                .with_context(|| format!("the broker's answer has no `{field}` list"))?;
+            print!("{}", output::table(items, columns, output::now()));
+        }
+    }
+    Ok(())
+}
+
+/// One record the broker answered: `field  value` lines, or its JSON as is.
+fn print_record(out: &serde_json::Value, times: &[&str], output: Output) -> anyhow::Result<()> {
+    match output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(out)?),
+        Output::Table => print!("{}", output::record(out, times, output::now())),
+    }
     Ok(())
 }
 
@@ -353,6 +459,20 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Token {
             command: TokenCommand::Exchange(args),
         } => token_exchange(args).await,
+        Command::Token {
+            command:
+                TokenCommand::Introspect {
+                    token,
+                    admin,
+                    output,
+                },
+        } => token_introspect(&token, &admin, output).await,
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            let mut cmd = Cli::command();
+            clap_complete::generate(shell, &mut cmd, "writ", &mut std::io::stdout());
+            Ok(())
+        }
         Command::Task { command } => task_command(command).await,
         Command::Revoke(args) => revoke_command(args).await,
         Command::Store {
@@ -465,27 +585,51 @@ async fn token_exchange(args: ExchangeArgs) -> anyhow::Result<()> {
 }
 
 async fn task_command(command: TaskCommand) -> anyhow::Result<()> {
-    let out = match command {
+    match command {
         TaskCommand::End { broker, token } => {
             let token = secret("--token", &token)?;
-            crate::client::Client::new(&broker)?
+            let out = crate::client::Client::new(&broker)?
                 .end_task(&token)
-                .await?
+                .await?;
+            println!("{}", serde_json::to_string_pretty(&out)?);
+            Ok(())
         }
         TaskCommand::List {
             broker,
             admin_token,
             subject,
             state,
+            output,
         } => {
             let admin = admin_secret(admin_token.as_deref())?;
-            crate::client::Client::new(&broker)?
+            let out = crate::client::Client::new(&broker)?
                 .list_tasks(&admin, subject.as_deref(), state.as_deref())
-                .await?
+                .await?;
+            print_list(&out, "tasks", output::TASK_COLUMNS, output)
         }
-    };
-    println!("{}", serde_json::to_string_pretty(&out)?);
-    Ok(())
+        TaskCommand::Get {
+            task_id,
+            admin,
+            output,
+        } => {
+            let (client, secret) = admin.client()?;
+            let out = client.get_task(&secret, &task_id).await?;
+            print_record(&out, output::TASK_TIMES, output)
+        }
+    }
+}
+
+/// `writ token introspect`: the broker's answer, and exit status 2 for an inactive token.
+async fn token_introspect(token: &str, admin: &AdminArgs, output: Output) -> anyhow::Result<()> {
+    let token = secret("TOKEN_FILE", token)?;
+    let (client, secret) = admin.client()?;
+    let out = client.introspect(&secret, &token).await?;
+    print_record(&out, &["exp", "iat", "nbf"], output)?;
+    if out.get("active") == Some(&serde_json::Value::Bool(true)) {
+        Ok(())
+    } else {
+        Err(TokenInactive.into())
+    }
 }
 
 async fn revoke_command(args: RevokeArgs) -> anyhow::Result<()> {

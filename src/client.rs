@@ -172,6 +172,27 @@ impl Client {
         .await
     }
 
+    /// One task's state (`GET /v1/tasks/{id}`), as an admin.
+    pub async fn get_task(&self, admin: &str, task_id: &str) -> Result<Value, ClientError> {
+        let mut url = reqwest::Url::parse(&format!("{}/v1/tasks", self.base))
+            .map_err(|e| ClientError::Transport(format!("`{}`: {e}", self.base)))?;
+        url.path_segments_mut()
+            .map_err(|_| ClientError::Transport(format!("`{}` is not a base URL", self.base)))?
+            .push(task_id);
+        self.send(self.http.get(url).bearer_auth(admin)).await
+    }
+
+    /// Whether a token is active (`POST /oauth2/introspect`, RFC 7662), as an admin.
+    pub async fn introspect(&self, admin: &str, token: &str) -> Result<Value, ClientError> {
+        self.send(
+            self.http
+                .post(format!("{}/oauth2/introspect", self.base))
+                .form(&[("token", token)])
+                .bearer_auth(admin),
+        )
+        .await
+    }
+
     pub async fn revoke(
         &self,
         admin: &str,

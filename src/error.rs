@@ -170,7 +170,13 @@ impl Failure {
 
     /// Logs the failure once with its cause chain, counts it, and gives the caller's answer.
     pub fn logged(self, metrics: &Metrics) -> BrokerError {
-        tracing::error!(part = self.part(), error = %chain(&self), "{self}");
+        if matches!(self, Failure::Identity(_)) {
+            // An issuer's discovery or JWKS out of reach: the broker answers 503 and keeps
+            // serving every other identity, so a warning, not an error of its own parts.
+            tracing::warn!(part = self.part(), error = %chain(&self), "{self}");
+        } else {
+            tracing::error!(part = self.part(), error = %chain(&self), "{self}");
+        }
         metrics.inc("writ_failures_total", &[("part", self.part())]);
         if matches!(self, Failure::Store(_)) {
             metrics.inc("writ_store_errors_total", &[]);

@@ -661,7 +661,11 @@ impl Broker {
         ip: Option<&str>,
     ) -> BrokerError {
         let e = e.into();
-        tracing::info!(reason = %e, "subject token refused");
+        // An issuer that could not be reached is the broker's problem, not the caller's: it
+        // is logged once, as a failure (below), not as a refusal.
+        if !matches!(&e, SubjectTokenError::Identity(i) if i.is_unavailable()) {
+            tracing::info!(reason = %e, "subject token refused");
+        }
         let entry = audit::Entry {
             decision: Some("deny"),
             reason: format!("subject token refused: {e}"),

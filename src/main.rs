@@ -7,6 +7,8 @@ async fn main() -> std::process::ExitCode {
     init_tracing(json_logs);
     match writ::cli::run(cli).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
+        // The answer is printed; the status says it.
+        Err(e) if e.is::<writ::cli::TokenInactive>() => std::process::ExitCode::from(2),
         Err(e) => {
             eprintln!("error: {e:#}");
             std::process::ExitCode::FAILURE
@@ -15,11 +17,14 @@ async fn main() -> std::process::ExitCode {
 }
 
 fn init_tracing(json: bool) {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_env("WRIT_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        // Colour for a person at a terminal; plain text for a file, a pipe or a collector.
+        .with_ansi(std::io::stderr().is_terminal());
     if json {
         // Every line of a request carries the request span (request_id, the caller's
         // client_request_id when it sent one, method, route).

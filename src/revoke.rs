@@ -26,6 +26,19 @@ pub struct RevocationReply {
     pub revoked_tokens: usize,
 }
 
+/// Why `id` cannot be lifted: unknown, already pruned, or a revocation that leaves nothing
+/// standing (a `jti` or `task_id` one is final).
+fn not_liftable(kind: BlockKind, id: &str) -> String {
+    let noun = kind.noun();
+    match kind {
+        BlockKind::Revocation => format!(
+            "no standing {noun} `{id}`: only subject, issuer and all revocations stand until \
+             lifted; a jti or task_id revocation is final and leaves nothing to lift"
+        ),
+        BlockKind::Quarantine => format!("no standing {noun} `{id}` (it may have ended)"),
+    }
+}
+
 /// A fresh block id with the given prefix (`rev`, `qtn`).
 pub fn new_block_id(prefix: &str) -> Result<String, crate::domain::RngError> {
     crate::domain::random_id(&format!("{prefix}_"))
@@ -185,9 +198,16 @@ impl Broker {
         let now = self.now();
         let blocks = self.store.list_blocks().await.map_err(|e| self.fail(e))?;
         let noun = kind.noun();
-        let Some(mut record) = blocks.into_iter().find(|b| b.id == id && b.kind == kind) else {
-            return Err(BrokerError::not_found(format!("no {noun} `{id}`")));
+        let Some(mut record) = blocks.iter().find(|b| b.id == id).cloned() else {
+            return Err(BrokerError::not_found(not_liftable(kind, id)));
         };
+        if record.kind != kind {
+            return Err(BrokerError::not_found(format!(
+                "`{id}` is a {}, not a {noun}: lift it under /admin/v1/{}/{id}",
+                record.kind.noun(),
+                record.kind.collection()
+            )));
+        }
         if record.lifted_at.is_some() {
             return Ok(record);
         }

@@ -398,6 +398,8 @@ fn task_end_revoke_and_listings_from_the_command_line() {
         admin,
         "--state",
         "ended",
+        "--output",
+        "json",
     ]));
     assert!(ok, "{err}");
     assert!(stdout.contains("\"ended\""), "{stdout}");
@@ -457,6 +459,8 @@ fn task_end_revoke_and_listings_from_the_command_line() {
         &dev.url,
         "--admin-token",
         admin,
+        "--output",
+        "json",
     ]));
     assert!(ok, "{err}");
     let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
@@ -1249,7 +1253,7 @@ fn the_broker_and_the_admin_token_may_come_from_the_environment() {
         .env("WRIT_ADMIN_TOKEN", admin.trim())
         .args(["task", "list"]));
     assert!(ok, "{err}");
-    assert!(stdout.contains("\"tasks\""), "{stdout}");
+    assert!(stdout.starts_with("TASK_ID"), "{stdout}");
     // A file named on the command line wins over the environment.
     let (ok, _, err) = run(writ()
         .current_dir(d)
@@ -1257,4 +1261,342 @@ fn the_broker_and_the_admin_token_may_come_from_the_environment() {
         .env("WRIT_ADMIN_TOKEN", "not-the-token")
         .args(["task", "list", "--admin-token", ".writ-dev/admin-token"]));
     assert!(ok, "{err}");
+}
+
+/// `writ <args> --broker URL --admin-token .writ-dev/admin-token` in the dev broker's folder.
+fn admin_run(dev: &Dev, args: &[&str]) -> (Option<i32>, String, String) {
+    let out = writ()
+        .current_dir(dev.dir.path())
+        .args(args)
+        .args([
+            "--broker",
+            &dev.url,
+            "--admin-token",
+            ".writ-dev/admin-token",
+        ])
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A task token of the dev broker's demo agent, written to `name` in its folder; its task id.
+fn dev_token(dev: &Dev, name: &str) -> String {
+    let (ok, stdout, err) = run(writ().current_dir(dev.dir.path()).args([
+        "token",
+        "exchange",
+        "--broker",
+        &dev.url,
+        "--scope",
+        "repo:read",
+        "--subject-token",
+        ".writ-dev/demo.svid",
+    ]));
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    std::fs::write(
+        dev.dir.path().join(name),
+        v["access_token"].as_str().unwrap(),
+    )
+    .unwrap();
+    v["task_id"].as_str().unwrap().to_string()
+}
+
+#[test]
+fn token_introspect_and_task_get_show_the_state_with_readable_times() {
+    let dev = start_dev();
+    let task = dev_token(&dev, "tok");
+    // Active: status 0, a readable expiry.
+    let (code, stdout, err) = admin_run(&dev, &["token", "introspect", "tok"]);
+    assert_eq!(code, Some(0), "{err}");
+    let active = stdout.lines().find(|l| l.starts_with("active")).unwrap();
+    assert!(active.ends_with("true"), "{stdout}");
+    let exp = stdout.lines().find(|l| l.starts_with("exp")).unwrap();
+    assert!(exp.contains("Z (in "), "{stdout}");
+    let (code, stdout, err) = admin_run(&dev, &["token", "introspect", "tok", "--output", "json"]);
+    assert_eq!(code, Some(0), "{err}");
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(v["txn"], task.as_str());
+
+    // The task, as a person and as JSON.
+    let (code, stdout, err) = admin_run(&dev, &["task", "get", &task]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(stdout.contains(&task), "{stdout}");
+    let state = stdout.lines().find(|l| l.starts_with("state")).unwrap();
+    assert!(state.ends_with("open"), "{stdout}");
+    let deadline = stdout.lines().find(|l| l.starts_with("deadline")).unwrap();
+    assert!(deadline.contains("Z (in "), "{stdout}");
+    let (code, stdout, _) = admin_run(&dev, &["task", "get", &task, "--output", "json"]);
+    assert_eq!(code, Some(0));
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(v["state"], "open");
+    let (code, _, err) = admin_run(&dev, &["task", "get", "tsk_nope"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("(404)"), "{err}");
+
+    // Inactive once its task ended: status 2, exactly `{"active": false}`.
+    let (ok, _, err) = run(writ()
+        .current_dir(dev.dir.path())
+        .args(["task", "end", "--broker", &dev.url, "--token", "tok"]));
+    assert!(ok, "{err}");
+    let (code, stdout, err) = admin_run(&dev, &["token", "introspect", "tok", "--output", "json"]);
+    assert_eq!(code, Some(2), "{err}");
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(v, serde_json::json!({"active": false}));
+    assert!(err.is_empty(), "{err}");
+    // A token pasted where its file is expected is refused and never echoed.
+    let (code, _, err) = admin_run(
+        &dev,
+        &[
+            "token",
+            "introspect",
+            "eyJhbGciOiJFUzI1NiJ9.eyJzdWIiOiJ4In0.c2ln",
+        ],
+    );
+    assert_eq!(code, Some(1));
+    assert!(err.contains("looks like a secret"), "{err}");
+    assert!(!err.contains("eyJhbGci"), "{err}");
+}
+
+#[test]
+fn list_commands_print_a_table_by_default_and_json_on_request() {
+    let dev = start_dev();
+    let task = dev_token(&dev, "tok");
+    let (code, stdout, err) = admin_run(&dev, &["task", "list"]);
+    assert_eq!(code, Some(0), "{err}");
+    let mut lines = stdout.lines();
+    let header = lines.next().unwrap();
+    assert!(
+        header.starts_with("TASK_ID") && header.contains("DEADLINE"),
+        "{stdout}"
+    );
+    let row = lines.find(|l| l.starts_with(&task)).unwrap();
+    assert!(row.contains("open") && row.contains("Z (in "), "{stdout}");
+    let (code, stdout, _) = admin_run(&dev, &["task", "list", "--output", "json"]);
+    assert_eq!(code, Some(0));
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(v["tasks"][0]["task_id"], task.as_str());
+
+    let (code, _, err) = admin_run(
+        &dev,
+        &[
+            "revoke",
+            "--subject",
+            "spiffe://dev.writ.local/agent/*",
+            "--reason",
+            "drill",
+        ],
+    );
+    assert_eq!(code, Some(0), "{err}");
+    let (code, stdout, err) = admin_run(&dev, &["revocations", "list"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(stdout.starts_with("ID "), "{stdout}");
+    let row = stdout.lines().nth(1).unwrap();
+    assert!(row.starts_with("rev_"), "{stdout}");
+    assert!(
+        row.contains("subject=spiffe://dev.writ.local/agent/*"),
+        "{stdout}"
+    );
+    assert!(row.contains("drill") && row.contains("Z ("), "{stdout}");
+    let (code, stdout, _) = admin_run(&dev, &["revocations", "list", "--output", "json"]);
+    assert_eq!(code, Some(0));
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(v["revocations"][0]["reason"], "drill");
+    let (code, stdout, _) = admin_run(&dev, &["quarantines", "list"]);
+    assert_eq!(code, Some(0));
+    assert!(
+        stdout.starts_with("ID ") && stdout.contains("UNTIL"),
+        "{stdout}"
+    );
+    assert_eq!(stdout.lines().count(), 1, "{stdout}");
+    let (code, _, err) = admin_run(&dev, &["quarantines", "list", "--output", "yaml"]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("invalid value 'yaml' for '--output"), "{err}");
+}
+
+#[test]
+fn lift_answers_exactly_for_ids_it_cannot_lift() {
+    let dev = start_dev();
+    // A jti revocation is final: its id is answered, and lift says why it is not there.
+    let (code, stdout, err) = admin_run(&dev, &["revoke", "--jti", "j-1", "--reason", "leak"]);
+    assert_eq!(code, Some(0), "{err}");
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let rid = v["revocation_id"].as_str().unwrap().to_string();
+    let (code, _, err) = admin_run(&dev, &["revocations", "lift", &rid]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("(404)"), "{err}");
+    assert!(
+        err.contains("a jti or task_id revocation is final and leaves nothing to lift"),
+        "{err}"
+    );
+    // Ids of the other kind point at the other command.
+    let (code, _, err) = admin_run(&dev, &["revocations", "lift", "qtn_abc"]);
+    assert_eq!(code, Some(1));
+    assert!(
+        err.contains("`qtn_abc` is a quarantine, not a revocation: lift it with `writ quarantines lift qtn_abc`"),
+        "{err}"
+    );
+    let (code, _, err) = admin_run(&dev, &["quarantines", "lift", &rid]);
+    assert_eq!(code, Some(1));
+    assert!(
+        err.contains(&format!("lift it with `writ revocations lift {rid}`")),
+        "{err}"
+    );
+}
+
+#[test]
+fn completions_are_printed_for_bash_zsh_and_fish() {
+    for shell in ["bash", "zsh", "fish"] {
+        let (ok, stdout, err) = run(writ().args(["completions", shell]));
+        assert!(ok, "{shell}: {err}");
+        assert!(stdout.contains("writ"), "{shell}: {stdout}");
+        assert!(stdout.contains("introspect"), "{shell}");
+        assert!(stdout.contains("quarantines"), "{shell}");
+    }
+    let (ok, _, err) = run(writ().args(["completions", "tcsh"]));
+    assert!(!ok);
+    assert!(err.contains("invalid value 'tcsh'"), "{err}");
+}
+
+#[test]
+fn config_check_says_it_is_offline_and_is() {
+    let (ok, stdout, err) = run(writ().args(["config", "check", "--help"]));
+    assert!(ok, "{err}");
+    assert!(stdout.contains("Read-only and offline"), "{stdout}");
+    assert!(stdout.contains("connects to nothing"), "{stdout}");
+    // A store nobody listens on is not noticed: nothing is connected.
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("redis://127.0.0.1:{}", free_port());
+    let cfg = write_config(
+        dir.path(),
+        &format!("[store]\nbackend = \"redis\"\nurl = \"{url}\"\n"),
+    );
+    let (ok, stdout, err) = run(writ().args(["config", "check", "--config"]).arg(&cfg));
+    assert!(ok, "{err}");
+    assert!(stdout.contains("config ok"), "{stdout}");
+}
+
+#[test]
+fn help_lists_the_new_commands() {
+    let (ok, stdout, _) = run(writ().arg("--help"));
+    assert!(ok);
+    assert!(stdout.contains("completions"), "{stdout}");
+    let (_, stdout, _) = run(writ().args(["token", "--help"]));
+    assert!(stdout.contains("introspect"), "{stdout}");
+    let (_, stdout, _) = run(writ().args(["task", "--help"]));
+    assert!(
+        stdout.lines().any(|l| l.trim_start().starts_with("get ")),
+        "{stdout}"
+    );
+    let (_, stdout, _) = run(writ().args(["token", "introspect", "--help"]));
+    assert!(
+        stdout.contains("exits 0 when it is active, 2 when it is not"),
+        "{stdout}"
+    );
+}
+
+/// A JWT with this payload and a junk signature, its header naming key `k1`.
+fn unsigned_jwt(payload: serde_json::Value) -> String {
+    use base64::Engine;
+    let b64 = |v: &serde_json::Value| {
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(serde_json::to_vec(v).unwrap())
+    };
+    let header = serde_json::json!({"alg": "ES256", "kid": "k1", "typ": "JWT"});
+    format!("{}.{}.c2ln", b64(&header), b64(&payload))
+}
+
+#[test]
+fn serve_logs_without_colour_to_a_pipe_and_warns_of_an_unreachable_issuer() {
+    use std::io::{BufRead, BufReader, Read};
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let issuer = format!("http://127.0.0.1:{}", free_port());
+    let cfg = write_config(
+        dir.path(),
+        &format!("[[oidc.issuers]]\nissuer = \"{issuer}\"\naudience = \"writ\"\n"),
+    );
+    let text = std::fs::read_to_string(&cfg).unwrap().replace(
+        "[server]\n",
+        &format!("[server]\nlisten = \"127.0.0.1:{port}\"\n"),
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let mut child = writ()
+        .args(["serve", "--config"])
+        .arg(&cfg)
+        .env("WRIT_LOG", "debug")
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut head = String::new();
+    while !head.contains("listening") {
+        assert!(stderr.read_line(&mut head).unwrap() > 0, "{head}");
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let token = unsigned_jwt(serde_json::json!({
+        "iss": issuer, "sub": "ci", "aud": "writ", "iat": now, "exp": now + 300,
+    }));
+    std::fs::write(dir.path().join("oidc.jwt"), token).unwrap();
+    let (ok, _, err) = run(writ().current_dir(dir.path()).args([
+        "token",
+        "exchange",
+        "--broker",
+        &format!("http://127.0.0.1:{port}"),
+        "--scope",
+        "repo:read",
+        "--subject-token",
+        "oidc.jwt",
+    ]));
+    assert!(!ok && err.contains("(503)"), "{err}");
+    std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(child.wait().unwrap().success());
+    let mut rest = String::new();
+    stderr.read_to_string(&mut rest).unwrap();
+    let all = format!("{head}{rest}");
+    assert!(!all.contains('\x1b'), "colour codes in a pipe:\n{all}");
+    // One line, a warning of the broker's part that failed; no refusal of the caller.
+    let lines: Vec<&str> = all
+        .lines()
+        .filter(|l| l.contains("discovery failed"))
+        .collect();
+    assert_eq!(lines.len(), 1, "{all}");
+    let v: serde_json::Value = serde_json::from_str(lines[0]).unwrap();
+    assert_eq!(v["level"], "WARN", "{all}");
+    assert_eq!(v["message"], "identity source unavailable", "{all}");
+    assert_eq!(v["part"], "identity", "{all}");
+    assert!(!all.contains("subject token refused"), "{all}");
+}
+
+#[test]
+fn dev_logs_without_colour_to_a_pipe() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut child = writ()
+        .current_dir(dir.path())
+        .args(["dev", "--listen", &format!("127.0.0.1:{port}")])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The memory store's warning at start.
+    let mut err = String::new();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    while !err.contains("store.backend is memory") {
+        assert!(stderr.read_line(&mut err).unwrap() > 0, "{err}");
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(err.contains("WARN"), "{err}");
+    assert!(!err.contains('\x1b'), "colour codes in a pipe:\n{err}");
 }

@@ -176,7 +176,9 @@ async fn a_quarantine_can_be_lifted_by_an_admin() {
     assert_eq!(v["error"], "not_found");
     assert_eq!(
         v["error_description"],
-        format!("no revocation `{id}`"),
+        format!(
+            "`{id}` is a quarantine, not a revocation: lift it under /admin/v1/quarantines/{id}"
+        ),
         "{v}"
     );
     app.expect_error(&app.svid(AGENT), "repo:read", &[], 400, "invalid_grant")
