@@ -41,7 +41,11 @@ fn blocks() -> Vec<Block> {
             (Some(b), None) => {
                 // Blocks inside list items are indented; keep them as written otherwise.
                 let indent = raw.len() - t.len();
-                let cut = if indent > 0 && raw.len() >= indent { t } else { raw };
+                let cut = if indent > 0 && raw.len() >= indent {
+                    t
+                } else {
+                    raw
+                };
                 b.body.push_str(cut);
                 b.body.push('\n');
             }
@@ -81,10 +85,7 @@ fn load(text: &str) -> Result<Config, String> {
 /// laid over the smallest config, so every key it shows is one Writ knows.
 fn check_toml(text: &str) -> Result<(), String> {
     let table: toml::Table = toml::from_str(text).map_err(|e| format!("not TOML: {e}"))?;
-    let whole = table
-        .get("server")
-        .and_then(|s| s.get("issuer"))
-        .is_some();
+    let whole = table.get("server").and_then(|s| s.get("issuer")).is_some();
     if whole {
         return load(text).map(|_| ());
     }
@@ -193,6 +194,12 @@ const SHELL: &[(&str, Use)] = &[
         Use::Run { stdout: "eyJ" },
     ),
     (
+        "subject_token=$(cat job.svid)",
+        Use::Run {
+            stdout: "\"access_token\"",
+        },
+    ),
+    (
         "curl -s http://127.0.0.1:8080/oauth2/token",
         Use::Run {
             stdout: "\"access_token\"",
@@ -224,7 +231,10 @@ const SHELL: &[(&str, Use)] = &[
             stdout: "admin.token_sha256",
         },
     ),
-    ("policy test config/policies", Use::Run { stdout: "0 failed" }),
+    (
+        "policy test config/policies",
+        Use::Run { stdout: "0 failed" },
+    ),
     (
         "writ audit verify .writ-dev/decisions.jsonl",
         Use::Run { stdout: "" },
@@ -240,9 +250,21 @@ fn shell_use(body: &str) -> Option<usize> {
 fn every_shell_block_is_run_or_skipped_for_a_reason() {
     let mut unknown = Vec::new();
     let mut used = vec![false; SHELL.len()];
-    for b in blocks().iter().filter(|b| b.lang == "sh" || b.lang == "bash") {
+    for b in blocks()
+        .iter()
+        .filter(|b| b.lang == "sh" || b.lang == "bash")
+    {
         match shell_use(&b.body) {
-            Some(i) => used[i] = true,
+            Some(i) => {
+                used[i] = true;
+                if let Use::Skip(reason) = &SHELL[i].1 {
+                    assert!(
+                        !reason.is_empty(),
+                        "README line {}: a skip needs its reason",
+                        b.line
+                    );
+                }
+            }
             None => unknown.push(format!("README line {}:\n{}", b.line, b.body)),
         }
     }
@@ -338,7 +360,10 @@ fn run_block(dev: &Dev, body: &str) -> (bool, String, String) {
 fn runnable_shell_blocks_work_against_writ_dev() {
     let dev = start_dev();
     let mut failures = Vec::new();
-    for b in blocks().iter().filter(|b| b.lang == "sh" || b.lang == "bash") {
+    for b in blocks()
+        .iter()
+        .filter(|b| b.lang == "sh" || b.lang == "bash")
+    {
         let Some(Use::Run { stdout }) = shell_use(&b.body).map(|i| &SHELL[i].1) else {
             continue;
         };
@@ -372,11 +397,32 @@ fn admin_token_commands_print_the_hash_of_the_token() {
     assert!(ok, "{err}");
     let token = std::fs::read(dev.dir.path().join("admin-token")).unwrap();
     let digest = ring::digest::digest(&ring::digest::SHA256, &token);
-    let hex: String = digest
-        .as_ref()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    assert_eq!(out.trim(), format!("token_sha256 = [\"{hex}\"]   # admin.token_sha256"));
+    let hex: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(
+        out.trim(),
+        format!("token_sha256 = [\"{hex}\"]   # admin.token_sha256")
+    );
     assert!(check_toml(&format!("[admin]\n{}", out.trim())).is_ok());
+}
+
+/// A subject token is the token exactly (RFC 8693 §2.1; a JWT holds no whitespace), so the
+/// files the README sends byte for byte must hold none, and a token with a newline is refused.
+#[test]
+fn subject_tokens_are_not_trimmed_and_demo_svid_has_no_newline() {
+    let dev = start_dev();
+    let svid = std::fs::read_to_string(dev.dir.path().join(".writ-dev/demo.svid")).unwrap();
+    assert_eq!(svid, svid.trim(), "demo.svid must hold the token only");
+    let (ok, out, err) = run_block(
+        &dev,
+        "writ dev svid --spiffe-id spiffe://dev.writ.local/agent/demo > job.svid\n\
+         curl -s http://127.0.0.1:8080/oauth2/token \
+         -d grant_type=urn:ietf:params:oauth:grant-type:token-exchange \
+         --data-urlencode subject_token@job.svid \
+         -d subject_token_type=urn:ietf:params:oauth:token-type:jwt -d scope=repo:read\n",
+    );
+    assert!(ok, "{err}");
+    assert_eq!(
+        out,
+        r#"{"error":"invalid_request","error_description":"subject_token is not valid"}"#
+    );
 }
