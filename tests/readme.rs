@@ -26,27 +26,23 @@ struct Block {
 
 fn blocks() -> Vec<Block> {
     let mut out = Vec::new();
-    let mut open: Option<Block> = None;
+    let mut open: Option<(Block, usize)> = None;
     for (i, raw) in README.lines().enumerate() {
         let t = raw.trim_start();
+        let indent = raw.len() - t.len();
         match (&mut open, t.strip_prefix("```")) {
             (None, Some(lang)) => {
-                open = Some(Block {
+                let block = Block {
                     lang: lang.trim().to_string(),
                     line: i + 1,
                     body: String::new(),
-                })
-            }
-            (Some(_), Some(_)) => out.extend(open.take()),
-            (Some(b), None) => {
-                // Blocks inside list items are indented; keep them as written otherwise.
-                let indent = raw.len() - t.len();
-                let cut = if indent > 0 && raw.len() >= indent {
-                    t
-                } else {
-                    raw
                 };
-                b.body.push_str(cut);
+                open = Some((block, indent));
+            }
+            (Some(_), Some(_)) => out.extend(open.take().map(|(b, _)| b)),
+            (Some((b, fence)), None) => {
+                // A block inside a list item is indented like its fence.
+                b.body.push_str(raw.get(indent.min(*fence)..).unwrap_or(""));
                 b.body.push('\n');
             }
             (None, None) => {}
@@ -240,6 +236,12 @@ const SHELL: &[(&str, Use)] = &[
         Use::Run { stdout: "" },
     ),
     ("export WRIT_BROKER", Use::Run { stdout: "" }),
+    (
+        "python3 examples/agents/agent.py",
+        Use::Run {
+            stdout: "after the end: 400 invalid_grant",
+        },
+    ),
 ];
 
 fn shell_use(body: &str) -> Option<usize> {
@@ -295,7 +297,9 @@ impl Drop for Dev {
 
 fn start_dev() -> Dev {
     let dir = tempfile::tempdir().unwrap();
-    std::os::unix::fs::symlink(Path::new(ROOT).join("config"), dir.path().join("config")).unwrap();
+    for shared in ["config", "examples"] {
+        std::os::unix::fs::symlink(Path::new(ROOT).join(shared), dir.path().join(shared)).unwrap();
+    }
     // `writ` on PATH, as the README's production commands call it.
     let bin = dir.path().join("bin");
     std::fs::create_dir(&bin).unwrap();
@@ -424,5 +428,15 @@ fn subject_tokens_are_not_trimmed_and_demo_svid_has_no_newline() {
     assert_eq!(
         out,
         r#"{"error":"invalid_request","error_description":"subject_token is not valid"}"#
+    );
+}
+
+#[test]
+fn helm_values_example_is_shown_verbatim() {
+    let text = std::fs::read_to_string(Path::new(ROOT).join("examples/production/my-values.yaml"))
+        .unwrap();
+    assert!(
+        blocks().iter().any(|b| b.lang == "yaml" && b.body == text),
+        "README does not show examples/production/my-values.yaml verbatim in a yaml block"
     );
 }
