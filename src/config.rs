@@ -419,7 +419,16 @@ impl Config {
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Config, ConfigError> {
         let mut root: toml::Table = toml::from_str(text).map_err(|e| {
-            ConfigError::new("<file>", format!("not valid TOML: {}", e.message().trim()))
+            let at = e.span().map_or(String::new(), |span| {
+                let before = text.get(..span.start).unwrap_or("");
+                let line = before.matches('\n').count() + 1;
+                let col = before.rsplit('\n').next().map_or(0, |c| c.chars().count()) + 1;
+                format!(" at line {line}, column {col}")
+            });
+            ConfigError::new(
+                "<file>",
+                format!("not valid TOML{at}: {}", e.message().trim()),
+            )
         })?;
         apply_env(&mut root, env)?;
         let value = toml::Value::Table(root);

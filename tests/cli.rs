@@ -1600,3 +1600,83 @@ fn dev_logs_without_colour_to_a_pipe() {
     assert!(err.contains("WARN"), "{err}");
     assert!(!err.contains('\x1b'), "colour codes in a pipe:\n{err}");
 }
+
+#[test]
+fn policy_test_refuses_an_expect_or_action_outside_the_allowed_values() {
+    let policies = concat!(env!("CARGO_MANIFEST_DIR"), "/config/policies");
+    let dir = tempfile::tempdir().unwrap();
+    let cases = dir.path().join("typo.json");
+    std::fs::write(
+        &cases,
+        r#"{"cases": [
+  {"name": "reads", "principal": "spiffe://dev.writ.local/agent/demo", "scope": "repo:read", "expect": "permit"},
+  {"principal": "spiffe://dev.writ.local/agent/demo", "scope": "repo:read", "expect": "allow"},
+  {"principal": "spiffe://dev.writ.local/agent/demo", "action": "exchnage", "scope": "repo:read", "expect": "Deny"}
+]}"#,
+    )
+    .unwrap();
+    let (ok, stdout, err) = run(writ().args(["policy", "test", policies]).arg(&cases));
+    assert!(!ok, "{stdout}");
+    assert_eq!(
+        err.trim_end(),
+        format!(
+            "error: policy test cases `{}` are not valid:\n  \
+             case 1 (`reads`): `expect` is `permit`; allowed values: `allow`, `deny`\n  \
+             case 3: `expect` is `Deny`; allowed values: `allow`, `deny`\n  \
+             case 3: `action` is `exchnage`; allowed values: `exchange`, `delegate`",
+            cases.display()
+        )
+    );
+    assert_eq!(stdout, "", "no case runs while one is invalid");
+}
+
+#[test]
+fn policy_check_reports_every_error_with_file_and_position() {
+    let dir = tempfile::tempdir().unwrap();
+    // Two syntax errors in one file, one in another, and a schema violation in a third.
+    std::fs::write(
+        dir.path().join("a.cedar"),
+        "permit (principal, action, resource) when { 1 + };\n\npermit (principal, action, resource) when { ( };\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("b.cedar"),
+        "permit (principal, action, resource\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("c.cedar"),
+        "permit (principal, action, resource);\npermit (principal, action, resource) when { principal.nope == \"x\" };\n",
+    )
+    .unwrap();
+    let (ok, _, err) = run(writ().args(["policy", "check"]).arg(dir.path()));
+    assert!(!ok);
+    assert_eq!(
+        err.trim_end(),
+        "error: the policy set has 3 errors:\n  \
+         policy file `a.cedar` does not parse: unexpected token `}` (line 1, column 49); \
+         unexpected token `}` (line 3, column 47)\n  \
+         policy file `b.cedar` does not parse: unexpected end of input (line 1, column 36)\n  \
+         policies do not validate against the Writ schema: `c.cedar` policy `c:1`: for policy \
+         `c:1`, attribute `nope` on entity type `Writ::Workload` not found (line 2, column 45)"
+    );
+}
+
+#[test]
+fn config_syntax_error_names_line_and_column() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("writ.toml");
+    std::fs::write(
+        &cfg,
+        "[server]\nissuer = \"https://writ.test\"\n[tokens]\nsigning_keys = [writ-1.pem, writ-2.pem]\n",
+    )
+    .unwrap();
+    let (ok, _, err) = run(writ()
+        .args(["config", "check", "--syntax-only", "--config"])
+        .arg(&cfg));
+    assert!(!ok);
+    assert_eq!(
+        err.trim_end(),
+        "error: config error at `<file>`: not valid TOML at line 4, column 17: string values must be quoted, expected literal string"
+    );
+}

@@ -9,7 +9,7 @@
 //!    "scope": "repo:read",
 //!    "context": {"audience": ["https://api.example.org"], "purpose": "", "ttl": 300,
 //!                "source": "jwt-svid", "depth": 0, "now": 0},   // every field optional
-//!    "expect": "allow",                          // or "deny"
+//!    "expect": "allow",                          // or "deny"; nothing else
 //!    "max_ttl": "5m"},                           // optional: the cap the allow must carry
 //!   {"principal": {"issuer": "https://token.actions.githubusercontent.com",
 //!                  "sub": "repo:org/app:ref:refs/heads/main",
@@ -93,6 +93,15 @@ pub fn run_cases(set: &PolicySet, cases_file: &Path) -> Result<CaseReport, Polic
     };
     let text = std::fs::read_to_string(cases_file).map_err(|e| err(e.to_string()))?;
     let parsed: CaseFile = serde_json::from_str(&text).map_err(|e| err(e.to_string()))?;
+    let problems: Vec<String> = parsed
+        .cases
+        .iter()
+        .enumerate()
+        .flat_map(|(i, case)| problems_of(i, case))
+        .collect();
+    if !problems.is_empty() {
+        return Err(PolicyError::InvalidCases { file, problems });
+    }
     let mut report = CaseReport {
         total: parsed.cases.len(),
         passed: 0,
@@ -109,6 +118,35 @@ pub fn run_cases(set: &PolicySet, cases_file: &Path) -> Result<CaseReport, Polic
         }
     }
     Ok(report)
+}
+
+/// How a case is named in reports: its `name`, else its place in the file.
+fn label(i: usize, case: &Case) -> String {
+    case.name.as_ref().map_or_else(
+        || format!("case {}", i + 1),
+        |n| format!("case {} (`{n}`)", i + 1),
+    )
+}
+
+/// What makes a case unable ever to pass or fail honestly: a value outside its field's set.
+fn problems_of(i: usize, case: &Case) -> Vec<String> {
+    let mut out = Vec::new();
+    if !matches!(case.expect.as_str(), "allow" | "deny") {
+        out.push(format!(
+            "{}: `expect` is `{}`; allowed values: `allow`, `deny`",
+            label(i, case),
+            case.expect
+        ));
+    }
+    if let Some(action) = case.action.as_deref()
+        && !matches!(action, "exchange" | "delegate")
+    {
+        out.push(format!(
+            "{}: `action` is `{action}`; allowed values: `exchange`, `delegate`",
+            label(i, case)
+        ));
+    }
+    out
 }
 
 fn check(set: &PolicySet, case: Case) -> Result<(), String> {

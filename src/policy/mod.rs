@@ -41,6 +41,11 @@ const CLAIM_NAMES: [&str; 12] = [
     "namespace",
 ];
 
+/// One error a line, indented under the headline.
+fn list(errors: &[PolicyError]) -> String {
+    errors.iter().map(|e| format!("\n  {e}")).collect()
+}
+
 #[non_exhaustive]
 #[derive(Debug, thiserror::Error)]
 pub enum PolicyError {
@@ -68,6 +73,8 @@ pub enum PolicyError {
     },
     #[error("policies do not validate against the Writ schema: {0}")]
     Invalid(String),
+    #[error("the policy set has {} errors:{}", .0.len(), list(.0))]
+    Several(Vec<PolicyError>),
     #[error("the Writ schema does not load: {0}")]
     Schema(String),
     #[error(
@@ -76,6 +83,8 @@ pub enum PolicyError {
     Shrunk { old: usize, new: usize, limit: f64 },
     #[error("cannot read policy test cases `{file}`: {reason}")]
     Cases { file: String, reason: String },
+    #[error("policy test cases `{file}` are not valid:{}", problems.iter().map(|p| format!("\n  {p}")).collect::<String>())]
+    InvalidCases { file: String, problems: Vec<String> },
 }
 
 /// Why a request could not be put to Cedar (counted as a deny of every scope).
@@ -262,7 +271,8 @@ impl PolicySet {
         Self::from_sources(&read_dir(dir)?)
     }
 
-    /// Builds a set from `(file name, contents)` pairs.
+    /// Builds a set from `(file name, contents)` pairs. Every error of every file is
+    /// reported, not just the first: a set that does not load fails with all of them.
     pub fn from_sources(files: &[(String, String)]) -> Result<PolicySet, PolicyError> {
         let mut files = files.to_vec();
         files.sort_by(|a, b| a.0.cmp(&b.0));
@@ -270,56 +280,63 @@ impl PolicySet {
         let mut set = cedar_policy::PolicySet::new();
         let mut annotations = HashMap::new();
         let mut origin: HashMap<String, String> = HashMap::new();
+        let mut errors = Vec::new();
         for (name, text) in &files {
-            let parsed =
-                cedar_policy::PolicySet::from_str(text).map_err(|e| PolicyError::Parse {
-                    file: name.clone(),
-                    reason: render_errors(&e, text),
-                })?;
+            let parsed = match cedar_policy::PolicySet::from_str(text) {
+                Ok(parsed) => parsed,
+                Err(e) => {
+                    errors.push(PolicyError::Parse {
+                        file: name.clone(),
+                        reason: render_errors(&e, text),
+                    });
+                    continue;
+                }
+            };
             if parsed.templates().next().is_some() {
-                return Err(PolicyError::Template { file: name.clone() });
+                errors.push(PolicyError::Template { file: name.clone() });
+                continue;
             }
-            // Cedar numbers the policies of a file policy0, policy1, ... in source order.
-            let mut policies: Vec<&cedar_policy::Policy> = parsed.policies().collect();
-            policies.sort_by_key(|p| {
-                p.id()
-                    .to_string()
-                    .trim_start_matches("policy")
-                    .parse::<usize>()
-                    .unwrap_or(usize::MAX)
-            });
-            for (i, policy) in policies.into_iter().enumerate() {
-                let id = policy
-                    .annotation("id")
-                    .map(str::to_string)
-                    .unwrap_or_else(|| format!("{}:{i}", stem(name)));
+            for (id, policy) in numbered(&parsed, name) {
                 if let Some(first) = origin.insert(id.clone(), name.clone()) {
-                    return Err(PolicyError::DuplicateId {
+                    errors.push(PolicyError::DuplicateId {
                         id,
                         first,
                         second: name.clone(),
                     });
+                    continue;
                 }
-                let ann = annotations_of(policy, &id, name)?;
-                annotations.insert(id.clone(), ann);
-                set.add(policy.new_id(PolicyId::new(&id)))
-                    .map_err(|e| PolicyError::Parse {
+                match annotations_of(policy, &id, name) {
+                    Ok(ann) => {
+                        annotations.insert(id.clone(), ann);
+                    }
+                    Err(e) => errors.push(e),
+                }
+                if let Err(e) = set.add(policy.new_id(PolicyId::new(&id))) {
+                    errors.push(PolicyError::Parse {
                         file: name.clone(),
                         reason: e.to_string(),
-                    })?;
+                    });
+                }
             }
         }
         let result = Validator::new(schema).validate(&set, ValidationMode::Strict);
-        if !result.validation_passed() {
-            let msgs: Vec<String> = result
-                .validation_errors()
-                .map(|e| {
-                    let id = e.policy_id().to_string();
-                    let file = origin.get(&id).cloned().unwrap_or_default();
-                    format!("`{file}` policy `{id}`: {e}")
-                })
-                .collect();
-            return Err(PolicyError::Invalid(msgs.join("; ")));
+        for e in result.validation_errors() {
+            let id = e.policy_id().to_string();
+            let file = origin.get(&id).cloned().unwrap_or_default();
+            let text = files
+                .iter()
+                .find(|(n, _)| *n == file)
+                .map_or("", |(_, t)| t.as_str());
+            errors.push(PolicyError::Invalid(format!(
+                "`{file}` policy `{id}`: {}",
+                describe(e, text)
+            )));
+        }
+        if errors.len() > 1 {
+            return Err(PolicyError::Several(errors));
+        }
+        if let Some(e) = errors.pop() {
+            return Err(e);
         }
         Ok(PolicySet {
             set,
@@ -611,10 +628,46 @@ fn annotations_of(
     Ok(out)
 }
 
-/// Parse errors with the line and column Cedar points at.
+/// The policies of one parsed file with their Writ ids: `@id`, else `<file stem>:<index>`.
+fn numbered<'a>(
+    parsed: &'a cedar_policy::PolicySet,
+    file: &str,
+) -> Vec<(String, &'a cedar_policy::Policy)> {
+    // Cedar numbers the policies of a file policy0, policy1, ... in source order.
+    let mut policies: Vec<&cedar_policy::Policy> = parsed.policies().collect();
+    policies.sort_by_key(|p| {
+        p.id()
+            .to_string()
+            .trim_start_matches("policy")
+            .parse::<usize>()
+            .unwrap_or(usize::MAX)
+    });
+    policies
+        .into_iter()
+        .enumerate()
+        .map(|(i, policy)| {
+            let id = policy
+                .annotation("id")
+                .map(str::to_string)
+                .unwrap_or_else(|| format!("{}:{i}", stem(file)));
+            (id, policy)
+        })
+        .collect()
+}
+
+/// Every parse error of a file, each with the line and column Cedar points at.
 fn render_errors(e: &cedar_policy::ParseErrors, text: &str) -> String {
-    let mut s = e.to_string();
-    if let Some(mut labels) = miette::Diagnostic::labels(e)
+    let rest = miette::Diagnostic::related(e).into_iter().flatten();
+    std::iter::once(describe(e, text))
+        .chain(rest.map(|d| describe(d, text)))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// One diagnostic, with the line and column of its first label in `text` when it has one.
+fn describe<D: miette::Diagnostic + ?Sized>(d: &D, text: &str) -> String {
+    let mut s = d.to_string();
+    if let Some(mut labels) = d.labels()
         && let Some(l) = labels.next()
     {
         let before = text.get(..l.offset().min(text.len())).unwrap_or("");

@@ -141,10 +141,16 @@ REDIS_PASSWORD = "s3cr3t p@ss/word+%"
 
 with helm.Chart.load(str(CHART)) as chart:
     PROD = yaml.safe_load((CHART / "ci" / "production-values.yaml").read_text())
+    # The README's install: its --set values, then -f examples/production/my-values.yaml.
+    README_VALUES = yaml.safe_load((ROOT / "examples" / "production" / "my-values.yaml").read_text())
+    README_VALUES.setdefault("broker", {})["issuer"] = "https://writ.platform.example.org"
+    README_VALUES.setdefault("redis", {})["url"] = "redis://redis.data:6379/0"
+    README_VALUES.setdefault("adminTokens", {})["existingSecret"] = "writ-admin-tokens"
 
     for label, values in [
         ("default values", {}),
         ("production values", PROD),
+        ("README install with examples/production/my-values.yaml", README_VALUES),
         ("trial values with the single-node Redis", {"redis": {"url": "", "internal": {"enabled": True}}}),
     ]:
 

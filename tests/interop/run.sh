@@ -36,6 +36,25 @@ done
 export BROKER="http://127.0.0.1:$PORT" BROKER_PATH="http://127.0.0.1:$PORT2/writ" WORK="$work" OP_PORT
 status=0
 .venv/bin/python tests/interop/python/test_interop.py || status=1
+# The agent example of the README (examples/agents/agent.py): a JWT-SVID of the interop trust
+# domain, and an ID token of the OIDC issuer, which is not running yet (503, retried).
+.venv/bin/python - "$work" >"$work/agent.svid" <<'PY'
+import sys, time, jwt
+w = sys.argv[1]
+now = int(time.time())
+claims = {"sub": "spiffe://interop.test/agent/example", "aud": ["writ"], "iat": now, "exp": now + 300}
+key, kid = open(f"{w}/td-key.pem").read(), open(f"{w}/td-kid").read()
+print(jwt.encode(claims, key, algorithm="ES256", headers={"kid": kid}), end="")
+PY
+.venv/bin/python - "$OP_PORT" >"$work/unavailable.jwt" <<'PY'
+import sys, time, jwt
+from cryptography.hazmat.primitives.asymmetric import ec
+now = int(time.time())
+claims = {"iss": f"http://127.0.0.1:{sys.argv[1]}", "sub": "agent", "aud": "writ", "iat": now, "exp": now + 300}
+print(jwt.encode(claims, ec.generate_private_key(ec.SECP256R1()), algorithm="ES256", headers={"kid": "k"}), end="")
+PY
+SVID_FILE="$work/agent.svid" AUDIENCE=https://api.interop.test UNAVAILABLE_TOKEN_FILE="$work/unavailable.jwt" \
+  .venv/bin/python examples/agents/agent.py || status=1
 node tests/interop/node/test.mjs || status=1
 node tests/interop/node/oidc.mjs || status=1
 # A bounded schemathesis run against the served OpenAPI description: no 5xx, every status
