@@ -218,6 +218,10 @@ const SHELL: &[(&str, Use)] = &[
         Use::Skip("needs docker, kubectl and a cluster; tests/chart renders the chart"),
     ),
     (
+        "--set redis.existingSecret=writ-redis",
+        Use::Skip("needs kubectl and a cluster; tests/chart renders the existing-Secret wiring"),
+    ),
+    (
         "INC-1234",
         Use::Skip("a production broker and its admin token"),
     ),
