@@ -3,8 +3,8 @@
  * workload identity (a JWT-SVID) for a task token, mint a second token into the task, end the
  * task, and handle each OAuth error the broker answers. The same agent as agent.py.
  *
- *     tsc --strict --target es2022 --module nodenext --types node --outDir out examples/agents/agent.ts
- *     BROKER=http://127.0.0.1:8080 SVID_FILE=.writ-dev/demo.svid node out/agent.js
+ *     tsc --strict --target es2022 --module nodenext --types node --outDir /tmp/agent-ts examples/agents/agent.ts
+ *     BROKER=http://127.0.0.1:8080 SVID_FILE=.writ-dev/demo.svid node /tmp/agent-ts/agent.js
  *
  * tests/interop/run.sh compiles and runs it against a real broker, with UNAVAILABLE_TOKEN_FILE
  * naming an ID token of an OIDC issuer that is down, to show the 503 retry.
