@@ -241,6 +241,12 @@ const SHELL: &[(&str, Use)] = &[
     ),
     ("export WRIT_BROKER", Use::Run { stdout: "" }),
     (
+        "node_modules/.bin/tsc",
+        Use::Skip(
+            "needs npm ci in tests/interop/node; tests/interop/run.sh compiles and runs agent.ts",
+        ),
+    ),
+    (
         "python3 examples/agents/agent.py",
         Use::Run {
             stdout: "after the end: 400 invalid_grant",
@@ -433,6 +439,21 @@ fn subject_tokens_are_not_trimmed_and_demo_svid_has_no_newline() {
         out,
         r#"{"error":"invalid_request","error_description":"subject_token is not valid"}"#
     );
+}
+
+/// The TypeScript shown in the README is the agent example's own code, word for word.
+#[test]
+fn typescript_blocks_are_excerpts_of_the_agent_example() {
+    let source = std::fs::read_to_string(Path::new(ROOT).join("examples/agents/agent.ts")).unwrap();
+    let ts: Vec<Block> = blocks().into_iter().filter(|b| b.lang == "ts").collect();
+    assert!(!ts.is_empty(), "README shows no ts block");
+    for b in ts {
+        assert!(
+            source.contains(&b.body),
+            "README line {}: this ts block is not in examples/agents/agent.ts",
+            b.line
+        );
+    }
 }
 
 #[test]

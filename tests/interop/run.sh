@@ -8,7 +8,7 @@ WRIT=${WRIT_BIN:-$ROOT/target/debug/writ}
 
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -c "import jwt, jwcrypto, schemathesis" 2>/dev/null || .venv/bin/pip install -q --disable-pip-version-check pyjwt jwcrypto cryptography schemathesis
-if [ ! -d tests/interop/node/node_modules/oidc-provider ]; then
+if [ ! -d tests/interop/node/node_modules/oidc-provider ] || [ ! -x tests/interop/node/node_modules/.bin/tsc ]; then
   (cd tests/interop/node && npm ci --no-audit --no-fund --loglevel=error)
 fi
 
@@ -55,6 +55,16 @@ print(jwt.encode(claims, ec.generate_private_key(ec.SECP256R1()), algorithm="ES2
 PY
 SVID_FILE="$work/agent.svid" AUDIENCE=https://api.interop.test UNAVAILABLE_TOKEN_FILE="$work/unavailable.jwt" \
   .venv/bin/python examples/agents/agent.py || status=1
+# The same agent in TypeScript (examples/agents/agent.ts): compiled with the pinned tsc, run
+# with Node's built-in fetch, on the same inputs and with the same checks.
+types=tests/interop/node/node_modules/@types
+if tests/interop/node/node_modules/.bin/tsc --strict --target es2022 --module nodenext \
+  --typeRoots "$types" --types node --outDir "$work/agent-ts" examples/agents/agent.ts; then
+  SVID_FILE="$work/agent.svid" AUDIENCE=https://api.interop.test UNAVAILABLE_TOKEN_FILE="$work/unavailable.jwt" \
+    node "$work/agent-ts/agent.js" || status=1
+else
+  status=1
+fi
 node tests/interop/node/test.mjs || status=1
 node tests/interop/node/oidc.mjs || status=1
 # A bounded schemathesis run against the served OpenAPI description: no 5xx, every status
