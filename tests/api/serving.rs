@@ -377,13 +377,21 @@ async fn admin_routes_are_served_on_their_own_listener_when_configured() {
     // Default: on the main listener.
     let first = app_with(SHORT).await;
     let (s, v) = first
-        .call(reqwest::Method::GET, "/admin/v1/tasks", Some(ADMIN_TOKEN), None)
+        .call(
+            reqwest::Method::GET,
+            "/admin/v1/tasks",
+            Some(ADMIN_TOKEN),
+            None,
+        )
         .await;
     assert_eq!(s, 200, "{v}");
 
     let port = crate::redis_support::free_port();
     let app = spawn_edited(&first, |t| {
-        t.replace("[admin]\n", &format!("[admin]\nlisten = \"127.0.0.1:{port}\"\n"))
+        t.replace(
+            "[admin]\n",
+            &format!("[admin]\nlisten = \"127.0.0.1:{port}\"\n"),
+        )
     })
     .await;
     let admin = format!("http://127.0.0.1:{port}");
@@ -402,7 +410,12 @@ async fn admin_routes_are_served_on_their_own_listener_when_configured() {
     assert!(v.to_string().contains(&task), "{v}");
     // Not on the main listener: answered as an unknown path.
     let (s, _) = app
-        .call(reqwest::Method::GET, "/admin/v1/tasks", Some(ADMIN_TOKEN), None)
+        .call(
+            reqwest::Method::GET,
+            "/admin/v1/tasks",
+            Some(ADMIN_TOKEN),
+            None,
+        )
         .await;
     assert_eq!(s, 404);
     let (s, _) = app
@@ -427,7 +440,10 @@ async fn admin_routes_are_served_on_their_own_listener_when_configured() {
     // The per-connection limits hold there too: a silent connection is cut at header_timeout.
     let mut silent = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
     let closed = wait_closed(&mut silent, HEADER_TIMEOUT + SLACK).await;
-    assert!(closed.is_some(), "a silent admin connection outlived header_timeout");
+    assert!(
+        closed.is_some(),
+        "a silent admin connection outlived header_timeout"
+    );
     app.assert_still_serving().await;
 }
 
