@@ -15,21 +15,53 @@ use crate::policy::{ReloadOutcome, spawn_watcher};
 /// period is 30 s).
 pub const DRAIN_BOUND: Duration = Duration::from_secs(20);
 
-/// The main listener and, when `[metrics] listen` is set, the metrics listener.
-async fn bind(config: &Config) -> anyhow::Result<(TcpListener, Option<TcpListener>)> {
-    let listen = &config.server.listen;
-    let listener = TcpListener::bind(listen)
+/// The main listener and, when `[metrics] listen` or `[admin] listen` is set, theirs.
+struct Listeners {
+    main: TcpListener,
+    metrics: Option<TcpListener>,
+    admin: Option<TcpListener>,
+}
+
+async fn bind(config: &Config) -> anyhow::Result<Listeners> {
+    Ok(Listeners {
+        main: bind_one("server.listen", &config.server.listen).await?,
+        metrics: bind_optional("metrics.listen", config.metrics.listen.as_deref()).await?,
+        admin: bind_optional("admin.listen", config.admin.listen.as_deref()).await?,
+    })
+}
+
+async fn bind_one(key: &str, addr: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
         .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on server.listen `{listen}`: {e}"))?;
-    let metrics = match &config.metrics.listen {
-        Some(a) => Some(
-            TcpListener::bind(a)
-                .await
-                .map_err(|e| anyhow::anyhow!("cannot listen on metrics.listen `{a}`: {e}"))?,
-        ),
+        .map_err(|e| anyhow::anyhow!("cannot listen on {key} `{addr}`: {e}"))
+}
+
+async fn bind_optional(key: &str, addr: Option<&str>) -> anyhow::Result<Option<TcpListener>> {
+    match addr {
+        Some(a) => Ok(Some(bind_one(key, a).await?)),
+        None => Ok(None),
+    }
+}
+
+fn local_addr(listener: Option<&TcpListener>) -> anyhow::Result<Option<SocketAddr>> {
+    Ok(match listener {
+        Some(l) => Some(l.local_addr()?),
         None => None,
-    };
-    Ok((listener, metrics))
+    })
+}
+
+/// Serves `router` on `listener`, if there is one.
+async fn serve_optional(
+    listener: Option<TcpListener>,
+    router: axum::Router,
+    limits: Limits,
+    broker: Arc<Broker>,
+    name: &'static str,
+    stopping: tokio::sync::watch::Receiver<bool>,
+) {
+    if let Some(l) = listener {
+        serve(l, router, limits, broker, name, stopping).await;
+    }
 }
 
 /// Logged at the start of a broker on the memory store.
@@ -39,43 +71,34 @@ before this start are reported inactive. Use a Redis store for anything that mus
 restart";
 
 pub struct Application {
-    listener: TcpListener,
-    metrics_listener: Option<TcpListener>,
+    listeners: Listeners,
     broker: Arc<Broker>,
     addr: SocketAddr,
     metrics_addr: Option<SocketAddr>,
+    admin_addr: Option<SocketAddr>,
 }
 
 impl Application {
     /// Binds the listeners (`:0` picks a free port), then builds the broker: a port in use
     /// stops the start before the broker touches its decision log.
     pub async fn build(config: Config) -> anyhow::Result<Application> {
-        let (listener, metrics_listener) = bind(&config).await?;
+        let listeners = bind(&config).await?;
         let broker = Broker::build(config).await?;
-        Self::assemble(Arc::new(broker), listener, metrics_listener)
+        Self::assemble(Arc::new(broker), listeners)
     }
 
     pub async fn from_broker(broker: Arc<Broker>) -> anyhow::Result<Application> {
-        let (listener, metrics_listener) = bind(&broker.config).await?;
-        Self::assemble(broker, listener, metrics_listener)
+        let listeners = bind(&broker.config).await?;
+        Self::assemble(broker, listeners)
     }
 
-    fn assemble(
-        broker: Arc<Broker>,
-        listener: TcpListener,
-        metrics_listener: Option<TcpListener>,
-    ) -> anyhow::Result<Application> {
-        let addr = listener.local_addr()?;
-        let metrics_addr = match &metrics_listener {
-            Some(l) => Some(l.local_addr()?),
-            None => None,
-        };
+    fn assemble(broker: Arc<Broker>, listeners: Listeners) -> anyhow::Result<Application> {
         Ok(Application {
-            listener,
-            metrics_listener,
+            addr: listeners.main.local_addr()?,
+            metrics_addr: local_addr(listeners.metrics.as_ref())?,
+            admin_addr: local_addr(listeners.admin.as_ref())?,
+            listeners,
             broker,
-            addr,
-            metrics_addr,
         })
     }
 
@@ -86,6 +109,11 @@ impl Application {
     /// Where `/metrics` is served when `[metrics] listen` is set.
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
         self.metrics_addr
+    }
+
+    /// Where `/admin/v1/*` is served when `[admin] listen` is set.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
     }
 
     pub fn broker(&self) -> Arc<Broker> {
@@ -104,26 +132,38 @@ impl Application {
         let background = spawn_background(self.broker.clone());
         let limits = Limits::from_config(&self.broker.config.server);
         let (stopping_tx, stopping_rx) = tokio::sync::watch::channel(false);
+        let Listeners {
+            main,
+            metrics,
+            admin,
+        } = self.listeners;
+        let b = &self.broker;
         let main = serve(
-            self.listener,
-            crate::http::router(self.broker.clone()),
+            main,
+            crate::http::router(b.clone()),
             limits,
-            self.broker.clone(),
+            b.clone(),
             "main",
             stopping_rx.clone(),
         );
-        let metrics = {
-            let listener = self.metrics_listener;
-            let router = crate::http::metrics_router(self.broker.clone());
-            let m = self.broker.clone();
-            async move {
-                if let Some(l) = listener {
-                    serve(l, router, limits, m, "metrics", stopping_rx).await;
-                }
-            }
-        };
+        let metrics = serve_optional(
+            metrics,
+            crate::http::metrics_router(b.clone()),
+            limits,
+            b.clone(),
+            "metrics",
+            stopping_rx.clone(),
+        );
+        let admin = serve_optional(
+            admin,
+            crate::http::admin_router(b.clone()),
+            limits,
+            b.clone(),
+            "admin",
+            stopping_rx,
+        );
         let serving = async move {
-            tokio::join!(main, metrics);
+            tokio::join!(main, metrics, admin);
         };
         tokio::pin!(serving);
         tokio::select! {

@@ -358,6 +358,9 @@ pub struct AdminConfig {
     pub token_sha256: Vec<String>,
     #[serde(default)]
     pub principals: Vec<String>,
+    /// Serve `/admin/v1/*` on this address only (and not on `server.listen`).
+    #[serde(default)]
+    pub listen: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -512,20 +515,7 @@ impl Config {
                 "must be between 8192 and 1048576",
             ));
         }
-        if let Some(m) = &self.metrics.listen {
-            let addr = m.parse::<SocketAddr>().map_err(|_| {
-                ConfigError::new(
-                    "metrics.listen",
-                    format!("`{m}` is not a host:port socket address"),
-                )
-            })?;
-            if addr.port() != 0 && s.listen.parse::<SocketAddr>().ok() == Some(addr) {
-                return Err(ConfigError::new(
-                    "metrics.listen",
-                    "must differ from server.listen (leave it unset to serve /metrics there)",
-                ));
-            }
-        }
+        self.validate_listeners()?;
         if s.tls.is_some() {
             return Err(ConfigError::new(
                 "server.tls",
@@ -533,6 +523,33 @@ impl Config {
             ));
         }
 
+        Ok(())
+    }
+
+    /// `metrics.listen` and `admin.listen` are socket addresses, each its own (a `:0` port
+    /// is a fresh one every time, so it never clashes).
+    fn validate_listeners(&self) -> Result<(), ConfigError> {
+        let main = self.server.listen.parse::<SocketAddr>().ok();
+        let metrics = parse_listen("metrics.listen", self.metrics.listen.as_deref())?;
+        if metrics.is_some_and(|m| m.port() != 0 && Some(m) == main) {
+            return Err(ConfigError::new(
+                "metrics.listen",
+                "must differ from server.listen (leave it unset to serve /metrics there)",
+            ));
+        }
+        let admin = parse_listen("admin.listen", self.admin.listen.as_deref())?;
+        if admin.is_some_and(|a| a.port() != 0 && Some(a) == main) {
+            return Err(ConfigError::new(
+                "admin.listen",
+                "must differ from server.listen (leave it unset to serve /admin/v1 there)",
+            ));
+        }
+        if admin.is_some_and(|a| a.port() != 0 && Some(a) == metrics) {
+            return Err(ConfigError::new(
+                "admin.listen",
+                "must differ from metrics.listen",
+            ));
+        }
         Ok(())
     }
 
@@ -804,6 +821,16 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// An optional listen address, parsed; a bad one is refused with `key` named.
+fn parse_listen(key: &str, value: Option<&str>) -> Result<Option<SocketAddr>, ConfigError> {
+    let Some(v) = value else {
+        return Ok(None);
+    };
+    v.parse::<SocketAddr>()
+        .map(Some)
+        .map_err(|_| ConfigError::new(key, format!("`{v}` is not a host:port socket address")))
 }
 
 fn check_duration_range(
@@ -1099,6 +1126,40 @@ dir = "p"
         .unwrap();
         assert_eq!(c.server.idle_timeout, Duration::from_secs(5));
         assert_eq!(c.metrics.listen.as_deref(), Some("127.0.0.1:0"));
+    }
+
+    #[test]
+    fn admin_listen_is_its_own_address() {
+        assert_eq!(load("").unwrap().admin.listen, None);
+        let c = load("[admin]\nlisten = \"127.0.0.1:8081\"\n").unwrap();
+        assert_eq!(c.admin.listen.as_deref(), Some("127.0.0.1:8081"));
+        let cases = [
+            (
+                "[admin]\nlisten = \"nowhere\"\n",
+                "`nowhere` is not a host:port socket address",
+            ),
+            (
+                "[admin]\nlisten = \"127.0.0.1:8080\"\n",
+                "must differ from server.listen (leave it unset to serve /admin/v1 there)",
+            ),
+            (
+                "[admin]\nlisten = \"127.0.0.1:9464\"\n[metrics]\nlisten = \"127.0.0.1:9464\"\n",
+                "must differ from metrics.listen",
+            ),
+        ];
+        for (text, message) in cases {
+            let e = load(text).unwrap_err();
+            assert_eq!(
+                (e.key.as_str(), e.message.as_str()),
+                ("admin.listen", message)
+            );
+        }
+        let e = load("[admin]\nlisten = 8081\n").unwrap_err();
+        assert_eq!(e.key, "admin.listen");
+        // Port 0 is a fresh port each time: never the same address as another listener.
+        let c = load("[admin]\nlisten = \"127.0.0.1:0\"\n[metrics]\nlisten = \"127.0.0.1:0\"\n")
+            .unwrap();
+        assert_eq!(c.admin.listen.as_deref(), Some("127.0.0.1:0"));
     }
 
     #[test]

@@ -591,6 +591,57 @@ fn serve_logs_json_with_request_ids_and_stops_cleanly_on_sigterm() {
     assert!(stdout.contains("chain intact"));
 }
 
+#[test]
+fn serve_puts_the_admin_api_on_admin_listen_only() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let (port, admin_port) = (free_port(), free_port());
+    let token = "cli-admin-token-0123456789";
+    let cfg = write_config(
+        dir.path(),
+        &format!(
+            "[admin]\nlisten = \"127.0.0.1:{admin_port}\"\ntoken_sha256 = [\"{}\"]\n",
+            writ::domain::sha256_hex(token.as_bytes())
+        ),
+    );
+    let text = std::fs::read_to_string(&cfg).unwrap().replace(
+        "[server]\n",
+        &format!("[server]\nlisten = \"127.0.0.1:{port}\"\n"),
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let mut child = writ()
+        .args(["serve", "--config"])
+        .arg(&cfg)
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut first = String::new();
+    stderr.read_line(&mut first).unwrap();
+    assert!(first.contains("listening"), "{first}");
+    let main = format!("http://127.0.0.1:{port}");
+    let admin = format!("http://127.0.0.1:{admin_port}");
+    assert_eq!(http_get(&main, "/admin/v1/tasks", token).0, 404);
+    let (status, body) = http_get(&admin, "/admin/v1/tasks", token);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(http_get(&admin, "/admin/v1/tasks", "wrong").0, 401);
+    assert_eq!(http_get(&main, "/healthz", "").0, 200);
+    assert_eq!(http_get(&admin, "/healthz", "").0, 404);
+    // The token endpoint is not on the admin listener.
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", admin_port)).unwrap();
+    s.write_all(b"POST /oauth2/token HTTP/1.1\r\nhost: x\r\ncontent-type: application/x-www-form-urlencoded\r\ncontent-length: 0\r\nconnection: close\r\n\r\n").unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    assert!(resp.starts_with("HTTP/1.1 404"), "{resp}");
+    std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+}
+
 /// A loopback port that was free a moment ago.
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

@@ -58,6 +58,16 @@ pub fn router(broker: Arc<Broker>) -> Router {
     layered(routes, broker)
 }
 
+/// The router of the `[admin] listen` address: `/admin/v1/*` (at the root and under the
+/// issuer's path, as on the main listener) and nothing else.
+pub fn admin_router(broker: Arc<Broker>) -> Router {
+    let mut routes = admin_routes();
+    if let Some(prefix) = crate::config::issuer_path(broker.tokens.issuer()) {
+        routes = routes.nest(&prefix, admin_routes());
+    }
+    layered(routes, broker)
+}
+
 fn routes(broker: &Arc<Broker>) -> Router<Arc<Broker>> {
     Router::new()
         .route("/oauth2/token", post(oauth::token))
@@ -70,6 +80,15 @@ fn routes(broker: &Arc<Broker>) -> Router<Arc<Broker>> {
         )
         .route("/v1/tasks/{task_id}", get(tasks::get_task))
         .route("/v1/tasks/{task_id}/end", post(tasks::end_task))
+        .merge(admin_on_main_listener(broker))
+        .route("/healthz", get(ops::healthz))
+        .route("/readyz", get(ops::readyz))
+        .merge(metrics_on_main_listener(broker))
+        .route("/openapi.json", get(ops::openapi))
+}
+
+fn admin_routes() -> Router<Arc<Broker>> {
+    Router::new()
         .route(
             "/admin/v1/revocations",
             post(admin::create_revocation).get(admin::list_revocations),
@@ -83,10 +102,14 @@ fn routes(broker: &Arc<Broker>) -> Router<Arc<Broker>> {
             post(admin::confirm_store_reset),
         )
         .route("/admin/v1/audit/head", get(audit::head))
-        .route("/healthz", get(ops::healthz))
-        .route("/readyz", get(ops::readyz))
-        .merge(metrics_on_main_listener(broker))
-        .route("/openapi.json", get(ops::openapi))
+}
+
+/// `/admin/v1/*` stays on the main listener unless `[admin] listen` moves it.
+fn admin_on_main_listener(broker: &Arc<Broker>) -> Router<Arc<Broker>> {
+    match broker.config.admin.listen {
+        None => admin_routes(),
+        Some(_) => Router::new(),
+    }
 }
 
 fn layered(routes: Router<Arc<Broker>>, broker: Arc<Broker>) -> Router {

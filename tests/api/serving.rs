@@ -1,6 +1,6 @@
 //! Serving limits (SPEC §8), on real sockets: slow and idle clients are cut off at their
 //! timeouts, connections past `max_connections` wait, memory stays bounded, and `/metrics`
-//! can be moved off the main listener.
+//! and the admin API can be moved off the main listener.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -369,6 +369,81 @@ async fn metrics_are_served_on_their_own_listener_when_configured() {
         .unwrap()
         .status();
     assert_eq!(s, 404);
+    app.assert_still_serving().await;
+}
+
+#[tokio::test]
+async fn admin_routes_are_served_on_their_own_listener_when_configured() {
+    // Default: on the main listener.
+    let first = app_with(SHORT).await;
+    let (s, v) = first
+        .call(
+            reqwest::Method::GET,
+            "/admin/v1/tasks",
+            Some(ADMIN_TOKEN),
+            None,
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+
+    let port = crate::redis_support::free_port();
+    let app = spawn_edited(&first, |t| {
+        t.replace(
+            "[admin]\n",
+            &format!("[admin]\nlisten = \"127.0.0.1:{port}\"\n"),
+        )
+    })
+    .await;
+    let admin = format!("http://127.0.0.1:{port}");
+    let (_, task) = app.task_token(AGENT, "repo:read").await;
+    // On the admin listener, with request ids as on the main one.
+    let resp = app
+        .http
+        .get(format!("{admin}/admin/v1/tasks"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(resp.headers().contains_key("x-request-id"));
+    let v: serde_json::Value = resp.json().await.unwrap();
+    assert!(v.to_string().contains(&task), "{v}");
+    // Not on the main listener: answered as an unknown path.
+    let (s, _) = app
+        .call(
+            reqwest::Method::GET,
+            "/admin/v1/tasks",
+            Some(ADMIN_TOKEN),
+            None,
+        )
+        .await;
+    assert_eq!(s, 404);
+    let (s, _) = app
+        .admin_revoke(serde_json::json!({"selector": {"task_id": task}, "reason": "x"}))
+        .await;
+    assert_eq!(s, 404);
+    // Nothing but the admin API on the admin listener.
+    for (method, path) in [
+        (reqwest::Method::POST, "/oauth2/token"),
+        (reqwest::Method::GET, "/oauth2/jwks"),
+        (reqwest::Method::GET, "/metrics"),
+    ] {
+        let s = app
+            .http
+            .request(method, format!("{admin}{path}"))
+            .send()
+            .await
+            .unwrap()
+            .status();
+        assert_eq!(s, 404, "{path}");
+    }
+    // The per-connection limits hold there too: a silent connection is cut at header_timeout.
+    let mut silent = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let closed = wait_closed(&mut silent, HEADER_TIMEOUT + SLACK).await;
+    assert!(
+        closed.is_some(),
+        "a silent admin connection outlived header_timeout"
+    );
     app.assert_still_serving().await;
 }
 

@@ -221,6 +221,9 @@ with helm.Chart.load(str(CHART)) as chart:
         "an empty networkPolicy.metricsFrom": {"networkPolicy": {"enabled": True, "metricsFrom": []}},
         "a metrics port equal to the broker's": {"metrics": {"port": 8080}},
         "a metrics port out of range": {"metrics": {"port": 70000}},
+        "an empty networkPolicy.adminFrom": {"networkPolicy": {"enabled": True, "adminFrom": []}},
+        "an admin port equal to the broker's": {"admin": {"port": 8080}},
+        "an admin port out of range": {"admin": {"port": 0}},
     }
     for label, values in bad_values.items():
 
@@ -323,17 +326,18 @@ with helm.Chart.load(str(CHART)) as chart:
             validate_strict(write_out(r, d))
             checkov(d)
 
-    @check("default NetworkPolicy names its sources: broker port from ingressFrom, metrics port from metricsFrom")
+    @check("default NetworkPolicy names its sources: broker port from ingressFrom, metrics port from metricsFrom, admin port from adminFrom")
     def _():
         r = render(chart, {})
         np = next(d for d in manifests(r) if d["kind"] == "NetworkPolicy" and d["metadata"]["name"] == "writ")
         rules = np["spec"]["ingress"]
         assert rules and all(rule.get("from") for rule in rules), rules
         by_port = {rule["ports"][0]["port"]: rule for rule in rules}
-        assert set(by_port) == {8080, 9090}, rules
+        assert set(by_port) == {8080, 9090, 8081}, rules
         assert all(len(rule["ports"]) == 1 for rule in rules), rules
         assert by_port[8080]["from"] == [{"podSelector": {"matchLabels": {"writ-client": "true"}}}]
         assert by_port[9090]["from"] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
+        assert by_port[8081]["from"] == [{"podSelector": {"matchLabels": {"writ-admin": "true"}}}]
 
     @check("metrics on their own port: [metrics] listen, a metrics Service the ServiceMonitor scrapes, not the main Service")
     def _():
@@ -341,7 +345,7 @@ with helm.Chart.load(str(CHART)) as chart:
         toml = writ_checks(r)
         assert '[metrics]\nlisten = "0.0.0.0:9464"' in toml, toml
         c = deployment(r)["spec"]["template"]["spec"]["containers"][0]
-        assert {p["name"]: p["containerPort"] for p in c["ports"]} == {"http": 8080, "metrics": 9464}
+        assert {p["name"]: p["containerPort"] for p in c["ports"]} == {"http": 8080, "metrics": 9464, "admin": 8081}
         for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
             assert c[probe]["httpGet"]["port"] == "http"
         services = {d["metadata"]["name"]: d for d in manifests(r) if d["kind"] == "Service"}
@@ -352,6 +356,33 @@ with helm.Chart.load(str(CHART)) as chart:
         sel = sm["spec"]["selector"]["matchLabels"]
         assert sel.items() <= services["writ-metrics"]["metadata"]["labels"].items()
         assert not sel.items() <= services["writ"]["metadata"]["labels"].items(), "the ServiceMonitor also selects the main Service"
+
+    @check("the admin API on its own port: [admin] listen, an admin Service, not the main Service, adminFrom only")
+    def _():
+        admin_from = [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "security"}}}]
+        r = render(chart, {"admin": {"port": 8181}, "networkPolicy": {**copy.deepcopy(chart.values["networkPolicy"]), "adminFrom": admin_from}})
+        toml = writ_checks(r)
+        assert re.search(r'^\[admin\]\nlisten = "0\.0\.0\.0:8181"$', toml, re.M), toml
+        c = deployment(r)["spec"]["template"]["spec"]["containers"][0]
+        assert {p["name"]: p["containerPort"] for p in c["ports"]} == {"http": 8080, "metrics": 9090, "admin": 8181}
+        services = {d["metadata"]["name"]: d for d in manifests(r) if d["kind"] == "Service"}
+        assert [p["name"] for p in services["writ"]["spec"]["ports"]] == ["http"]
+        admin = services["writ-admin"]["spec"]
+        assert admin["type"] == "ClusterIP"
+        assert [(p["name"], p["port"], p["targetPort"]) for p in admin["ports"]] == [("admin", 8181, "admin")]
+        np = next(d for d in manifests(r) if d["kind"] == "NetworkPolicy" and d["metadata"]["name"] == "writ")
+        by_port = {rule["ports"][0]["port"]: rule for rule in np["spec"]["ingress"]}
+        assert by_port[8181]["from"] == admin_from, np
+        assert 8081 not in by_port, np
+
+    @check("an admin port equal to the metrics port fails with the value to set")
+    def _():
+        try:
+            chart.render({"admin": {"port": 9090}}, name="writ", namespace="writ")
+        except helm.HelmError as e:
+            assert "admin.port must differ from metrics.port" in str(e), str(e)
+            return
+        raise AssertionError("rendered with admin.port equal to metrics.port")
 
     @check("helm lint --strict passes with the default, production and Redis Secret values")
     def _():
