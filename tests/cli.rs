@@ -518,26 +518,42 @@ fn task_end_revoke_and_listings_from_the_command_line() {
     assert!(!err.contains("nope"), "the secret is never echoed");
 }
 
-#[test]
-fn serve_logs_json_with_request_ids_and_stops_cleanly_on_sigterm() {
-    use std::io::{BufRead, BufReader, Read};
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let cfg = write_config(dir.path(), "");
+/// `writ serve` with `write_config(dir, extra)` listening on `127.0.0.1:port`, stderr piped
+/// (`WRIT_LOG` set to `log` when given): the child and its stderr.
+fn spawn_serve(
+    dir: &std::path::Path,
+    port: u16,
+    extra: &str,
+    log: Option<&str>,
+) -> (
+    std::process::Child,
+    std::io::BufReader<std::process::ChildStderr>,
+) {
+    let cfg = write_config(dir, extra);
     let text = std::fs::read_to_string(&cfg).unwrap().replace(
         "[server]\n",
         &format!("[server]\nlisten = \"127.0.0.1:{port}\"\n"),
     );
     std::fs::write(&cfg, text).unwrap();
-    let mut child = writ()
-        .args(["serve", "--config"])
+    let mut cmd = writ();
+    cmd.args(["serve", "--config"])
         .arg(&cfg)
-        .env("WRIT_LOG", "debug")
         .stderr(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+        .stdout(std::process::Stdio::null());
+    if let Some(level) = log {
+        cmd.env("WRIT_LOG", level);
+    }
+    let mut child = cmd.spawn().unwrap();
+    let stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    (child, stderr)
+}
+
+#[test]
+fn serve_logs_json_with_request_ids_and_stops_cleanly_on_sigterm() {
+    use std::io::{BufRead, Read};
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let (mut child, mut stderr) = spawn_serve(dir.path(), port, "", Some("debug"));
     let mut first = String::new();
     stderr.read_line(&mut first).unwrap();
     let v: serde_json::Value = serde_json::from_str(&first).expect("JSON log lines");
@@ -593,30 +609,19 @@ fn serve_logs_json_with_request_ids_and_stops_cleanly_on_sigterm() {
 
 #[test]
 fn serve_puts_the_admin_api_on_admin_listen_only() {
-    use std::io::{BufRead, BufReader, Read, Write};
+    use std::io::{BufRead, Read, Write};
     let dir = tempfile::tempdir().unwrap();
     let (port, admin_port) = (free_port(), free_port());
     let token = "cli-admin-token-0123456789";
-    let cfg = write_config(
+    let (mut child, mut stderr) = spawn_serve(
         dir.path(),
+        port,
         &format!(
             "[admin]\nlisten = \"127.0.0.1:{admin_port}\"\ntoken_sha256 = [\"{}\"]\n",
             writ::domain::sha256_hex(token.as_bytes())
         ),
+        None,
     );
-    let text = std::fs::read_to_string(&cfg).unwrap().replace(
-        "[server]\n",
-        &format!("[server]\nlisten = \"127.0.0.1:{port}\"\n"),
-    );
-    std::fs::write(&cfg, text).unwrap();
-    let mut child = writ()
-        .args(["serve", "--config"])
-        .arg(&cfg)
-        .stderr(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut stderr = BufReader::new(child.stderr.take().unwrap());
     let mut first = String::new();
     stderr.read_line(&mut first).unwrap();
     assert!(first.contains("listening"), "{first}");
@@ -1561,28 +1566,16 @@ fn unsigned_jwt(payload: serde_json::Value) -> String {
 
 #[test]
 fn serve_logs_without_colour_to_a_pipe_and_warns_of_an_unreachable_issuer() {
-    use std::io::{BufRead, BufReader, Read};
+    use std::io::{BufRead, Read};
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let issuer = format!("http://127.0.0.1:{}", free_port());
-    let cfg = write_config(
+    let (mut child, mut stderr) = spawn_serve(
         dir.path(),
+        port,
         &format!("[[oidc.issuers]]\nissuer = \"{issuer}\"\naudience = \"writ\"\n"),
+        Some("debug"),
     );
-    let text = std::fs::read_to_string(&cfg).unwrap().replace(
-        "[server]\n",
-        &format!("[server]\nlisten = \"127.0.0.1:{port}\"\n"),
-    );
-    std::fs::write(&cfg, text).unwrap();
-    let mut child = writ()
-        .args(["serve", "--config"])
-        .arg(&cfg)
-        .env("WRIT_LOG", "debug")
-        .stderr(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut stderr = BufReader::new(child.stderr.take().unwrap());
     let mut head = String::new();
     while !head.contains("listening") {
         assert!(stderr.read_line(&mut head).unwrap() > 0, "{head}");
