@@ -17,7 +17,10 @@ trap 'kill ${PID:-} ${PID2:-} 2>/dev/null || true; rm -rf "$work"' EXIT
 PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 "$WRIT" keys generate --alg ES256 --out "$work/signing.pem" >/dev/null
 OP_PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-.venv/bin/python tests/interop/setup_td.py "$work" "$PORT" "$ROOT" "$OP_PORT"
+# An issuer that is configured but never started, for the agents' 503 case: the issuer the
+# OIDC suite starts later must not inherit the broker's view of an unreachable issuer.
+DOWN_PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+.venv/bin/python tests/interop/setup_td.py "$work" "$PORT" "$ROOT" "$OP_PORT" "$DOWN_PORT"
 "$WRIT" serve --config "$work/writ.toml" 2>"$work/serve.log" &
 PID=$!
 # A second broker whose issuer has a path (RFC 8414 §3.1 discovery), with its own log.
@@ -37,7 +40,7 @@ export BROKER="http://127.0.0.1:$PORT" BROKER_PATH="http://127.0.0.1:$PORT2/writ
 status=0
 .venv/bin/python tests/interop/python/test_interop.py || status=1
 # The agent example of the README (examples/agents/agent.py): a JWT-SVID of the interop trust
-# domain, and an ID token of the OIDC issuer, which is not running yet (503, retried).
+# domain, and an ID token of a configured OIDC issuer that never runs (503, retried).
 .venv/bin/python - "$work" >"$work/agent.svid" <<'PY'
 import sys, time, jwt
 w = sys.argv[1]
@@ -46,7 +49,7 @@ claims = {"sub": "spiffe://interop.test/agent/example", "aud": ["writ"], "iat": 
 key, kid = open(f"{w}/td-key.pem").read(), open(f"{w}/td-kid").read()
 print(jwt.encode(claims, key, algorithm="ES256", headers={"kid": kid}), end="")
 PY
-.venv/bin/python - "$OP_PORT" >"$work/unavailable.jwt" <<'PY'
+.venv/bin/python - "$DOWN_PORT" >"$work/unavailable.jwt" <<'PY'
 import sys, time, jwt
 from cryptography.hazmat.primitives.asymmetric import ec
 now = int(time.time())

@@ -13,6 +13,8 @@ out = pathlib.Path(sys.argv[1])
 port = sys.argv[2]
 root = pathlib.Path(sys.argv[3])
 op_port = sys.argv[4]
+# An issuer that is never started: tokens that name it meet an unreachable issuer (503).
+down_port = sys.argv[5]
 
 key = jwk.JWK.generate(kty="EC", crv="P-256")
 kid = key.thumbprint()
@@ -53,6 +55,9 @@ bundle_file = "{out / 'bundle.json'}"
 audience = "writ"
 [[oidc.issuers]]
 issuer = "http://127.0.0.1:{op_port}"
+audience = "writ"
+[[oidc.issuers]]
+issuer = "http://127.0.0.1:{down_port}"
 audience = "writ"
 [policy]
 dir = "{out / 'policies'}"
