@@ -836,18 +836,8 @@ fn http_get(base: &str, path: &str, bearer: &str) -> (u16, String) {
 fn audit_verify_with_head_from_catches_a_cut_tail() {
     let dev = start_dev_with(&[("WRIT_AUDIT__CHECKPOINT_INTERVAL", "1s")]);
     let d = dev.dir.path();
-    for _ in 0..3 {
-        let (ok, _, err) = run(writ().current_dir(d).args([
-            "token",
-            "exchange",
-            "--broker",
-            &dev.url,
-            "--scope",
-            "repo:read",
-            "--subject-token",
-            ".writ-dev/demo.svid",
-        ]));
-        assert!(ok, "{err}");
+    for i in 0..3 {
+        dev_token(&dev, &format!("token-{i}"));
     }
     let log = d.join(".writ-dev/decisions.jsonl");
     let written = read_records(&log).last().unwrap().seq;
