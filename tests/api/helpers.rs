@@ -57,12 +57,19 @@ permit (
 ) when { principal.issuer like "http://127.0.0.1:*" && principal.claims has repository
          && principal.claims.repository == "org/app" };
 
+@id("delegate-tickets")
+permit (
+  principal in Writ::TrustDomain::"example.org",
+  action == Writ::Action::"delegate",
+  resource == Writ::Scope::"tickets:read"
+);
+
 @id("delegate-read")
 permit (
   principal in Writ::TrustDomain::"example.org",
   action == Writ::Action::"delegate",
   resource == Writ::Scope::"repo:read"
-) when { context.depth < 3 };
+) when { context.depth <= 3 };
 "#;
 
 pub struct TestApp {

@@ -12,6 +12,7 @@ mod redis_support;
 mod audit;
 mod chaos;
 mod conformance;
+mod delegation;
 mod exchange;
 mod feed;
 mod helpers;
