@@ -89,6 +89,9 @@ async fn main() -> anyhow::Result<()> {
                     depth: 0,
                     source: "jwt-svid".into(),
                     claims: Default::default(),
+                    grant: None,
+                    on_behalf_of: None,
+                    act: None,
                 };
                 let jti = writ::domain::random_id("")?;
                 b.store

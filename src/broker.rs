@@ -26,6 +26,7 @@ pub struct Limits {
     pub default_scope: Vec<crate::domain::Scope>,
     pub max_task_duration_secs: u64,
     pub max_tokens: u32,
+    pub max_delegation_depth: u32,
 }
 
 impl Limits {
@@ -188,6 +189,7 @@ impl Broker {
             default_scope: config.tokens.default_scopes(),
             max_task_duration_secs: config.tasks.max_duration.as_secs(),
             max_tokens: config.tasks.max_tokens,
+            max_delegation_depth: config.tasks.max_delegation_depth,
         };
         let admin_hashes = config
             .admin

@@ -163,6 +163,10 @@ pub enum KeysCommand {
 pub enum TokenCommand {
     /// Exchange a workload identity token for a task token; prints the token response JSON.
     Exchange(ExchangeArgs),
+    /// As a sub-agent, exchange a delegation grant (a task token whose audience is this
+    /// sub-agent's subject) with the sub-agent's own identity token; prints the token
+    /// response JSON.
+    Delegate(DelegateArgs),
     /// Ask the broker whether a token is active (RFC 7662, with the admin token): exits 0
     /// when it is active, 2 when it is not, 1 on an error.
     Introspect {
@@ -217,6 +221,32 @@ pub struct ExchangeArgs {
     /// Mint into an open task instead of opening a new one.
     #[arg(long, value_name = "T")]
     task_id: Option<String>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct DelegateArgs {
+    /// The broker's base URL, e.g. http://127.0.0.1:8080 (default: $WRIT_BROKER).
+    #[arg(long, value_name = "URL", env = "WRIT_BROKER")]
+    broker: String,
+    /// File holding the delegation grant, or `-` for standard input.
+    #[arg(long, value_name = "FILE|-")]
+    grant: String,
+    /// File holding the sub-agent's own JWT-SVID or OIDC ID token, or `-` for standard input.
+    #[arg(long, value_name = "FILE|-")]
+    actor_token: String,
+    /// The actor token's type URI (default: JWT).
+    #[arg(long, value_name = "URI")]
+    actor_token_type: Option<String>,
+    /// Scopes, within the grant's.
+    #[arg(long, value_name = "S")]
+    scope: String,
+    /// Audiences, within the parent task's (default: the broker's default audience).
+    #[arg(long, value_name = "A")]
+    audience: Vec<String>,
+    #[arg(long, value_name = "P")]
+    purpose: Option<String>,
+    #[arg(long, value_name = "D", value_parser = humantime::parse_duration)]
+    ttl: Option<Duration>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -460,6 +490,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             command: TokenCommand::Exchange(args),
         } => token_exchange(args).await,
         Command::Token {
+            command: TokenCommand::Delegate(args),
+        } => token_delegate(args).await,
+        Command::Token {
             command:
                 TokenCommand::Introspect {
                     token,
@@ -578,6 +611,34 @@ async fn token_exchange(args: ExchangeArgs) -> anyhow::Result<()> {
             purpose: args.purpose,
             ttl: args.ttl,
             task_id: args.task_id,
+            actor_token: None,
+        })
+        .await?;
+    println!("{}", serde_json::to_string_pretty(&resp)?);
+    Ok(())
+}
+
+async fn token_delegate(args: DelegateArgs) -> anyhow::Result<()> {
+    if args.grant == "-" && args.actor_token == "-" {
+        anyhow::bail!("only one of --grant and --actor-token can be read from standard input");
+    }
+    let grant = secret("--grant", &args.grant)?;
+    let actor = secret("--actor-token", &args.actor_token)?;
+    let client = crate::client::Client::new(&args.broker)?;
+    let resp = client
+        .exchange(&crate::client::ExchangeParams {
+            subject_token: grant,
+            subject_token_type: Some(crate::exchange::TYPE_ACCESS_TOKEN.to_string()),
+            scope: args.scope,
+            audience: args.audience,
+            purpose: args.purpose,
+            ttl: args.ttl,
+            task_id: None,
+            actor_token: Some((
+                actor,
+                args.actor_token_type
+                    .unwrap_or_else(|| crate::exchange::TYPE_JWT.to_string()),
+            )),
         })
         .await?;
     println!("{}", serde_json::to_string_pretty(&resp)?);

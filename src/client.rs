@@ -48,6 +48,8 @@ pub struct ExchangeParams {
     pub purpose: Option<String>,
     pub ttl: Option<Duration>,
     pub task_id: Option<String>,
+    /// Delegation (SPEC §4.4): the sub-agent's own identity token and its type URI.
+    pub actor_token: Option<(String, String)>,
 }
 
 /// A broker's base URL, checked: `http` or `https`, a host, no path.
@@ -120,6 +122,10 @@ impl Client {
         }
         if let Some(t) = &p.task_id {
             form.push(("task_id", t.clone()));
+        }
+        if let Some((token, kind)) = &p.actor_token {
+            form.push(("actor_token", token.clone()));
+            form.push(("actor_token_type", kind.clone()));
         }
         let resp = self
             .http

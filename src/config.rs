@@ -183,6 +183,9 @@ pub struct TasksConfig {
     pub max_duration: Duration,
     #[serde(default = "default_max_tokens")]
     pub max_tokens: u32,
+    /// How deep a chain of delegations may go: a root task is depth 0 (SPEC §4.4).
+    #[serde(default = "default_max_delegation_depth")]
+    pub max_delegation_depth: u32,
 }
 
 fn default_max_duration() -> Duration {
@@ -191,12 +194,16 @@ fn default_max_duration() -> Duration {
 fn default_max_tokens() -> u32 {
     50
 }
+fn default_max_delegation_depth() -> u32 {
+    3
+}
 
 impl Default for TasksConfig {
     fn default() -> Self {
         TasksConfig {
             max_duration: default_max_duration(),
             max_tokens: default_max_tokens(),
+            max_delegation_depth: default_max_delegation_depth(),
         }
     }
 }
@@ -600,6 +607,12 @@ impl Config {
         }
         if self.tasks.max_tokens == 0 {
             return Err(ConfigError::new("tasks.max_tokens", "must be at least 1"));
+        }
+        if self.tasks.max_delegation_depth > 16 {
+            return Err(ConfigError::new(
+                "tasks.max_delegation_depth",
+                "must be at most 16",
+            ));
         }
 
         Ok(())
@@ -1053,6 +1066,7 @@ dir = "p"
         let c = load("").unwrap();
         assert_eq!(c.tokens.default_ttl, Duration::from_secs(300));
         assert_eq!(c.tasks.max_tokens, 50);
+        assert_eq!(c.tasks.max_delegation_depth, 3);
         assert_eq!(c.store.backend, StoreBackend::Memory);
         assert_eq!(c.server.listen, "127.0.0.1:8080");
         assert_eq!(c.server.header_timeout, Duration::from_secs(10));
@@ -1176,6 +1190,10 @@ dir = "p"
         let cases = [
             ("[tasks]\nmax_duration = \"soon\"\n", "tasks.max_duration"),
             ("[tasks]\nmax_tokens = 0\n", "tasks.max_tokens"),
+            (
+                "[tasks]\nmax_delegation_depth = 17\n",
+                "tasks.max_delegation_depth",
+            ),
             ("[store]\nbackend = \"redis\"\n", "store.url"),
             ("[store]\nbackend = \"etcd\"\n", "store.backend"),
             (

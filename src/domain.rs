@@ -133,22 +133,44 @@ pub fn random_id(prefix: &str) -> Result<String, RngError> {
     Ok(format!("{prefix}{}", random_b64(16)?))
 }
 
-/// A task id (`txn`): `tsk_` and 128 random bits.
+/// A task id (`txn`): `tsk_` and 128 random bits. A task delegated from another carries its
+/// tree's root id before its own random part (`tsk_<root>.<own>`), so that every task of a
+/// tree is found on one store shard (one Redis Cluster slot) from its id alone.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct TaskId(String);
+
+/// Length of a root task id: `tsk_` and 22 base64url characters.
+const ROOT_ID_LEN: usize = 26;
 
 impl TaskId {
     pub fn generate() -> Result<Self, RngError> {
         random_id("tsk_").map(TaskId)
     }
+    /// A fresh id for a task delegated within the tree of `parent`.
+    pub fn generate_child(parent: &TaskId) -> Result<Self, RngError> {
+        Ok(TaskId(format!("{}.{}", parent.root_str(), random_b64(16)?)))
+    }
     /// Parses a caller-supplied task id; `None` when it cannot be one of ours.
     pub fn parse(s: &str) -> Option<Self> {
         let rest = s.strip_prefix("tsk_")?;
-        (rest.len() == 22 && rest.bytes().all(is_b64url)).then(|| TaskId(s.to_string()))
+        let ok = |part: &str| part.len() == 22 && part.bytes().all(is_b64url);
+        let valid = match rest.split_once('.') {
+            None => ok(rest),
+            Some((root, own)) => ok(root) && ok(own),
+        };
+        valid.then(|| TaskId(s.to_string()))
     }
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+    /// The id of the root of this task's tree (itself for a root task).
+    pub fn root_str(&self) -> &str {
+        self.0.get(..ROOT_ID_LEN).unwrap_or(&self.0)
+    }
+    /// What follows the root id: empty for a root task, `.<own>` for a delegated one.
+    pub fn within_root(&self) -> &str {
+        self.0.get(ROOT_ID_LEN..).unwrap_or("")
     }
 }
 
@@ -529,6 +551,17 @@ mod tests {
         assert_ne!(a, TaskId::generate().unwrap());
         assert_eq!(TaskId::parse(a.as_str()), Some(a));
         assert!(TaskId::parse("tsk_short").is_none());
+        let child = TaskId::generate_child(&a).unwrap();
+        assert_eq!(TaskId::parse(child.as_str()), Some(child.clone()));
+        assert_eq!(child.root_str(), a.as_str());
+        assert_eq!(a.root_str(), a.as_str());
+        assert_eq!(a.within_root(), "");
+        // A grandchild keeps the root, not its parent, in front.
+        let grandchild = TaskId::generate_child(&child).unwrap();
+        assert_eq!(grandchild.root_str(), a.as_str());
+        assert_eq!(grandchild.as_str().len(), child.as_str().len());
+        assert!(TaskId::parse(&format!("{}.x", a.as_str())).is_none());
+        assert!(TaskId::parse(&format!("{}.{}", child.as_str(), &child.as_str()[4..26])).is_none());
         assert_eq!(TokenId::generate().unwrap().as_str().len(), 22);
         assert_eq!(random_id("rev_").unwrap().len(), 26);
     }

@@ -14,7 +14,7 @@ use crate::domain::{Audience, Scope, Subject, TaskId, TokenId, secs_i64};
 use crate::error::{BrokerError, ErrorCode};
 use crate::identity::{Accept, Source};
 use crate::policy::{PolicyAction, PolicyContext, PolicyPrincipal};
-use crate::store::{MintOutcome, TaskRecord, TaskState, TokenEntry};
+use crate::store::{DelegateOutcome, MintOutcome, TaskRecord, TaskState, TokenEntry};
 use crate::token::{Aud, TaskClaims};
 use crate::trips::{self, Consequence};
 
@@ -42,6 +42,9 @@ pub struct ExchangeRequest {
     pub task_id: Option<TaskId>,
     pub expires_in: Option<u64>,
     pub source_ip: Option<String>,
+    /// Delegation (SPEC §4.4): the sub-agent's own identity token and its type; required
+    /// when `subject_token` is a task token (a delegation grant).
+    pub actor_token: Option<(secrecy::SecretString, SubjectTokenType)>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -64,6 +67,17 @@ struct Requester {
     depth: u32,
     parent: Option<TaskRecord>,
     act: Option<Value>,
+    /// When the request is a delegation: the grant it presents.
+    grant: Option<Grant>,
+}
+
+/// A delegation grant (SPEC §4.4): a task token whose audience names the sub-agent.
+struct Grant {
+    jti: String,
+    scopes: Vec<String>,
+    audience: Vec<String>,
+    /// The root task's owner: the grant's `sub`.
+    on_behalf_of: Subject,
 }
 
 /// What is asked, resolved: the audiences (or the default), the scopes and the TTL wanted.
@@ -119,6 +133,30 @@ impl Refusal {
         Refusal {
             code: ErrorCode::InvalidTarget,
             ..Refusal::grant(reason)
+        }
+    }
+
+    /// A delegation refused by a rule of SPEC §4.4 checked before policy: counted as a
+    /// denial of the actor.
+    fn delegation(code: ErrorCode, reason: String, evidence: Value) -> Self {
+        Refusal {
+            code,
+            detail: Some(evidence.clone()),
+            evidence,
+            counts_as_denial: true,
+            ..Refusal::grant(reason)
+        }
+    }
+
+    /// The refusal of a delegated task the store would not record.
+    fn delegated(outcome: &DelegateOutcome, limit: u32) -> Option<Self> {
+        match outcome {
+            DelegateOutcome::Created => None,
+            DelegateOutcome::ParentClosed => Some(Refusal::grant("the parent task is no longer open")),
+            DelegateOutcome::GrantRevoked => {
+                Some(Refusal::grant("the delegation grant has been revoked"))
+            }
+            DelegateOutcome::OverBudget(root) => Some(Refusal::budget(root, limit)),
         }
     }
 
@@ -243,6 +281,7 @@ impl Broker {
             scopes_requested: ask.scopes.clone(),
             audience: ask.audience.clone(),
             source_ip: req.source_ip.clone(),
+            detail: delegation_detail(&who),
             ..audit::Entry::default()
         };
         match self.grant(&req, &who, &ask, now, entry.clone()).await {
@@ -311,12 +350,23 @@ impl Broker {
                 }
                 task
             }
-            None => {
-                let id = TaskId::generate().map_err(|e| self.fail(e))?;
-                let task = self.new_task(id, req, who, ask, &decision.version, deadline, now);
-                self.open_task(&task, &token).await?;
-                task
-            }
+            None => match &who.parent {
+                Some(parent) => {
+                    let id = TaskId::generate_child(&parent.id).map_err(|e| self.fail(e))?;
+                    let task = self.new_task(id, req, who, ask, &decision.version, deadline, now);
+                    let outcome = self.open_delegated_task(&task, &token, now).await?;
+                    if let Some(refusal) = Refusal::delegated(&outcome, self.limits.max_tokens) {
+                        return Err(refusal.into());
+                    }
+                    task
+                }
+                None => {
+                    let id = TaskId::generate().map_err(|e| self.fail(e))?;
+                    let task = self.new_task(id, req, who, ask, &decision.version, deadline, now);
+                    self.open_task(&task, &token).await?;
+                    task
+                }
+            },
         };
         let seq = self.record_grant(entry, who, ask, &task, &token, ttl, decision)?;
         // Signed while the record is on its way to disk, but durable before issued (SPEC §6):
@@ -355,16 +405,21 @@ impl Broker {
             depth: 0,
             parent: None,
             act: None,
+            grant: None,
         })
     }
 
-    /// The holder of a task token, delegating part of its task.
+    /// A sub-agent exchanging a delegation grant (SPEC §4.4): the grant is a task token,
+    /// the sub-agent proves who it is with its own identity token as `actor_token`. The
+    /// actor is the requester: it owns the child task, policy decides for it, and its refusals
+    /// count against it.
     async fn delegator(
         &self,
         req: &ExchangeRequest,
         token: &str,
         now: i64,
     ) -> Result<Requester, BrokerError> {
+        use secrecy::ExposeSecret;
         let claims = self
             .tokens
             .verify(token, now)
@@ -377,6 +432,31 @@ impl Broker {
         }
         let parent_id = TaskId::parse(&claims.txn)
             .ok_or_else(|| BrokerError::invalid_request("subject_token is not valid"))?;
+        if req.task_id.is_some() {
+            return Err(BrokerError::invalid_request(
+                "task_id cannot be combined with a task token as subject_token",
+            ));
+        }
+        let Some((actor_token, actor_type)) = &req.actor_token else {
+            return Err(BrokerError::invalid_request(
+                "a task token as subject_token is a delegation grant: actor_token is required",
+            ));
+        };
+        let accept = match actor_type {
+            SubjectTokenType::Jwt => Accept::AnyIdentity,
+            SubjectTokenType::IdToken => Accept::IdTokenOnly,
+            SubjectTokenType::AccessToken => {
+                return Err(BrokerError::invalid_request(
+                    "actor_token_type must be the jwt or id_token type",
+                ));
+            }
+        };
+        let actor_token = actor_token.expose_secret();
+        let actor = self
+            .identity
+            .verify(actor_token, accept, now)
+            .await
+            .map_err(|e| self.actor_token_refused(actor_token, e, req.source_ip.as_deref()))?;
         let parent = self
             .get_task(&parent_id)
             .await?
@@ -384,27 +464,90 @@ impl Broker {
             .ok_or_else(|| {
                 BrokerError::invalid_request("the subject token's task is no longer open")
             })?;
-        if req.task_id.is_some() {
-            return Err(BrokerError::invalid_request(
-                "task_id cannot be combined with a task token as subject_token",
-            ));
-        }
+        // RFC 8693 §4.1: the current actor outermost, the earlier chain nested inside.
         let mut act = serde_json::Map::new();
-        act.insert("sub".into(), Value::String(claims.sub.clone()));
+        act.insert("sub".into(), Value::String(actor.subject.to_string()));
         if let Some(prev) = claims.act {
             act.insert("act".into(), prev);
         }
-        let act = Value::Object(act);
         Ok(Requester {
-            principal: PolicyPrincipal::of_task_owner(&parent),
-            issuer: parent.issuer.clone(),
-            subject: Subject::from_trusted(claims.sub),
+            principal: PolicyPrincipal::of_identity(&actor),
+            issuer: actor.issuer(),
+            subject: actor.subject.clone(),
             source: Source::TaskToken,
             action: PolicyAction::Delegate,
-            depth: parent.depth + 1,
+            depth: parent.depth.saturating_add(1),
             parent: Some(parent),
-            act: Some(act),
+            act: Some(Value::Object(act)),
+            grant: Some(Grant {
+                jti: claims.jti,
+                scopes: claims
+                    .scope
+                    .split(' ')
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_string)
+                    .collect(),
+                audience: claims.aud.to_vec(),
+                on_behalf_of: Subject::from_trusted(claims.sub),
+            }),
         })
+    }
+
+    /// The rules of SPEC §4.4, before policy: the actor is an audience of the grant, the
+    /// chain is not too deep, the scopes are within the grant's and the audiences within the
+    /// parent task's.
+    fn attenuation(&self, who: &Requester, ask: &Ask) -> Result<(), Refusal> {
+        let (Some(parent), Some(grant)) = (&who.parent, &who.grant) else {
+            return Ok(());
+        };
+        let base = json!({"parent_task": parent.id, "grant_jti": grant.jti});
+        let with = |extra: Value| {
+            let mut v = base.clone();
+            if let (Some(o), Some(e)) = (v.as_object_mut(), extra.as_object()) {
+                o.extend(e.clone());
+            }
+            v
+        };
+        if !grant.audience.iter().any(|a| a == who.subject.as_str()) {
+            return Err(Refusal::delegation(
+                ErrorCode::InvalidGrant,
+                "the actor is not an audience of the delegation grant".into(),
+                with(json!({"grant_audience": grant.audience})),
+            ));
+        }
+        let max = self.limits.max_delegation_depth;
+        if who.depth > max {
+            return Err(Refusal::delegation(
+                ErrorCode::InvalidGrant,
+                format!("delegation depth {} exceeds the maximum of {max}", who.depth),
+                with(json!({"depth": who.depth, "max_delegation_depth": max})),
+            ));
+        }
+        let outside = outside_of(&ask.scopes, &grant.scopes);
+        if !outside.is_empty() {
+            return Err(Refusal::scope_rule(
+                trips::ESCALATION,
+                Some(parent.policy_version.clone()),
+                format!(
+                    "delegation escalation: {} not in the grant's scope",
+                    outside.join(" ")
+                ),
+                with(json!({"grant_scope": grant.scopes, "outside": outside})),
+                "a delegated task may not exceed the scope of its grant",
+            ));
+        }
+        let outside = outside_of(&ask.audience, &parent.audience);
+        if !outside.is_empty() {
+            return Err(Refusal::delegation(
+                ErrorCode::InvalidTarget,
+                format!(
+                    "delegation to {} outside the parent task's audiences",
+                    outside.join(" ")
+                ),
+                with(json!({"parent_audience": parent.audience, "outside": outside})),
+            ));
+        }
+        Ok(())
     }
 
     /// The checks before policy: standing blocks, the exchange rate, the scope count, and
@@ -442,6 +585,7 @@ impl Broker {
             )
             .into());
         }
+        self.attenuation(who, ask)?;
         if let Some(parent) = &who.parent {
             let outside = outside_of(&ask.scopes, &parent.scopes);
             if !outside.is_empty() {
@@ -509,19 +653,36 @@ impl Broker {
         now: i64,
     ) -> Result<Decision, Box<Refusal>> {
         let policies = self.policy.current();
+        // A token minted into a delegated task is decided as the delegation it continues.
+        let (action, depth, on_behalf_of, parent_task) = match existing {
+            Some(t) if t.depth > 0 => (
+                PolicyAction::Delegate,
+                t.depth,
+                t.on_behalf_of.as_ref().map(ToString::to_string),
+                t.parent.as_ref().map(ToString::to_string),
+            ),
+            _ => (
+                who.action,
+                who.depth,
+                who.grant.as_ref().map(|g| g.on_behalf_of.to_string()),
+                who.parent.as_ref().map(|p| p.id.to_string()),
+            ),
+        };
         let ctx = PolicyContext {
             audience: ask.audience.clone(),
             purpose: existing.map_or_else(|| purpose.to_string(), |t| t.purpose.clone()),
             ttl: ask.ttl_secs,
             source: who.source.as_str().to_string(),
-            depth: who.depth,
+            depth,
             now,
+            on_behalf_of: on_behalf_of.unwrap_or_default(),
+            parent_task: parent_task.unwrap_or_default(),
         };
         let mut determining = BTreeSet::new();
         let mut cap_secs = u64::MAX;
         let mut denied = Vec::new();
         let mut notes = Vec::new();
-        for d in policies.decide_all(&who.principal, who.action, &ask.scopes, &ctx) {
+        for d in policies.decide_all(&who.principal, action, &ask.scopes, &ctx) {
             if !d.errors.is_empty() {
                 notes.push(format!("{}: evaluation error", d.scope));
                 tracing::warn!(scope = %d.scope, errors = ?d.errors, "policy evaluation error counted as deny");
@@ -583,6 +744,9 @@ impl Broker {
             depth: who.depth,
             source: who.source.as_str().to_string(),
             claims: who.principal.recorded_claims(),
+            grant: who.grant.as_ref().map(|g| g.jti.clone()),
+            on_behalf_of: who.grant.as_ref().map(|g| g.on_behalf_of.clone()),
+            act: who.act.clone(),
         }
     }
 
@@ -627,9 +791,11 @@ impl Broker {
         now: i64,
     ) -> Result<TokenResponse, BrokerError> {
         let scope = ask.scopes.join(" ");
+        // A delegated task's tokens speak for the root's owner, by the actor (SPEC §4.4).
+        let sub = task.on_behalf_of.as_ref().unwrap_or(&who.subject);
         let claims = TaskClaims {
             iss: self.tokens.issuer().to_string(),
-            sub: who.subject.to_string(),
+            sub: sub.to_string(),
             client_id: who.subject.to_string(),
             aud: Aud::from_list(ask.audience.clone()),
             scope: scope.clone(),
@@ -639,7 +805,7 @@ impl Broker {
             nbf: now,
             exp: token.exp,
             cnf: None,
-            act: who.act.clone(),
+            act: task.act.clone(),
         };
         let access_token = self.tokens.sign(&claims).map_err(|e| self.fail(e))?;
         Ok(TokenResponse {
@@ -684,6 +850,30 @@ impl Broker {
         }
     }
 
+    /// An actor token that did not verify: recorded like a subject token that did not.
+    fn actor_token_refused(
+        &self,
+        token: &str,
+        e: crate::identity::IdentityError,
+        ip: Option<&str>,
+    ) -> BrokerError {
+        if e.is_unavailable() {
+            return self.subject_token_refused(token, e, ip);
+        }
+        tracing::info!(reason = %e, "actor token refused");
+        let entry = audit::Entry {
+            decision: Some("deny"),
+            reason: format!("actor token refused: {e}"),
+            source_ip: ip.map(str::to_string),
+            detail: Some(json!({"actor_token_sha256": crate::domain::sha256_hex(token.as_bytes())})),
+            ..audit::Entry::default()
+        };
+        if let Err(err) = self.audit.append_unauthenticated(Event::Exchange, entry) {
+            return self.fail(err);
+        }
+        BrokerError::invalid_request("actor_token is not valid")
+    }
+
     /// The one path of every refusal: recorded as a deny, reported to its trip rule, counted
     /// as a denial where it counts, and answered with its code (or with whatever failed
     /// first on the way).
@@ -699,7 +889,13 @@ impl Broker {
         e.reason = r.reason;
         e.policy_version = r.policy_version;
         e.policies = r.policies;
-        e.detail = r.detail;
+        e.detail = match (e.detail.take(), r.detail) {
+            (Some(Value::Object(mut base)), Some(Value::Object(more))) => {
+                base.extend(more);
+                Some(Value::Object(base))
+            }
+            (base, more) => more.or(base),
+        };
         let steps = async {
             self.record(Event::Exchange, e)?;
             if let Some(rule) = r.trip {
@@ -731,6 +927,20 @@ enum SubjectTokenError {
     Identity(#[from] crate::identity::IdentityError),
     #[error(transparent)]
     Token(#[from] crate::token::TokenError),
+}
+
+/// What the decision log records of a delegation: the actor, for whom it acts, the whole
+/// actor chain, the parent task and the grant.
+fn delegation_detail(who: &Requester) -> Option<Value> {
+    let grant = who.grant.as_ref()?;
+    Some(json!({
+        "actor": who.subject.as_str(),
+        "on_behalf_of": grant.on_behalf_of.as_str(),
+        "act": who.act,
+        "parent_task": who.parent.as_ref().map(|p| p.id.as_str()),
+        "grant_jti": grant.jti,
+        "depth": who.depth,
+    }))
 }
 
 /// The scopes of `asked` that `granted` lacks.

@@ -244,6 +244,8 @@ pub fn policy_entities(data: &[u8]) {
         source: ctx_line.chars().take(16).collect(),
         depth: u32::try_from(num().unsigned_abs()).unwrap_or(u32::MAX),
         now: num(),
+        on_behalf_of: ctx_line.chars().take(32).collect(),
+        parent_task: ctx_line.chars().rev().take(32).collect(),
     };
     let set = sample_policies();
     let action = if data.first().is_some_and(|b| b & 1 == 1) {

@@ -77,6 +77,10 @@ impl Broker {
                 ..audit::Entry::default()
             },
         )?;
+        // A revoked delegation grant ends the tasks delegated from it (SPEC §4.4); first, so
+        // that a failure leaves the token unrevoked for a retry to finish both.
+        self.end_delegations_of(&claims.jti, TaskId::parse(&claims.txn).as_ref(), claims.exp)
+            .await?;
         self.publish(&event, now).await
     }
 
@@ -96,12 +100,13 @@ impl Broker {
                     jti: jti.clone(),
                     until: self.limits.token_horizon(now),
                 };
+                // The tasks delegated from it, if it is a delegation grant, end with it.
+                let mut closed = self
+                    .end_delegations_of(jti, None, self.limits.token_horizon(now))
+                    .await?;
                 self.publish(&event, now).await?;
-                let one = ClosedTree {
-                    tasks: Vec::new(),
-                    live_tokens: 1,
-                };
-                (one, json!({"jti": jti}))
+                closed.live_tokens += 1;
+                (closed, json!({"jti": jti}))
             }
             Selector::Task(task) => {
                 if self.get_task(task).await?.is_none() {

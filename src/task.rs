@@ -9,11 +9,14 @@ use crate::broker::Broker;
 use crate::domain::{Subject, TaskId};
 use crate::error::BrokerError;
 use crate::revocation::Revoked;
-use crate::store::{FeedEvent, MintOutcome, TaskFilter, TaskRecord, TaskState, TokenEntry};
+use crate::store::{
+    DelegateOutcome, FeedEvent, MintOutcome, SubtreeClose, TaskFilter, TaskRecord, TaskState,
+    TokenEntry,
+};
 use crate::token::TaskClaims;
 
-/// Most tasks one tree walk visits: a bound on the work of one end, whatever the store holds.
-const MAX_TREE_NODES: usize = 10_000;
+/// Store steps one end takes at most: each publishes the tasks delegated since the last.
+const CLOSE_TRIES: usize = 4;
 
 /// What ending a task tree did.
 #[derive(Debug, Clone, Default)]
@@ -56,6 +59,20 @@ impl Broker {
             .map_err(|e| self.fail(e))
     }
 
+    /// Records a task delegated from another, re-checking its parent open, its grant not
+    /// revoked and the tree's budget in the same store step.
+    pub async fn open_delegated_task(
+        &self,
+        task: &TaskRecord,
+        first: &TokenEntry,
+        now: i64,
+    ) -> Result<DelegateOutcome, BrokerError> {
+        self.store
+            .create_delegated_task(task, first, self.limits.max_tokens, now)
+            .await
+            .map_err(|e| self.fail(e))
+    }
+
     /// Counts one more token into an open task of `owner`, within the task budget.
     pub async fn mint_into_task(
         &self,
@@ -93,7 +110,12 @@ impl Broker {
             .map_err(|e| self.fail(e))
     }
 
-    /// Closes a task and every task delegated from it.
+    /// Closes a task and every task delegated from it, at any depth, in one store step
+    /// ([`crate::store::Store::close_subtree`]). The revocation of every task is published
+    /// before the step that closes it: the store first answers with the open tasks it would
+    /// close, their revocations go on the feed, and the close goes through once no task is
+    /// missing. A failure before that step leaves the whole subtree open for a retry to
+    /// finish; no task is ever shown closed while its descendants are open.
     pub async fn close_task_tree(
         &self,
         root: &TaskId,
@@ -101,67 +123,76 @@ impl Broker {
         reason: &str,
     ) -> Result<ClosedTree, BrokerError> {
         let now = self.now();
-        let mut closed = ClosedTree::default();
-        let mut queue = vec![root.clone()];
-        let mut seen = 0;
-        while let Some(id) = queue.pop() {
-            seen += 1;
-            if seen > MAX_TREE_NODES {
-                break;
-            }
-            closed.absorb(self.close_one(&id, state, reason, now).await?);
-            let children = self
+        let mut known: Vec<TaskId> = Vec::new();
+        for attempt in 1..=CLOSE_TRIES {
+            // On the last try a task delegated in between is closed too and published right
+            // after: the store shows it closed in the same step as the rest.
+            let force = attempt == CLOSE_TRIES;
+            let step = self
                 .store
-                .task_children(&id)
+                .close_subtree(root, state, reason, now, &known, force)
                 .await
                 .map_err(|e| self.fail(e))?;
-            queue.extend(children);
+            match step {
+                SubtreeClose::Unknown(open) => {
+                    for (id, until) in open {
+                        self.publish_task_end(&id, until, now).await?;
+                        known.push(id);
+                    }
+                }
+                SubtreeClose::Closed(tasks) => {
+                    let mut live_tokens = 0;
+                    for t in &tasks {
+                        if !known.contains(&t.id) {
+                            self.publish_task_end(&t.id, t.deadline, now).await?;
+                        }
+                        live_tokens += self
+                            .store
+                            .task_tokens(&t.id)
+                            .await
+                            .map_err(|e| self.fail(e))?
+                            .iter()
+                            .filter(|tok| tok.exp > now)
+                            .count();
+                    }
+                    return Ok(ClosedTree { tasks, live_tokens });
+                }
+            }
         }
-        Ok(closed)
+        Ok(ClosedTree::default())
     }
 
-    /// Closes one task if it is open. The revocation is published first and the task closed
-    /// only once the feed holds it: a task the store shows closed always has its revocation
-    /// on the feed, whatever failed in between, and a failure before the close leaves the
-    /// task open for a retry to finish (publishing again is harmless).
-    async fn close_one(
-        &self,
-        id: &TaskId,
-        state: TaskState,
-        reason: &str,
-        now: i64,
-    ) -> Result<ClosedTree, BrokerError> {
-        let Some(before) = self.get_task(id).await? else {
-            return Ok(ClosedTree::default());
-        };
-        if before.state != TaskState::Open {
-            return Ok(ClosedTree::default());
-        }
+    /// Puts the end of one task on the revocation feed (publishing again is harmless).
+    async fn publish_task_end(&self, id: &TaskId, until: i64, now: i64) -> Result<(), BrokerError> {
         let event = FeedEvent::Task {
             task_id: id.to_string(),
-            until: before.deadline,
+            until,
         };
-        self.publish(&event, now).await?;
-        let after = self
+        self.publish(&event, now).await
+    }
+
+    /// Ends the tasks delegated from the grant `jti` (and their subtrees), and refuses any
+    /// later delegation from it. `task` is the grant's own task, when known.
+    pub async fn end_delegations_of(
+        &self,
+        jti: &str,
+        task: Option<&TaskId>,
+        until: i64,
+    ) -> Result<ClosedTree, BrokerError> {
+        let now = self.now();
+        let delegated = self
             .store
-            .close_task(id, state, reason, now)
+            .revoke_grant(jti, task, until, now)
             .await
             .map_err(|e| self.fail(e))?;
-        let Some(after) = after else {
-            return Ok(ClosedTree::default());
-        };
-        let live_tokens = self
-            .store
-            .task_tokens(id)
-            .await
-            .map_err(|e| self.fail(e))?
-            .iter()
-            .filter(|t| t.exp > now)
-            .count();
-        Ok(ClosedTree {
-            tasks: vec![after],
-            live_tokens,
-        })
+        let mut closed = ClosedTree::default();
+        for id in delegated {
+            closed.absorb(
+                self.close_task_tree(&id, TaskState::Revoked, "its delegation grant was revoked")
+                    .await?,
+            );
+        }
+        Ok(closed)
     }
 
     /// A holder of one of the task's tokens ends the task.

@@ -393,6 +393,16 @@ impl Broker {
                 source,
                 depth: task.depth,
                 now,
+                on_behalf_of: task
+                    .on_behalf_of
+                    .as_ref()
+                    .map(ToString::to_string)
+                    .unwrap_or_default(),
+                parent_task: task
+                    .parent
+                    .as_ref()
+                    .map(ToString::to_string)
+                    .unwrap_or_default(),
             };
             let principal = PolicyPrincipal::of_task_owner(task);
             let denied: Vec<String> = set

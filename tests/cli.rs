@@ -1714,3 +1714,101 @@ fn config_syntax_error_names_line_and_column() {
         "error: config error at `<file>`: not valid TOML at line 4, column 17: string values must be quoted, expected literal string"
     );
 }
+
+/// `writ token delegate`: the sub-agent's side of a delegation, with the grant minted by
+/// `writ token exchange --task-id ... --audience <sub-agent>`.
+#[test]
+fn token_delegate_exchanges_a_grant_with_the_actors_own_identity() {
+    let dev = start_dev();
+    let dir = dev.dir.path();
+    let sub = "spiffe://dev.writ.local/agent/sub/reviewer";
+    let task = dev_token(&dev, "tok");
+    let (ok, svid, err) = run(writ()
+        .current_dir(dir)
+        .args(["dev", "svid", "--spiffe-id", sub, "--ttl", "10m"]));
+    assert!(ok, "{err}");
+    std::fs::write(dir.join("sub.svid"), svid.trim()).unwrap();
+    let (ok, stdout, err) = run(writ().current_dir(dir).args([
+        "token",
+        "exchange",
+        "--broker",
+        &dev.url,
+        "--subject-token",
+        ".writ-dev/demo.svid",
+        "--scope",
+        "repo:read",
+        "--audience",
+        sub,
+        "--task-id",
+        &task,
+    ]));
+    assert!(ok, "{err}");
+    let grant: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(grant["task_id"], task.as_str());
+    std::fs::write(dir.join("grant"), grant["access_token"].as_str().unwrap()).unwrap();
+    let delegate = |args: &[&str]| {
+        run(writ()
+            .current_dir(dir)
+            .args(["token", "delegate", "--broker", &dev.url])
+            .args(args))
+    };
+    let (ok, stdout, err) = delegate(&[
+        "--grant",
+        "grant",
+        "--actor-token",
+        "sub.svid",
+        "--scope",
+        "repo:read",
+        "--audience",
+        "https://api.example.org",
+    ]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let payload = v["access_token"].as_str().unwrap().split('.').nth(1).unwrap();
+    use base64::Engine;
+    let claims: serde_json::Value = serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(payload)
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(claims["sub"], "spiffe://dev.writ.local/agent/demo");
+    assert_eq!(claims["client_id"], sub);
+    assert_eq!(claims["act"], serde_json::json!({"sub": sub}));
+    assert!(v["task_id"].as_str().unwrap().starts_with(&format!("{task}.")));
+    // The demo agent is not the grant's audience: the broker's refusal, exit 1.
+    let (ok, _, err) = delegate(&[
+        "--grant",
+        "grant",
+        "--actor-token",
+        ".writ-dev/demo.svid",
+        "--scope",
+        "repo:read",
+    ]);
+    assert!(!ok);
+    assert!(err.contains("invalid_grant"), "{err}");
+    // A scope outside the grant.
+    let (ok, _, err) = delegate(&[
+        "--grant",
+        "grant",
+        "--actor-token",
+        "sub.svid",
+        "--scope",
+        "tickets:read",
+    ]);
+    assert!(!ok);
+    assert!(err.contains("invalid_scope"), "{err}");
+    // Both secrets from standard input cannot be.
+    let (ok, _, err) = delegate(&[
+        "--grant",
+        "-",
+        "--actor-token",
+        "-",
+        "--scope",
+        "repo:read",
+    ]);
+    assert!(!ok);
+    assert!(err.contains("only one of --grant and --actor-token"), "{err}");
+    let (_, stdout, _) = run(writ().args(["token", "--help"]));
+    assert!(stdout.contains("delegate"), "{stdout}");
+}

@@ -241,6 +241,18 @@ const SHELL: &[(&str, Use)] = &[
     ),
     ("export WRIT_BROKER", Use::Run { stdout: "" }),
     (
+        "token delegate --broker",
+        Use::Run {
+            stdout: "\"access_token\"",
+        },
+    ),
+    (
+        "actor_token_type=urn",
+        Use::Run {
+            stdout: "\"access_token\"",
+        },
+    ),
+    (
         "node_modules/.bin/tsc",
         Use::Skip(
             "needs npm ci in tests/interop/node; tests/interop/run.sh compiles and runs agent.ts",

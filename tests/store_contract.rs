@@ -20,8 +20,8 @@ use writ::domain::{Subject, TaskId};
 use writ::store::memory::MemoryStore;
 use writ::store::redis::RedisStore;
 use writ::store::{
-    AuditHead, BlockRecord, BlockSelector, FeedCursor, FeedEvent, MintOutcome, PolicyTransition,
-    Store, TaskFilter, TaskRecord, TaskState, TokenEntry,
+    AuditHead, BlockRecord, BlockSelector, DelegateOutcome, FeedCursor, FeedEvent, MintOutcome,
+    PolicyTransition, Store, SubtreeClose, TaskFilter, TaskRecord, TaskState, TokenEntry,
 };
 
 const NOW: i64 = 1_800_000_000;
@@ -45,6 +45,246 @@ fn task(owner: &str, created: i64) -> TaskRecord {
         depth: 0,
         source: "jwt-svid".into(),
         claims: Default::default(),
+        grant: None,
+        on_behalf_of: None,
+        act: None,
+    }
+}
+
+/// A task delegated from `parent` by the grant `grant`, owned by `actor`.
+fn child_of(parent: &TaskRecord, actor: &str, grant: &str) -> TaskRecord {
+    let mut t = task(actor, parent.created_at + 1);
+    t.id = TaskId::generate_child(&parent.id).unwrap();
+    t.parent = Some(parent.id.clone());
+    t.depth = parent.depth + 1;
+    t.deadline = parent.deadline;
+    t.grant = Some(grant.into());
+    t.on_behalf_of = Some(parent.on_behalf_of.clone().unwrap_or(parent.owner.clone()));
+    t.act = Some(serde_json::json!({"sub": actor}));
+    t
+}
+
+const ACTOR: &str = "spiffe://example.org/agent/sub/worker";
+
+async fn delegating(s: Arc<dyn Store>) {
+    let root = task("spiffe://example.org/agent/a", NOW);
+    s.create_task(&root, &tok("r", NOW + 300)).await.unwrap();
+    let child = child_of(&root, ACTOR, "g1");
+    assert_eq!(
+        s.create_delegated_task(&child, &tok("c1", NOW + 300), 50, NOW)
+            .await
+            .unwrap(),
+        DelegateOutcome::Created
+    );
+    let got = s.get_task(&child.id).await.unwrap().unwrap();
+    assert_eq!(got.grant.as_deref(), Some("g1"));
+    assert_eq!(got.act, child.act);
+    assert_eq!(got.on_behalf_of, child.on_behalf_of);
+    assert_eq!(got.tokens_issued, 1);
+    assert_eq!(s.task_children(&root.id).await.unwrap(), vec![child.id.clone()]);
+    // The root counts every token of its tree.
+    assert_eq!(s.get_task(&root.id).await.unwrap().unwrap().tokens_issued, 2);
+    let grandchild = child_of(&got, ACTOR, "g2");
+    assert_eq!(grandchild.id.root_str(), root.id.as_str());
+    assert_eq!(
+        s.create_delegated_task(&grandchild, &tok("c2", NOW + 300), 50, NOW)
+            .await
+            .unwrap(),
+        DelegateOutcome::Created
+    );
+    assert_eq!(s.get_task(&root.id).await.unwrap().unwrap().tokens_issued, 3);
+    // Minting into a delegated task counts at the root too; the budget is the tree's.
+    let owner = Subject::from_trusted(ACTOR.into());
+    assert!(matches!(
+        s.mint_into_task(&grandchild.id, &owner, &tok("c3", NOW + 300), 4, NOW)
+            .await
+            .unwrap(),
+        MintOutcome::Minted(_)
+    ));
+    match s
+        .mint_into_task(&child.id, &owner, &tok("c4", NOW + 300), 4, NOW)
+        .await
+        .unwrap()
+    {
+        MintOutcome::OverBudget(t) => assert_eq!((t.id, t.tokens_issued), (root.id.clone(), 4)),
+        other => panic!("{other:?}"),
+    }
+    match s
+        .create_delegated_task(&child_of(&root, ACTOR, "g1"), &tok("c5", NOW + 300), 4, NOW)
+        .await
+        .unwrap()
+    {
+        DelegateOutcome::OverBudget(t) => assert_eq!(t.id, root.id),
+        other => panic!("{other:?}"),
+    }
+    // A parent past its deadline or closed takes no children.
+    assert_eq!(
+        s.create_delegated_task(&child_of(&root, ACTOR, "g1"), &tok("c6", NOW + 300), 50, root.deadline)
+            .await
+            .unwrap(),
+        DelegateOutcome::ParentClosed
+    );
+    s.close_task(&child.id, TaskState::Ended, "done", NOW)
+        .await
+        .unwrap();
+    assert_eq!(
+        s.create_delegated_task(&child_of(&child, ACTOR, "g3"), &tok("c7", NOW + 300), 50, NOW)
+            .await
+            .unwrap(),
+        DelegateOutcome::ParentClosed
+    );
+}
+
+async fn closing_a_subtree(s: Arc<dyn Store>) {
+    let root = task("spiffe://example.org/agent/a", NOW);
+    s.create_task(&root, &tok("r", NOW + 300)).await.unwrap();
+    let a = child_of(&root, ACTOR, "g");
+    let b = child_of(&root, ACTOR, "g");
+    let a1 = child_of(&a, ACTOR, "ga");
+    for t in [&a, &b, &a1] {
+        let out = s
+            .create_delegated_task(t, &tok(t.id.as_str(), NOW + 300), 50, NOW)
+            .await
+            .unwrap();
+        assert_eq!(out, DelegateOutcome::Created);
+    }
+    // Not told about a1: nothing closes, and a and a1 are named.
+    match s
+        .close_subtree(&a.id, TaskState::Revoked, "r", NOW + 1, &[], false)
+        .await
+        .unwrap()
+    {
+        SubtreeClose::Unknown(mut open) => {
+            open.sort_by(|x, y| x.0.as_str().cmp(y.0.as_str()));
+            let mut want = vec![(a.id.clone(), a.deadline), (a1.id.clone(), a1.deadline)];
+            want.sort_by(|x, y| x.0.as_str().cmp(y.0.as_str()));
+            assert_eq!(open, want);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        s.get_task(&a1.id).await.unwrap().unwrap().state,
+        TaskState::Open
+    );
+    // Told about both: the subtree of a closes in one step; b and the root stay open.
+    match s
+        .close_subtree(&a.id, TaskState::Revoked, "r", NOW + 1, &[a.id.clone(), a1.id.clone()], false)
+        .await
+        .unwrap()
+    {
+        SubtreeClose::Closed(closed) => {
+            let mut ids: Vec<_> = closed.iter().map(|t| t.id.clone()).collect();
+            ids.sort_by(|x, y| x.as_str().cmp(y.as_str()));
+            let mut want = vec![a.id.clone(), a1.id.clone()];
+            want.sort_by(|x, y| x.as_str().cmp(y.as_str()));
+            assert_eq!(ids, want);
+            assert!(closed.iter().all(|t| t.state == TaskState::Revoked));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(s.get_task(&b.id).await.unwrap().unwrap().state, TaskState::Open);
+    assert_eq!(s.get_task(&root.id).await.unwrap().unwrap().state, TaskState::Open);
+    // Forced: closes what it finds even when not told.
+    match s
+        .close_subtree(&root.id, TaskState::Ended, "e", NOW + 2, &[], true)
+        .await
+        .unwrap()
+    {
+        SubtreeClose::Closed(closed) => assert_eq!(closed.len(), 2, "the root and b"),
+        other => panic!("{other:?}"),
+    }
+    // A closed subtree closes nothing more, and a closed task is never reopened.
+    assert_eq!(
+        s.close_subtree(&root.id, TaskState::Ended, "e", NOW + 3, &[], false)
+            .await
+            .unwrap(),
+        SubtreeClose::Closed(Vec::new())
+    );
+    assert_eq!(
+        s.get_task(&a.id).await.unwrap().unwrap().state,
+        TaskState::Revoked
+    );
+}
+
+async fn revoking_a_grant(s: Arc<dyn Store>) {
+    let root = task("spiffe://example.org/agent/a", NOW);
+    s.create_task(&root, &tok("r", NOW + 300)).await.unwrap();
+    let by_g = child_of(&root, ACTOR, "g");
+    let by_h = child_of(&root, ACTOR, "h");
+    for t in [&by_g, &by_h] {
+        s.create_delegated_task(t, &tok(t.id.as_str(), NOW + 300), 50, NOW)
+            .await
+            .unwrap();
+    }
+    // Found by its jti alone (an admin's jti revocation) once the grant was used.
+    assert_eq!(
+        s.revoke_grant("g", None, NOW + 300, NOW).await.unwrap(),
+        vec![by_g.id.clone()]
+    );
+    assert_eq!(
+        s.create_delegated_task(&child_of(&root, ACTOR, "g"), &tok("x", NOW + 300), 50, NOW)
+            .await
+            .unwrap(),
+        DelegateOutcome::GrantRevoked
+    );
+    // A grant never used, revoked by jti alone, is refused afterwards too.
+    assert!(s.revoke_grant("k", None, NOW + 300, NOW).await.unwrap().is_empty());
+    assert_eq!(
+        s.create_delegated_task(&child_of(&root, ACTOR, "k"), &tok("y", NOW + 300), 50, NOW)
+            .await
+            .unwrap(),
+        DelegateOutcome::GrantRevoked
+    );
+    // The other grant is untouched.
+    assert_eq!(
+        s.create_delegated_task(&child_of(&root, ACTOR, "h"), &tok("z", NOW + 300), 50, NOW)
+            .await
+            .unwrap(),
+        DelegateOutcome::Created
+    );
+}
+
+/// Delegations racing the end of their parent: each is refused or closed with it.
+async fn delegations_racing_an_end(s: Arc<dyn Store>) {
+    for round in 0..20 {
+        let root = task("spiffe://example.org/agent/a", NOW);
+        s.create_task(&root, &tok("r", NOW + 300)).await.unwrap();
+        let mut handles = Vec::new();
+        for i in 0..8 {
+            let s = s.clone();
+            let c = child_of(&root, ACTOR, "g");
+            handles.push(tokio::spawn(async move {
+                let out = s
+                    .create_delegated_task(&c, &tok(&format!("{round}-{i}"), NOW + 300), 50, NOW)
+                    .await
+                    .unwrap();
+                (c.id, out)
+            }));
+        }
+        let s2 = s.clone();
+        let id = root.id.clone();
+        let closer = tokio::spawn(async move {
+            s2.close_subtree(&id, TaskState::Ended, "e", NOW, &[], true)
+                .await
+                .unwrap()
+        });
+        let mut created = Vec::new();
+        for h in handles {
+            let (id, out) = h.await.unwrap();
+            match out {
+                DelegateOutcome::Created => created.push(id),
+                DelegateOutcome::ParentClosed => {}
+                other => panic!("{other:?}"),
+            }
+        }
+        closer.await.unwrap();
+        for id in created {
+            assert_ne!(
+                s.get_task(&id).await.unwrap().unwrap().state,
+                TaskState::Open,
+                "a child of an ended task is open"
+            );
+        }
     }
 }
 
@@ -548,6 +788,10 @@ macro_rules! contract {
 }
 
 contract!(
+    delegating,
+    closing_a_subtree,
+    revoking_a_grant,
+    delegations_racing_an_end,
     tasks_roundtrip,
     minting,
     concurrent_mints_respect_the_budget,

@@ -115,9 +115,7 @@ pub fn parse_exchange(
             "requested_token_type must be the access_token type",
         ));
     }
-    if form.get("actor_token").is_some() || form.get("actor_token_type").is_some() {
-        return Err(BrokerError::invalid_request("actor_token is not supported"));
-    }
+    let actor_token = actor_token(form, subject_token_type)?;
     let scopes = scopes(form, default_scope)?;
     let audiences = audiences(form)?;
     let purpose = form.get("task_purpose").unwrap_or("").to_string();
@@ -137,7 +135,49 @@ pub fn parse_exchange(
         task_id,
         expires_in,
         source_ip,
+        actor_token,
     })
+}
+
+/// `actor_token` and `actor_token_type` (RFC 8693 §2.1): only for delegation (a task token
+/// as `subject_token`), where they are required (SPEC §4.4); the actor is a workload
+/// identity token, never a task token.
+fn actor_token(
+    form: &Form,
+    subject: SubjectTokenType,
+) -> Result<Option<(secrecy::SecretString, SubjectTokenType)>, BrokerError> {
+    let token = form.get("actor_token");
+    let kind = form.get("actor_token_type");
+    if subject != SubjectTokenType::AccessToken {
+        if token.is_some() || kind.is_some() {
+            return Err(BrokerError::invalid_request(
+                "actor_token is only used with a delegation grant (a task token) as \
+                 subject_token",
+            ));
+        }
+        return Ok(None);
+    }
+    let Some(token) = token else {
+        return Err(BrokerError::invalid_request(
+            "a task token as subject_token is a delegation grant: actor_token (the \
+             sub-agent's own identity token) is required",
+        ));
+    };
+    let kind = match kind {
+        None => {
+            return Err(BrokerError::invalid_request(
+                "actor_token_type is required with actor_token",
+            ));
+        }
+        Some(TYPE_JWT) => SubjectTokenType::Jwt,
+        Some(TYPE_ID_TOKEN) => SubjectTokenType::IdToken,
+        Some(_) => {
+            return Err(BrokerError::invalid_request(
+                "actor_token_type must be the jwt or id_token type",
+            ));
+        }
+    };
+    Ok(Some((token.into(), kind)))
 }
 
 fn scopes(form: &Form, default_scope: &[Scope]) -> Result<Vec<Scope>, BrokerError> {

@@ -8,7 +8,8 @@
 //!    "action": "exchange",                       // or "delegate"; default "exchange"
 //!    "scope": "repo:read",
 //!    "context": {"audience": ["https://api.example.org"], "purpose": "", "ttl": 300,
-//!                "source": "jwt-svid", "depth": 0, "now": 0},   // every field optional
+//!                "source": "jwt-svid", "depth": 0, "now": 0,
+//!                "on_behalf_of": "", "parent_task": ""},    // every field optional
 //!    "expect": "allow",                          // or "deny"; nothing else
 //!    "max_ttl": "5m"},                           // optional: the cap the allow must carry
 //!   {"principal": {"issuer": "https://token.actions.githubusercontent.com",
@@ -58,6 +59,10 @@ struct CaseContext {
     depth: u32,
     #[serde(default)]
     now: i64,
+    #[serde(default)]
+    on_behalf_of: String,
+    #[serde(default)]
+    parent_task: String,
 }
 
 #[derive(Deserialize)]
@@ -196,6 +201,8 @@ fn check(set: &PolicySet, case: Case) -> Result<(), String> {
         source,
         depth: case.context.depth,
         now: case.context.now,
+        on_behalf_of: case.context.on_behalf_of,
+        parent_task: case.context.parent_task,
     };
     let d = set.decide(&principal, action, &case.scope, &ctx);
     let got = if d.allowed { "allow" } else { "deny" };

@@ -135,6 +135,10 @@ pub struct PolicyContext {
     pub source: String,
     pub depth: u32,
     pub now: i64,
+    /// Delegation: the root task's owner the actor acts for ("" otherwise).
+    pub on_behalf_of: String,
+    /// Delegation: the id of the parent task ("" otherwise).
+    pub parent_task: String,
 }
 
 /// The decision for one scope.
@@ -542,6 +546,8 @@ impl PolicySet {
                 RestrictedExpression::new_long(i64::from(ctx.depth)),
             ),
             ("now".to_string(), RestrictedExpression::new_long(ctx.now)),
+            ("on_behalf_of".to_string(), s(&ctx.on_behalf_of)),
+            ("parent_task".to_string(), s(&ctx.parent_task)),
         ])
         .map_err(|e| RequestError::Context(Box::new(e)))?;
         Ok((puid, entities, context))

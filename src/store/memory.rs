@@ -12,8 +12,9 @@ use async_trait::async_trait;
 use parking_lot::Mutex;
 
 use super::{
-    AuditHead, BlockRecord, FeedCursor, FeedEvent, MintOutcome, PolicyTransition, Store,
-    StoreError, TaskFilter, TaskRecord, TaskState, TokenEntry,
+    AuditHead, BlockRecord, DelegateOutcome, FeedCursor, FeedEvent, MAX_TREE_NODES, MintOutcome,
+    PolicyTransition, Store, StoreError, SubtreeClose, TaskFilter, TaskRecord, TaskState,
+    TokenEntry,
 };
 use crate::domain::{Subject, TaskId};
 
@@ -38,6 +39,15 @@ struct Feed {
     blocks: Vec<BlockRecord>,
 }
 
+/// A delegation grant that has been used or revoked: the task it belongs to, and whether it
+/// is revoked, kept until `until`.
+#[derive(Debug)]
+struct Grant {
+    task: Option<TaskId>,
+    revoked: bool,
+    until: i64,
+}
+
 #[derive(Debug, Default)]
 struct Shard {
     tasks: HashMap<TaskId, Entry>,
@@ -54,6 +64,7 @@ pub struct MemoryStore {
     flags: Mutex<HashMap<String, std::time::Instant>>,
     policy: Mutex<Option<PolicyTransition>>,
     audit_heads: Mutex<HashMap<String, AuditHead>>,
+    grants: Mutex<HashMap<String, Grant>>,
 }
 
 impl Default for MemoryStore {
@@ -67,6 +78,7 @@ impl Default for MemoryStore {
             flags: Mutex::new(HashMap::new()),
             policy: Mutex::new(None),
             audit_heads: Mutex::new(HashMap::new()),
+            grants: Mutex::new(HashMap::new()),
         }
     }
 }
@@ -85,7 +97,8 @@ impl MemoryStore {
         reason = "the index is taken modulo the fixed shard count"
     )]
     fn shard(&self, id: &TaskId) -> &Mutex<Shard> {
-        let n = self.hasher.hash_one(id) % (SHARDS as u64);
+        // By the tree's root: a task tree lives in one shard, under one lock.
+        let n = self.hasher.hash_one(id.root_str()) % (SHARDS as u64);
         &self.shards[usize::try_from(n).unwrap_or(0)]
     }
 
@@ -114,6 +127,7 @@ impl Store for MemoryStore {
             shard.tasks.retain(|_, e| e.task.deadline > horizon);
             removed += before - shard.tasks.len();
         }
+        self.grants.lock().retain(|_, g| g.until >= now);
         let mut feed = self.feed.lock();
         let before = feed.blocks.len();
         feed.blocks.retain(|b| b.relevant_at(now));
@@ -151,6 +165,150 @@ impl Store for MemoryStore {
         Ok(())
     }
 
+    async fn create_delegated_task(
+        &self,
+        task: &TaskRecord,
+        first: &TokenEntry,
+        max_tokens: u32,
+        now: i64,
+    ) -> Result<DelegateOutcome, StoreError> {
+        let Some(parent) = task.parent.clone() else {
+            return Err(StoreError::invalid("a delegated task without a parent"));
+        };
+        // Lock order: grants, then the tree's shard (as in `revoke_grant`).
+        let mut grants = self.grants.lock();
+        if let Some(jti) = &task.grant {
+            if grants.get(jti).is_some_and(|g| g.revoked) {
+                return Ok(DelegateOutcome::GrantRevoked);
+            }
+            grants.entry(jti.clone()).or_insert(Grant {
+                task: Some(parent.clone()),
+                revoked: false,
+                until: task.deadline,
+            });
+        }
+        let mut shard = self.shard(&task.id).lock();
+        if !shard
+            .tasks
+            .get(&parent)
+            .is_some_and(|e| e.task.is_open_at(now))
+        {
+            return Ok(DelegateOutcome::ParentClosed);
+        }
+        let Some(root) = TaskId::parse(task.id.root_str()) else {
+            return Err(StoreError::invalid("a delegated task id without a root"));
+        };
+        let Some(root) = shard.tasks.get_mut(&root) else {
+            return Ok(DelegateOutcome::ParentClosed);
+        };
+        if root.task.tokens_issued >= max_tokens {
+            return Ok(DelegateOutcome::OverBudget(root.task.clone()));
+        }
+        root.task.tokens_issued += 1;
+        let mut task = task.clone();
+        task.tokens_issued = 1;
+        let id = task.id.clone();
+        shard.tasks.insert(
+            id.clone(),
+            Entry {
+                task,
+                tokens: vec![first.clone()],
+                children: Vec::new(),
+            },
+        );
+        if let Some(e) = shard.tasks.get_mut(&parent) {
+            e.children.push(id);
+        }
+        drop(grants);
+        Ok(DelegateOutcome::Created)
+    }
+
+    async fn close_subtree(
+        &self,
+        id: &TaskId,
+        state: TaskState,
+        reason: &str,
+        now: i64,
+        known: &[TaskId],
+        force: bool,
+    ) -> Result<SubtreeClose, StoreError> {
+        let known: std::collections::HashSet<&TaskId> = known.iter().collect();
+        let mut shard = self.shard(id).lock();
+        let mut open = Vec::new();
+        let mut unknown = Vec::new();
+        let mut queue = vec![id.clone()];
+        let mut seen = 0;
+        while let Some(next) = queue.pop() {
+            seen += 1;
+            if seen > MAX_TREE_NODES {
+                break;
+            }
+            let Some(e) = shard.tasks.get(&next) else {
+                continue;
+            };
+            if e.task.state == TaskState::Open {
+                if !known.contains(&next) {
+                    unknown.push((next.clone(), e.task.deadline));
+                }
+                open.push(next);
+            }
+            queue.extend(e.children.iter().cloned());
+        }
+        if !unknown.is_empty() && !force {
+            return Ok(SubtreeClose::Unknown(unknown));
+        }
+        let mut closed = Vec::new();
+        for t in open {
+            if let Some(e) = shard.tasks.get_mut(&t) {
+                e.task.state = state;
+                e.task.ended_at = Some(now);
+                e.task.end_reason = Some(reason.to_string());
+                closed.push(e.task.clone());
+            }
+        }
+        Ok(SubtreeClose::Closed(closed))
+    }
+
+    async fn revoke_grant(
+        &self,
+        jti: &str,
+        task: Option<&TaskId>,
+        until: i64,
+        now: i64,
+    ) -> Result<Vec<TaskId>, StoreError> {
+        let mut grants = self.grants.lock();
+        if grants.len() > 10_000 {
+            grants.retain(|_, g| g.until >= now);
+        }
+        let g = grants.entry(jti.to_string()).or_insert(Grant {
+            task: task.cloned(),
+            revoked: true,
+            until,
+        });
+        g.revoked = true;
+        g.until = g.until.max(until);
+        let Some(parent) = g.task.clone().or_else(|| task.cloned()) else {
+            return Ok(Vec::new());
+        };
+        let shard = self.shard(&parent).lock();
+        let children = shard
+            .tasks
+            .get(&parent)
+            .map(|e| e.children.clone())
+            .unwrap_or_default();
+        let delegated = children
+            .into_iter()
+            .filter(|c| {
+                shard.tasks.get(c).is_some_and(|e| {
+                    e.task.state == TaskState::Open && e.task.grant.as_deref() == Some(jti)
+                })
+            })
+            .collect();
+        drop(shard);
+        drop(grants);
+        Ok(delegated)
+    }
+
     async fn get_task(&self, id: &TaskId) -> Result<Option<TaskRecord>, StoreError> {
         Ok(self.shard(id).lock().tasks.get(id).map(|e| e.task.clone()))
     }
@@ -164,7 +322,7 @@ impl Store for MemoryStore {
         now: i64,
     ) -> Result<MintOutcome, StoreError> {
         let mut shard = self.shard(id).lock();
-        let Some(entry) = shard.tasks.get_mut(id) else {
+        let Some(entry) = shard.tasks.get(id) else {
             return Ok(MintOutcome::NotFound);
         };
         if &entry.task.owner != owner {
@@ -173,10 +331,22 @@ impl Store for MemoryStore {
         if !entry.task.is_open_at(now) {
             return Ok(MintOutcome::Closed(entry.task.clone()));
         }
-        if entry.task.tokens_issued >= max_tokens {
-            return Ok(MintOutcome::OverBudget(entry.task.clone()));
+        // The budget is the tree's: counted at the root.
+        let root = TaskId::parse(id.root_str()).unwrap_or_else(|| id.clone());
+        let closed = entry.task.clone();
+        let Some(root_entry) = shard.tasks.get_mut(&root) else {
+            return Ok(MintOutcome::Closed(closed));
+        };
+        if root_entry.task.tokens_issued >= max_tokens {
+            return Ok(MintOutcome::OverBudget(root_entry.task.clone()));
         }
-        entry.task.tokens_issued += 1;
+        root_entry.task.tokens_issued += 1;
+        let Some(entry) = shard.tasks.get_mut(id) else {
+            return Ok(MintOutcome::NotFound);
+        };
+        if &root != id {
+            entry.task.tokens_issued += 1;
+        }
         entry.tokens.push(token.clone());
         Ok(MintOutcome::Minted(entry.task.clone()))
     }

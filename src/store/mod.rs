@@ -99,6 +99,15 @@ pub struct TaskRecord {
     /// policy changes.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub claims: std::collections::BTreeMap<String, String>,
+    /// Delegated tasks: the `jti` of the grant the task was delegated from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grant: Option<String>,
+    /// Delegated tasks: the owner of the tree's root task, the `sub` of the task's tokens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_behalf_of: Option<Subject>,
+    /// Delegated tasks: the actor chain of the task's tokens (RFC 8693 §4.1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub act: Option<serde_json::Value>,
 }
 
 impl TaskRecord {
@@ -303,6 +312,31 @@ pub enum MintOutcome {
     OverBudget(TaskRecord),
 }
 
+/// What happened to a request to open a task delegated from another (SPEC §4.4).
+#[derive(Debug, Clone, PartialEq)]
+pub enum DelegateOutcome {
+    Created,
+    /// The parent task is unknown, ended or past its deadline.
+    ParentClosed,
+    /// The grant it was asked with has been revoked.
+    GrantRevoked,
+    /// The tree's root has spent its budget; the root as it is.
+    OverBudget(TaskRecord),
+}
+
+/// What a subtree close did: closed every open task of the subtree, or found open tasks the
+/// caller did not name (their revocation is not yet published) and closed nothing.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SubtreeClose {
+    /// The tasks this call closed, as they now are.
+    Closed(Vec<TaskRecord>),
+    /// Open tasks of the subtree missing from `known`, with their deadlines.
+    Unknown(Vec<(TaskId, i64)>),
+}
+
+/// Most tasks one subtree close visits: a bound on the work of one store step.
+pub const MAX_TREE_NODES: usize = 10_000;
+
 /// The policy version the replicas last accepted, as the store records it: each change of
 /// version is one transition, numbered by a generation that only goes up.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -345,7 +379,9 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     async fn get_task(&self, id: &TaskId) -> Result<Option<TaskRecord>, StoreError>;
 
     /// Atomically: the task exists, `owner` owns it, it is open at `now`, and fewer than
-    /// `max_tokens` were minted; then counts one more token and indexes `token`.
+    /// `max_tokens` were minted in its tree (a root task's count covers every token of its
+    /// tree); then counts one more token (in the task and its root) and indexes `token`.
+    /// Over budget, the outcome carries the root.
     async fn mint_into_task(
         &self,
         id: &TaskId,
@@ -364,6 +400,44 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         reason: &str,
         now: i64,
     ) -> Result<Option<TaskRecord>, StoreError>;
+
+    /// Atomically, on the shard (Cluster slot) of the task's tree: the grant `task.grant` is
+    /// not revoked, the parent `task.parent` exists and is open at `now`, and the tree's root
+    /// has minted fewer than `max_tokens` tokens; then records `task` with its first token
+    /// under its parent and counts that token against the root. A delegation racing the end
+    /// of its parent is thus refused or recorded before the end, which then closes it too.
+    async fn create_delegated_task(
+        &self,
+        task: &TaskRecord,
+        first: &TokenEntry,
+        max_tokens: u32,
+        now: i64,
+    ) -> Result<DelegateOutcome, StoreError>;
+
+    /// In one step: closes `id` and every open task below it (state `Ended` or `Revoked`),
+    /// unless the subtree holds an open task that is not in `known` and `force` is false;
+    /// then nothing is closed and those tasks are returned, so that the caller publishes
+    /// their revocation first. A closed task is never reopened and never gets children.
+    async fn close_subtree(
+        &self,
+        id: &TaskId,
+        state: TaskState,
+        reason: &str,
+        now: i64,
+        known: &[TaskId],
+        force: bool,
+    ) -> Result<SubtreeClose, StoreError>;
+
+    /// Marks the grant `jti` revoked until `until`: no task is delegated from it afterwards
+    /// (atomically with [`Store::create_delegated_task`]). `task` is the grant's own task
+    /// when known. Returns the open tasks delegated directly from the grant.
+    async fn revoke_grant(
+        &self,
+        jti: &str,
+        task: Option<&TaskId>,
+        until: i64,
+        now: i64,
+    ) -> Result<Vec<TaskId>, StoreError>;
 
     /// The tokens indexed under a task.
     async fn task_tokens(&self, id: &TaskId) -> Result<Vec<TokenEntry>, StoreError>;

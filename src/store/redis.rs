@@ -35,8 +35,9 @@ use redis::{
 };
 
 use super::{
-    AuditHead, BlockRecord, FeedCursor, FeedEvent, MintOutcome, PolicyTransition, Store,
-    StoreError, TaskFilter, TaskRecord, TaskState, TokenEntry,
+    AuditHead, BlockRecord, DelegateOutcome, FeedCursor, FeedEvent, MintOutcome,
+    PolicyTransition, Store, StoreError, SubtreeClose, TaskFilter, TaskRecord, TaskState,
+    TokenEntry,
 };
 use crate::domain::{Subject, TaskId};
 
@@ -98,6 +99,9 @@ pub struct RedisStore {
     /// How long feed entries are kept: longer than any token or task lives.
     horizon_secs: i64,
     create: Script,
+    delegate: Script,
+    subtree: Script,
+    grant: Script,
     mint: Script,
     close: Script,
     lift: Script,
@@ -159,15 +163,98 @@ redis.call('EXPIRE', KEYS[2], ARGV[2])
 return 1
 ";
 
+/// KEYS[1] the task's hash, KEYS[2] its record and token index, KEYS[3] its tree root's hash
+/// (KEYS[1] itself for a root): the budget is the tree's, counted at the root.
 const MINT_LUA: &str = r"
 local f = redis.call('HMGET', KEYS[1], 'o', 's', 'd', 'n')
 if not f[1] then return 'not_found' end
 if f[1] ~= ARGV[1] then return 'not_owner' end
 if f[2] ~= 'open' or tonumber(ARGV[3]) >= tonumber(f[3]) then return 'closed' end
-if tonumber(f[4]) >= tonumber(ARGV[4]) then return 'over_budget' end
+local n = redis.call('HGET', KEYS[3], 'n')
+if not n then return 'closed' end
+if tonumber(n) >= tonumber(ARGV[4]) then return 'over_budget' end
 redis.call('HINCRBY', KEYS[1], 'n', 1)
+if KEYS[3] ~= KEYS[1] then redis.call('HINCRBY', KEYS[3], 'n', 1) end
 redis.call('APPEND', KEYS[2], ARGV[2])
 return 'minted'
+";
+
+/// A delegated task, on its tree's slot: KEYS[1] its record, KEYS[2] its hash, KEYS[3] the
+/// parent's hash, KEYS[4] the root's hash, KEYS[5] the parent's children, KEYS[6] the mark
+/// of the grant's revocation. The parent is checked open in the same step that records the
+/// child, so a delegation racing the parent's end is refused or closed with it.
+const DELEGATE_LUA: &str = r"
+if redis.call('EXISTS', KEYS[6]) == 1 then return 'grant_revoked' end
+local p = redis.call('HMGET', KEYS[3], 's', 'd')
+if not p[1] or p[1] ~= 'open' or tonumber(ARGV[5]) >= tonumber(p[2]) then
+  return 'parent_closed'
+end
+local n = redis.call('HGET', KEYS[4], 'n')
+if not n then return 'parent_closed' end
+if tonumber(n) >= tonumber(ARGV[6]) then return 'over_budget' end
+redis.call('HINCRBY', KEYS[4], 'n', 1)
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+redis.call('HSET', KEYS[2], 'o', ARGV[3], 's', 'open', 'd', ARGV[4], 'n', '1', 'g', ARGV[8])
+redis.call('EXPIRE', KEYS[2], ARGV[2])
+redis.call('SADD', KEYS[5], ARGV[7])
+if redis.call('TTL', KEYS[5]) < tonumber(ARGV[2]) then
+  redis.call('EXPIRE', KEYS[5], ARGV[2])
+end
+return 'created'
+";
+
+/// Closes a subtree in one step, on its tree's slot (KEYS[1] the hash of the subtree's top,
+/// for routing). ARGV: key prefix, state, now, reason, force (`1`/`0`), the top's id, then
+/// the ids whose revocation the caller published. Keys of a tree's tasks are derived from
+/// their ids (`<prefix>{<root id>}<rest>:h`): all on the slot of KEYS[1].
+const SUBTREE_LUA: &str = r"
+local function key(id, suffix)
+  return ARGV[1] .. '{' .. string.sub(id, 1, 26) .. '}' .. string.sub(id, 27) .. suffix
+end
+local known = {}
+for i = 7, #ARGV do known[ARGV[i]] = true end
+local queue = {ARGV[6]}
+local open = {}
+local unknown = {}
+local seen = 0
+while #queue > 0 and seen < 10000 do
+  local id = table.remove(queue)
+  seen = seen + 1
+  local f = redis.call('HMGET', key(id, ':h'), 's', 'd')
+  if f[1] == 'open' then
+    table.insert(open, id)
+    if not known[id] then
+      table.insert(unknown, id)
+      table.insert(unknown, f[2] or '0')
+    end
+  end
+  for _, c in ipairs(redis.call('SMEMBERS', key(id, ':children'))) do
+    table.insert(queue, c)
+  end
+end
+if #unknown > 0 and ARGV[5] ~= '1' then
+  table.insert(unknown, 1, 'unknown')
+  return unknown
+end
+for _, id in ipairs(open) do
+  redis.call('HSET', key(id, ':h'), 's', ARGV[2], 'e', ARGV[3], 'r', ARGV[4])
+end
+table.insert(open, 1, 'closed')
+return open
+";
+
+/// Marks a grant revoked in its tree (KEYS[1], expiring after ARGV[2] seconds) and lists the
+/// open tasks delegated from it among the children (KEYS[2]) of its task. ARGV[1] the grant's
+/// `jti`, ARGV[3] the key prefix.
+const GRANT_LUA: &str = r"
+redis.call('SET', KEYS[1], '1', 'EX', ARGV[2])
+local out = {}
+for _, c in ipairs(redis.call('SMEMBERS', KEYS[2])) do
+  local k = ARGV[3] .. '{' .. string.sub(c, 1, 26) .. '}' .. string.sub(c, 27) .. ':h'
+  local f = redis.call('HMGET', k, 's', 'g')
+  if f[1] == 'open' and f[2] == ARGV[1] then table.insert(out, c) end
+end
+return out
 ";
 
 /// What never changes of a task, with short names: it is most of a task's memory.
@@ -189,6 +276,34 @@ struct Rec {
     so: String,
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     cl: std::collections::BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    g: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    ob: Option<Subject>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    ac: Option<serde_json::Value>,
+}
+
+impl Rec {
+    fn of(task: &TaskRecord) -> Rec {
+        Rec {
+            i: task.id.clone(),
+            o: task.owner.clone(),
+            p: task.purpose.clone(),
+            c: task.created_at,
+            d: task.deadline,
+            v: task.policy_version.clone(),
+            sc: task.scopes.clone(),
+            a: task.audience.clone(),
+            pa: task.parent.clone(),
+            dp: task.depth,
+            so: task.source.clone(),
+            cl: task.claims.clone(),
+            g: task.grant.clone(),
+            ob: task.on_behalf_of.clone(),
+            ac: task.act.clone(),
+        }
+    }
 }
 
 fn is_zero(n: &u32) -> bool {
@@ -319,6 +434,9 @@ impl RedisStore {
             prefix: key_prefix.unwrap_or("writ:").to_string(),
             horizon_secs: crate::domain::duration_secs(horizon).saturating_add(60),
             create: Script::new(CREATE_LUA),
+            delegate: Script::new(DELEGATE_LUA),
+            subtree: Script::new(SUBTREE_LUA),
+            grant: Script::new(GRANT_LUA),
             mint: Script::new(MINT_LUA),
             close: Script::new(CLOSE_LUA),
             lift: Script::new(LIFT_LUA),
@@ -329,15 +447,33 @@ impl RedisStore {
         })
     }
 
+    /// A task's key: hash-tagged with its tree's root id, so that a tree lives on one
+    /// Cluster slot (`<prefix>{<root>}<rest of the id>:<suffix>`; the same rule as
+    /// `SUBTREE_LUA`'s). The keys of a root task are what they always were.
+    fn k_of(&self, id: &str, suffix: &str) -> String {
+        let (root, rest) = match TaskId::parse(id) {
+            Some(t) => (t.root_str().to_string(), t.within_root().to_string()),
+            None => (id.to_string(), String::new()),
+        };
+        format!("{}{{{root}}}{rest}:{suffix}", self.prefix)
+    }
     fn k_task(&self, id: &str) -> String {
-        format!("{}{{{id}}}:h", self.prefix)
+        self.k_of(id, "h")
     }
     /// The record and, after it, the token index.
     fn k_tokens(&self, id: &str) -> String {
-        format!("{}{{{id}}}:r", self.prefix)
+        self.k_of(id, "r")
     }
     fn k_children(&self, id: &str) -> String {
-        format!("{}{{{id}}}:children", self.prefix)
+        self.k_of(id, "children")
+    }
+    /// The mark that grant `jti` was revoked, in the slot of the tree `root`.
+    fn k_grant_revoked(&self, root: &str, jti: &str) -> String {
+        format!("{}{{{root}}}:rg:{jti}", self.prefix)
+    }
+    /// Which task a grant belongs to once used, or `revoked`.
+    fn k_grant(&self, jti: &str) -> String {
+        format!("{}grant:{jti}", self.prefix)
     }
     fn k_index(&self) -> String {
         format!("{}{{idx}}:tasks", self.prefix)
@@ -453,6 +589,28 @@ impl RedisStore {
         Ok(())
     }
 
+    /// The listing index lives on another slot: not part of the atomic write.
+    async fn index_task(
+        &self,
+        task: &TaskRecord,
+        first: &TokenEntry,
+        conn: &mut Conn,
+    ) -> Result<(), StoreError> {
+        let id = task.id.as_str();
+        let mut idx = redis::pipe();
+        idx.zadd(self.k_index(), id, task.deadline).ignore();
+        if first.jti.as_bytes().first().is_some_and(|b| b % 64 == 0) {
+            idx.zrembyscore(
+                self.k_index(),
+                "-inf",
+                task.created_at - RETAIN_AFTER_DEADLINE,
+            )
+            .ignore();
+        }
+        idx.query_async::<()>(conn).await.map_err(unavailable)?;
+        Ok(())
+    }
+
     fn min_stream_id(&self, now: i64) -> String {
         format!("{}-0", (now - self.horizon_secs).max(0) * 1000)
     }
@@ -485,6 +643,9 @@ impl RedisStore {
             depth: r.dp,
             source: r.so,
             claims: r.cl,
+            grant: r.g,
+            on_behalf_of: r.ob,
+            act: r.ac,
         };
         task.state = match fields.get("s").map(String::as_str) {
             Some("open") | None => TaskState::Open,
@@ -543,21 +704,8 @@ impl Store for RedisStore {
     async fn create_task(&self, task: &TaskRecord, first: &TokenEntry) -> Result<(), StoreError> {
         let id = task.id.as_str();
         let ttl = (task.deadline - task.created_at + RETAIN_AFTER_DEADLINE).max(60);
-        let rec = serde_json::to_string(&Rec {
-            i: task.id.clone(),
-            o: task.owner.clone(),
-            p: task.purpose.clone(),
-            c: task.created_at,
-            d: task.deadline,
-            v: task.policy_version.clone(),
-            sc: task.scopes.clone(),
-            a: task.audience.clone(),
-            pa: task.parent.clone(),
-            dp: task.depth,
-            so: task.source.clone(),
-            cl: task.claims.clone(),
-        })
-        .map_err(|e| StoreError::corrupt("task record", e))?;
+        let rec = serde_json::to_string(&Rec::of(task))
+            .map_err(|e| StoreError::corrupt("task record", e))?;
         let mut conn = self.conn();
         let _: i64 = self
             .run(
@@ -571,20 +719,7 @@ impl Store for RedisStore {
                 &mut conn,
             )
             .await?;
-        // The listing index lives on another slot: not part of the atomic write.
-        let mut idx = redis::pipe();
-        idx.zadd(self.k_index(), id, task.deadline).ignore();
-        if first.jti.as_bytes().first().is_some_and(|b| b % 64 == 0) {
-            idx.zrembyscore(
-                self.k_index(),
-                "-inf",
-                task.created_at - RETAIN_AFTER_DEADLINE,
-            )
-            .ignore();
-        }
-        idx.query_async::<()>(&mut conn)
-            .await
-            .map_err(unavailable)?;
+        self.index_task(task, first, &mut conn).await?;
         if let Some(parent) = &task.parent {
             let mut c = redis::pipe();
             c.sadd(self.k_children(parent.as_str()), id)
@@ -594,6 +729,165 @@ impl Store for RedisStore {
             c.query_async::<()>(&mut conn).await.map_err(unavailable)?;
         }
         Ok(())
+    }
+
+    async fn create_delegated_task(
+        &self,
+        task: &TaskRecord,
+        first: &TokenEntry,
+        max_tokens: u32,
+        now: i64,
+    ) -> Result<DelegateOutcome, StoreError> {
+        let (Some(parent), Some(root)) = (&task.parent, TaskId::parse(task.id.root_str())) else {
+            return Err(StoreError::invalid("a delegated task without a parent"));
+        };
+        let id = task.id.as_str();
+        let jti = task.grant.clone().unwrap_or_default();
+        let ttl = (task.deadline - task.created_at + RETAIN_AFTER_DEADLINE).max(60);
+        let mut conn = self.conn();
+        // Which task the grant belongs to, unless it is revoked already: set before the task
+        // is recorded, so that a revocation of the grant that does not see it here has already
+        // left its mark where the script below looks.
+        if !jti.is_empty() {
+            let before: Option<String> = redis::cmd("SET")
+                .arg(self.k_grant(&jti))
+                .arg(parent.as_str())
+                .arg("NX")
+                .arg("GET")
+                .arg("EX")
+                .arg(ttl)
+                .query_async(&mut conn)
+                .await
+                .map_err(unavailable)?;
+            if before.as_deref() == Some("revoked") {
+                return Ok(DelegateOutcome::GrantRevoked);
+            }
+        }
+        let rec = serde_json::to_string(&Rec::of(task))
+            .map_err(|e| StoreError::corrupt("task record", e))?;
+        let status: String = self
+            .run(
+                self.delegate
+                    .key(self.k_tokens(id))
+                    .key(self.k_task(id))
+                    .key(self.k_task(parent.as_str()))
+                    .key(self.k_task(root.as_str()))
+                    .key(self.k_children(parent.as_str()))
+                    .key(self.k_grant_revoked(root.as_str(), &jti))
+                    .arg(format!("{rec}\n{} {};", first.jti, first.exp))
+                    .arg(ttl)
+                    .arg(owner_digest(&task.owner))
+                    .arg(task.deadline)
+                    .arg(now)
+                    .arg(max_tokens)
+                    .arg(id)
+                    .arg(&jti),
+                &mut conn,
+            )
+            .await?;
+        match status.as_str() {
+            "created" => {}
+            "grant_revoked" => return Ok(DelegateOutcome::GrantRevoked),
+            "parent_closed" => return Ok(DelegateOutcome::ParentClosed),
+            "over_budget" => {
+                let root = self
+                    .get_task(&root)
+                    .await?
+                    .ok_or_else(|| StoreError::invalid("root task vanished while delegating"))?;
+                return Ok(DelegateOutcome::OverBudget(root));
+            }
+            other => return Err(StoreError::invalid(format!("delegation answered `{other}`"))),
+        }
+        self.index_task(task, first, &mut conn).await?;
+        Ok(DelegateOutcome::Created)
+    }
+
+    async fn close_subtree(
+        &self,
+        id: &TaskId,
+        state: TaskState,
+        reason: &str,
+        now: i64,
+        known: &[TaskId],
+        force: bool,
+    ) -> Result<SubtreeClose, StoreError> {
+        let mut call = self.subtree.key(self.k_task(id.as_str()));
+        call.arg(&self.prefix)
+            .arg(state.as_str())
+            .arg(now)
+            .arg(short(reason))
+            .arg(if force { "1" } else { "0" })
+            .arg(id.as_str());
+        for k in known {
+            call.arg(k.as_str());
+        }
+        let answer: Vec<String> = self.run(&call, &mut self.conn()).await?;
+        let mut answer = answer.into_iter();
+        match answer.next().as_deref() {
+            Some("closed") => {
+                let mut closed = Vec::new();
+                for t in answer.filter_map(|t| TaskId::parse(&t)) {
+                    if let Some(task) = self.get_task(&t).await? {
+                        closed.push(task);
+                    }
+                }
+                Ok(SubtreeClose::Closed(closed))
+            }
+            Some("unknown") => {
+                let rest: Vec<String> = answer.collect();
+                Ok(SubtreeClose::Unknown(
+                    rest.chunks(2)
+                        .filter_map(|pair| match pair {
+                            [t, d] => Some((TaskId::parse(t)?, d.parse().unwrap_or(0))),
+                            _ => None,
+                        })
+                        .collect(),
+                ))
+            }
+            other => Err(StoreError::invalid(format!(
+                "subtree close answered `{}`",
+                other.unwrap_or("")
+            ))),
+        }
+    }
+
+    async fn revoke_grant(
+        &self,
+        jti: &str,
+        task: Option<&TaskId>,
+        until: i64,
+        now: i64,
+    ) -> Result<Vec<TaskId>, StoreError> {
+        let ttl = until.saturating_sub(now).saturating_add(1).max(1);
+        let mut conn = self.conn();
+        let before: Option<String> = redis::cmd("SET")
+            .arg(self.k_grant(jti))
+            .arg("revoked")
+            .arg("GET")
+            .arg("EX")
+            .arg(ttl)
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        let Some(parent) = before
+            .as_deref()
+            .and_then(TaskId::parse)
+            .or_else(|| task.cloned())
+        else {
+            return Ok(Vec::new());
+        };
+        let ids: Vec<String> = self
+            .run(
+                self.grant
+                    .key(self.k_grant_revoked(parent.root_str(), jti))
+                    .key(self.k_children(parent.as_str()))
+                    .arg(jti)
+                    .arg(ttl)
+                    .arg(&self.prefix),
+                &mut conn,
+            )
+            .await?;
+        Ok(ids.iter().filter_map(|t| TaskId::parse(t)).collect())
     }
 
     async fn get_task(&self, id: &TaskId) -> Result<Option<TaskRecord>, StoreError> {
@@ -622,6 +916,7 @@ impl Store for RedisStore {
                 self.mint
                     .key(self.k_task(id.as_str()))
                     .key(self.k_tokens(id.as_str()))
+                    .key(self.k_task(id.root_str()))
                     .arg(owner_digest(owner))
                     .arg(format!("{} {};", token.jti, token.exp))
                     .arg(now)
@@ -638,7 +933,14 @@ impl Store for RedisStore {
             "not_found" => MintOutcome::NotFound,
             "not_owner" => MintOutcome::NotOwner,
             "closed" => MintOutcome::Closed(task().await?),
-            "over_budget" => MintOutcome::OverBudget(task().await?),
+            "over_budget" => match TaskId::parse(id.root_str()) {
+                Some(root) if &root != id => MintOutcome::OverBudget(
+                    self.get_task(&root)
+                        .await?
+                        .ok_or_else(|| StoreError::invalid("root vanished while minting"))?,
+                ),
+                _ => MintOutcome::OverBudget(task().await?),
+            },
             "minted" => MintOutcome::Minted(task().await?),
             other => return Err(StoreError::invalid(format!("mint answered `{other}`"))),
         })

@@ -321,3 +321,342 @@ async fn delegations_share_the_root_tasks_budget() {
         .unwrap();
     assert_eq!(root.tokens_issued, 5);
 }
+
+// ---------------------------------------------------------------------------------------
+// The two-step flow, the claims, the decision log.
+// ---------------------------------------------------------------------------------------
+
+const SUB2: &str = "spiffe://example.org/agent/sub/second";
+const SUB3: &str = "spiffe://example.org/agent/sub/third";
+const SUB4: &str = "spiffe://example.org/agent/sub/fourth";
+
+/// A chain of delegations three deep: `sub` the root owner, `client_id` the actor, `act`
+/// nested with the current actor outermost; policy decides each hop for its actor; the
+/// fourth hop is refused by `tasks.max_delegation_depth`.
+#[tokio::test]
+async fn a_chain_three_deep_nests_act_and_the_fourth_hop_is_refused() {
+    let app = spawn_app().await;
+    let (_, root) = open(&app, "repo:read", API).await;
+    let mut owner = AGENT.to_string();
+    let mut task = root.clone();
+    let mut chain: Option<Value> = None;
+    let mut tokens = Vec::new();
+    for (depth, actor) in [SUB, SUB2, SUB3].into_iter().enumerate() {
+        let g = grant(&app, &owner, &task, actor, "repo:read").await;
+        let (s, v) = delegate_with(&app, &g, Some(&app.svid(actor)), "repo:read", &[]).await;
+        assert_eq!(s, 200, "hop {}: {v}", depth + 1);
+        let token = v["access_token"].as_str().unwrap().to_string();
+        let c = claims_of(&token);
+        assert_eq!(c["sub"], AGENT, "sub is the root owner");
+        assert_eq!(c["client_id"], actor);
+        let mut want = json!({"sub": actor});
+        if let Some(prev) = chain.take() {
+            want["act"] = prev;
+        }
+        assert_eq!(c["act"], want);
+        chain = Some(want);
+        let t = app
+            .broker
+            .get_task(&TaskId::parse(v["task_id"].as_str().unwrap()).unwrap())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!((t.depth, t.owner.as_str()), (depth as u32 + 1, actor));
+        assert_eq!(t.parent.unwrap().as_str(), task);
+        // Introspection returns the chain.
+        let i = app.introspect(&token).await;
+        assert_eq!((i["active"].clone(), i["act"].clone()), (json!(true), c["act"].clone()));
+        owner = actor.to_string();
+        task = v["task_id"].as_str().unwrap().to_string();
+        tokens.push(token);
+    }
+    let g = grant(&app, &owner, &task, SUB4, "repo:read").await;
+    let (s, v) = delegate_with(&app, &g, Some(&app.svid(SUB4)), "repo:read", &[]).await;
+    assert_eq!((s, error_of(&v)), (400, "invalid_grant"), "{v}");
+
+    // The decision log names the actor, for whom it acts, and the whole chain.
+    let allows: Vec<Value> = app
+        .audit_records()
+        .into_iter()
+        .filter(|r| r["event"] == "exchange" && r["reason"] == "delegation permitted")
+        .collect();
+    assert_eq!(allows.len(), 3);
+    let last = &allows[2];
+    assert_eq!(last["subject"], SUB3);
+    assert_eq!(last["detail"]["actor"], SUB3);
+    assert_eq!(last["detail"]["on_behalf_of"], AGENT);
+    assert_eq!(last["detail"]["act"], chain.unwrap());
+    assert_eq!(last["detail"]["depth"], 3);
+    let refused = app
+        .audit_records()
+        .into_iter()
+        .rev()
+        .find(|r| r["event"] == "exchange" && r["decision"] == "deny")
+        .unwrap();
+    assert_eq!(refused["subject"], SUB4);
+    assert_eq!(refused["detail"]["on_behalf_of"], AGENT);
+
+    // Ending the root ends the whole chain.
+    let root_token = {
+        let (s, v) = app
+            .exchange(&app.svid(AGENT), "repo:read", &[("task_id", &root)])
+            .await;
+        assert_eq!(s, 200, "{v}");
+        v["access_token"].as_str().unwrap().to_string()
+    };
+    let (s, v) = app.end_task(&root, &root_token).await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["revoked_tasks"], 4, "{v}");
+    assert_tree_closed(&app, &root, &tokens).await;
+}
+
+/// Policy sees the actor as principal with `on_behalf_of`, `parent_task` and `depth`.
+#[tokio::test]
+async fn policy_decides_for_the_actor_with_the_delegation_context() {
+    let app = spawn_app().await;
+    std::fs::write(
+        app.path("policies/orchestrator.cedar"),
+        r#"
+@id("orchestrator-sub-agents-only")
+forbid (principal, action == Writ::Action::"delegate", resource)
+when {
+  context.on_behalf_of == "spiffe://example.org/agent/orchestrator" &&
+  !(principal.path like "/agent/sub/*")
+};
+@id("no-grandchildren-of-a-named-task")
+forbid (principal, action == Writ::Action::"delegate", resource)
+when { context.parent_task == "tsk_AAAAAAAAAAAAAAAAAAAAAA" };
+"#,
+    )
+    .unwrap();
+    app.broker.policy.reload().unwrap();
+    let orchestrator = "spiffe://example.org/agent/orchestrator";
+    let (_, task) = {
+        let (s, v) = app
+            .exchange(&app.svid(orchestrator), "repo:read", &[])
+            .await;
+        assert_eq!(s, 200, "{v}");
+        (
+            v["access_token"].as_str().unwrap().to_string(),
+            v["task_id"].as_str().unwrap().to_string(),
+        )
+    };
+    // An agent outside /agent/sub/* may not act for the orchestrator.
+    let other = "spiffe://example.org/agent/other";
+    let g = grant(&app, orchestrator, &task, other, "repo:read").await;
+    let (s, v) = delegate_with(&app, &g, Some(&app.svid(other)), "repo:read", &[]).await;
+    assert_eq!((s, error_of(&v)), (400, "invalid_scope"), "{v}");
+    let deny = app
+        .audit_records()
+        .into_iter()
+        .rev()
+        .find(|r| r["decision"] == "deny")
+        .unwrap();
+    assert_eq!(deny["policies"], json!(["orchestrator-sub-agents-only"]));
+    assert_eq!(deny["subject"], other);
+    // A sub-agent may.
+    let g = grant(&app, orchestrator, &task, SUB, "repo:read").await;
+    let (s, v) = delegate_with(&app, &g, Some(&app.svid(SUB)), "repo:read", &[]).await;
+    assert_eq!(s, 200, "{v}");
+}
+
+/// Every bad input of a delegation, with its exact answer.
+#[tokio::test]
+async fn bad_delegations_get_their_exact_errors() {
+    let app = spawn_app().await;
+    let (held, task) = open(&app, "repo:read tickets:read", API).await;
+    let g = grant(&app, AGENT, &task, SUB, "repo:read").await;
+    let actor = app.svid(SUB);
+    let expect = |s: u16, v: &Value, want: (u16, &str)| assert_eq!((s, error_of(v)), want, "{v}");
+
+    // No actor_token.
+    let (s, v) = delegate_with(&app, &g, None, "repo:read", &[]).await;
+    expect(s, &v, (400, "invalid_request"));
+    // actor_token_type missing, or not an identity token type.
+    for kind in [None, Some(AT_TYPE), Some("urn:x:unknown")] {
+        let mut form = vec![
+            ("grant_type", GRANT),
+            ("subject_token", g.as_str()),
+            ("subject_token_type", AT_TYPE),
+            ("actor_token", actor.as_str()),
+            ("scope", "repo:read"),
+            ("audience", API),
+        ];
+        if let Some(k) = kind {
+            form.push(("actor_token_type", k));
+        }
+        let (s, v, _) = app.post_form("/oauth2/token", &form).await;
+        expect(s, &v, (400, "invalid_request"));
+    }
+    // An actor_token where no delegation is asked.
+    let (s, v) = app
+        .exchange(
+            &app.svid(AGENT),
+            "repo:read",
+            &[("actor_token", &actor), ("actor_token_type", JWT_TYPE)],
+        )
+        .await;
+    expect(s, &v, (400, "invalid_request"));
+    // The actor token expired, or is not an identity token at all.
+    let now = app.clock.now();
+    let expired = app.svid_with(json!({"sub": SUB, "iat": now - 600, "exp": now - 300}));
+    let (s, v) = delegate_with(&app, &g, Some(&expired), "repo:read", &[]).await;
+    expect(s, &v, (400, "invalid_request"));
+    let (s, v) = delegate_with(&app, &g, Some(&held), "repo:read", &[]).await;
+    expect(s, &v, (400, "invalid_request"));
+    // The actor is not in the grant's audience.
+    let (s, v) = delegate_with(&app, &g, Some(&app.svid(SUB2)), "repo:read", &[]).await;
+    expect(s, &v, (400, "invalid_grant"));
+    // A scope outside the grant (tickets:read is in the parent task, not in the grant).
+    let (s, v) = delegate_with(&app, &g, Some(&actor), "tickets:read", &[]).await;
+    expect(s, &v, (400, "invalid_scope"));
+    // An audience outside the parent task.
+    let (s, v) = delegate_with(
+        &app,
+        &g,
+        Some(&actor),
+        "repo:read",
+        &[("audience", "https://other.example.org")],
+    )
+    .await;
+    expect(s, &v, (400, "invalid_target"));
+    // task_id with a grant.
+    let (s, v) = delegate_with(&app, &g, Some(&actor), "repo:read", &[("task_id", &task)]).await;
+    expect(s, &v, (400, "invalid_request"));
+    // The exchange still works with the right inputs.
+    let (s, v) = delegate_with(&app, &g, Some(&actor), "repo:read", &[]).await;
+    assert_eq!(s, 200, "{v}");
+
+    // A revoked grant (RFC 7009).
+    let g2 = grant(&app, AGENT, &task, SUB, "repo:read").await;
+    let (s, _, _) = app.post_form("/oauth2/revoke", &[("token", &g2)]).await;
+    assert_eq!(s, 200);
+    let (s, v) = delegate_with(&app, &g2, Some(&actor), "repo:read", &[]).await;
+    expect(s, &v, (400, "invalid_request"));
+    // A grant of an ended task.
+    let (s, v) = app.end_task(&task, &held).await;
+    assert_eq!(s, 200, "{v}");
+    let (s, v) = delegate_with(&app, &g, Some(&actor), "repo:read", &[]).await;
+    expect(s, &v, (400, "invalid_request"));
+}
+
+/// Depth beyond `tasks.max_delegation_depth` is refused, whatever policy says.
+#[tokio::test]
+async fn max_delegation_depth_is_a_config_key() {
+    let app = spawn_app().await;
+    let text = app.config_text.replace("max_tokens = 50", "max_tokens = 50\nmax_delegation_depth = 1");
+    let app = spawn_with_text_in(&app, &text).await;
+    let (_, task) = open(&app, "repo:read", API).await;
+    let g = grant(&app, AGENT, &task, SUB, "repo:read").await;
+    let (s, v) = delegate_with(&app, &g, Some(&app.svid(SUB)), "repo:read", &[]).await;
+    assert_eq!(s, 200, "{v}");
+    let child = v["task_id"].as_str().unwrap().to_string();
+    let g = grant(&app, SUB, &child, SUB2, "repo:read").await;
+    let (s, v) = delegate_with(&app, &g, Some(&app.svid(SUB2)), "repo:read", &[]).await;
+    assert_eq!((s, error_of(&v)), (400, "invalid_grant"), "{v}");
+}
+
+async fn spawn_with_text_in(first: &TestApp, text: &str) -> TestApp {
+    let text = text.to_string();
+    spawn_edited(first, move |_| text.clone()).await
+}
+
+/// Revoking a grant ends the tasks delegated from it (and theirs), by RFC 7009 and by an
+/// admin `jti` revocation; the parent task and other grants' tasks stay.
+#[tokio::test]
+async fn revoking_a_grant_ends_the_tasks_delegated_from_it() {
+    let app = spawn_app().await;
+    let (held, task) = open(&app, "repo:read", API).await;
+    for how in ["rfc7009", "admin"] {
+        let g = grant(&app, AGENT, &task, SUB, "repo:read").await;
+        let other = grant(&app, AGENT, &task, SUB, "repo:read").await;
+        let (s, v) = delegate_with(&app, &g, Some(&app.svid(SUB)), "repo:read", &[]).await;
+        assert_eq!(s, 200, "{v}");
+        let child = v["access_token"].as_str().unwrap().to_string();
+        let child_task = v["task_id"].as_str().unwrap().to_string();
+        let g2 = grant(&app, SUB, &child_task, SUB2, "repo:read").await;
+        let (s, v) = delegate_with(&app, &g2, Some(&app.svid(SUB2)), "repo:read", &[]).await;
+        assert_eq!(s, 200, "{v}");
+        let grandchild = v["access_token"].as_str().unwrap().to_string();
+        let (s, v) = delegate_with(&app, &other, Some(&app.svid(SUB)), "repo:read", &[]).await;
+        assert_eq!(s, 200, "{v}");
+        let sibling = v["access_token"].as_str().unwrap().to_string();
+        match how {
+            "rfc7009" => {
+                let (s, _, _) = app.post_form("/oauth2/revoke", &[("token", &g)]).await;
+                assert_eq!(s, 200);
+            }
+            _ => {
+                let jti = claims_of(&g)["jti"].as_str().unwrap().to_string();
+                let (s, v) = app
+                    .admin_revoke(json!({"selector": {"jti": jti}, "reason": "leaked"}))
+                    .await;
+                assert_eq!(s, 200, "{v}");
+                assert_eq!(v["revoked_tasks"], 2, "{v}");
+            }
+        }
+        assert_tree_closed(&app, &child_task, &[child, grandchild]).await;
+        assert_eq!(app.introspect(&held).await["active"], true, "{how}");
+        assert_eq!(app.introspect(&sibling).await["active"], true, "{how}");
+        // And no delegation from it afterwards.
+        let (s, v) = delegate_with(&app, &g, Some(&app.svid(SUB)), "repo:read", &[]).await;
+        assert_eq!((s, error_of(&v)), (400, "invalid_request"), "{v}");
+    }
+}
+
+/// An admin `jti` revocation of a grant never used refuses it afterwards on every path,
+/// even before this replica's revocation cache has it.
+#[tokio::test]
+async fn a_grant_revoked_by_jti_before_use_is_refused_by_the_store() {
+    let app = spawn_app().await;
+    let (_, task) = open(&app, "repo:read", API).await;
+    let g = grant(&app, AGENT, &task, SUB, "repo:read").await;
+    let jti = claims_of(&g)["jti"].as_str().unwrap().to_string();
+    // The store step alone (what a replica whose cache lags still meets).
+    app.broker
+        .store
+        .revoke_grant(&jti, None, app.clock.now() + 300, app.clock.now())
+        .await
+        .unwrap();
+    let (s, v) = delegate_with(&app, &g, Some(&app.svid(SUB)), "repo:read", &[]).await;
+    assert_eq!((s, error_of(&v)), (400, "invalid_grant"), "{v}");
+}
+
+/// A sub-agent mints more tokens into its delegated task with its own identity and
+/// `task_id`: same `sub`, `act` and budget as the delegation.
+#[tokio::test]
+async fn minting_into_a_delegated_task_keeps_its_claims() {
+    let app = spawn_app().await;
+    let (_, task) = open(&app, "repo:read", API).await;
+    let g = grant(&app, AGENT, &task, SUB, "repo:read").await;
+    let (s, v) = delegate_with(&app, &g, Some(&app.svid(SUB)), "repo:read", &[]).await;
+    assert_eq!(s, 200, "{v}");
+    let child = v["task_id"].as_str().unwrap().to_string();
+    let (s, v) = app
+        .exchange(&app.svid(SUB), "repo:read", &[("task_id", &child)])
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let c = claims_of(v["access_token"].as_str().unwrap());
+    assert_eq!((c["sub"].as_str(), c["client_id"].as_str()), (Some(AGENT), Some(SUB)));
+    assert_eq!(c["act"], json!({"sub": SUB}));
+    assert_eq!(c["txn"], child.as_str());
+    // The owner of the root is not the owner of the child task.
+    app.expect_error(
+        &app.svid(AGENT),
+        "repo:read",
+        &[("task_id", &child)],
+        400,
+        "invalid_grant",
+    )
+    .await;
+}
+
+/// The race on Redis: no open task descends from an ended one, and no token of the tree is
+/// active on a second replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_delegation_racing_its_parents_end_never_outlives_it_on_redis() {
+    let redis = crate::redis_support::RedisServer::start();
+    let app = Arc::new(spawn_on_redis(&redis.url()).await);
+    let replica = spawn_replica(&app).await;
+    escape_race(app, 40, Some(&replica)).await;
+}

@@ -139,6 +139,7 @@ async fn config_max_ttl_is_a_hard_ceiling() {
         task_id: None,
         expires_in: Some(900),
         source_ip: None,
+        actor_token: None,
     };
     let resp = broker.exchange(req).await.unwrap();
     assert_eq!(resp.expires_in, 60);
@@ -649,6 +650,7 @@ async fn default_audience_applies_when_none_is_requested() {
         task_id: None,
         expires_in: None,
         source_ip: None,
+        actor_token: None,
     };
     let resp = broker.exchange(req).await.unwrap();
     assert_eq!(
@@ -663,34 +665,37 @@ async fn delegation_narrows_and_records_the_actor() {
     let (_, v) = app
         .exchange(&app.svid(AGENT), "repo:read repo:write", &[])
         .await;
-    let parent = v["access_token"].as_str().unwrap().to_string();
     let parent_task = v["task_id"].as_str().unwrap().to_string();
+    let grant = app
+        .grant_for_delegate(AGENT, &parent_task, "repo:read repo:write")
+        .await;
     let delegate = |scope: &'static str, token: String| {
         let app = &app;
         async move { app.delegate(&token, scope).await }
     };
-    let (s, v) = delegate("repo:read", parent.clone()).await;
+    let (s, v) = delegate("repo:read", grant.clone()).await;
     assert_eq!(s, 200, "{v}");
     let child = claims_of(v["access_token"].as_str().unwrap());
     assert_eq!(child["sub"], AGENT);
-    assert_eq!(child["act"], json!({"sub": AGENT}));
+    assert_eq!(child["client_id"], DELEGATE);
+    assert_eq!(child["act"], json!({"sub": DELEGATE}));
     assert_ne!(child["txn"], parent_task.as_str());
     // The delegate policy does not permit repo:write.
-    let (s, v) = delegate("repo:write", parent.clone()).await;
+    let (s, v) = delegate("repo:write", grant.clone()).await;
     assert_eq!(
         (s, v["error"].as_str().unwrap()),
         (400, "invalid_scope"),
         "{v}"
     );
-    // A scope the parent never had is refused before policy.
-    let (s, v) = delegate("tickets:read", parent.clone()).await;
+    // A scope the grant never had is refused before policy.
+    let (s, v) = delegate("tickets:read", grant.clone()).await;
     assert_eq!(
         (s, v["error"].as_str().unwrap()),
         (400, "invalid_scope"),
         "{v}"
     );
     // A forged task token is not valid.
-    let (s, v) = delegate("repo:read", format!("{parent}x")).await;
+    let (s, v) = delegate("repo:read", format!("{grant}x")).await;
     assert_eq!(
         (s, v["error"].as_str().unwrap()),
         (400, "invalid_request"),
@@ -707,7 +712,7 @@ async fn delegation_narrows_and_records_the_actor() {
         )
         .await
         .unwrap();
-    let (s, v) = delegate("repo:read", parent).await;
+    let (s, v) = delegate("repo:read", grant).await;
     assert_eq!(
         (s, v["error"].as_str().unwrap()),
         (400, "invalid_request"),

@@ -24,6 +24,8 @@ pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
 pub const RESOURCE: &str = "spiffe://example.org/resource/api";
 pub const SECURITY: &str = "spiffe://example.org/security/oncall";
 pub const AT_TYPE: &str = "urn:ietf:params:oauth:token-type:access_token";
+/// The sub-agent of [`TestApp::delegate`].
+pub const DELEGATE: &str = "spiffe://example.org/agent/sub/delegate";
 
 pub const POLICY: &str = r#"
 @id("agent-read")
@@ -493,17 +495,34 @@ impl TestApp {
         (s, v)
     }
 
-    /// Delegation: exchanges a task token (as an access token) for `scope` at the API.
-    pub async fn delegate(&self, token: &str, scope: &str) -> (u16, Value) {
+    /// Delegation (SPEC §4.4): `DELEGATE` exchanges `grant` (a task token, as an access
+    /// token) with its own JWT-SVID as actor_token, for `scope` at the API.
+    pub async fn delegate(&self, grant: &str, scope: &str) -> (u16, Value) {
+        let actor = self.svid(DELEGATE);
         let form = [
             ("grant_type", GRANT),
-            ("subject_token", token),
+            ("subject_token", grant),
             ("subject_token_type", AT_TYPE),
+            ("actor_token", actor.as_str()),
+            ("actor_token_type", JWT_TYPE),
             ("scope", scope),
             ("audience", API),
         ];
         let (s, v, _) = self.post_form("/oauth2/token", &form).await;
         (s, v)
+    }
+
+    /// A delegation grant for `DELEGATE`: `owner` mints it into its task `task`.
+    pub async fn grant_for_delegate(&self, owner: &str, task: &str, scope: &str) -> String {
+        let (s, v) = self
+            .exchange(
+                &self.svid(owner),
+                scope,
+                &[("task_id", task), ("audience", DELEGATE)],
+            )
+            .await;
+        assert_eq!(s, 200, "{v}");
+        v["access_token"].as_str().unwrap().to_string()
     }
 
     /// Asserts an OAuth error response with the exact status and code.

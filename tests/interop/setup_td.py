@@ -35,6 +35,13 @@ permit (
   resource == Writ::Scope::"repo:read"
 ) when { principal.path like "/agent/*" };
 
+@id("sub-agents-delegate-read")
+permit (
+  principal in Writ::TrustDomain::"interop.test",
+  action == Writ::Action::"delegate",
+  resource == Writ::Scope::"repo:read"
+) when { principal.path like "/agent/sub/*" && context.on_behalf_of == "spiffe://interop.test/agent/node" };
+
 @id("op-agent-deploy")
 permit (
   principal in Writ::Issuer::"http://127.0.0.1:{op_port}",

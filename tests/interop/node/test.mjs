@@ -148,5 +148,52 @@ await check('discovery of an issuer with a path (RFC 8414 §3.1), then an exchan
   await oauth.processRevocationResponse(rres)
 })
 
+await check('delegation (RFC 8693 actor_token): two hops, act nested with the current actor outermost', async () => {
+  const EXCHANGE = 'urn:ietf:params:oauth:grant-type:token-exchange'
+  const AT = 'urn:ietf:params:oauth:token-type:access_token'
+  const JWT = 'urn:ietf:params:oauth:token-type:jwt'
+  const owner = 'spiffe://interop.test/agent/node'
+  const sub1 = 'spiffe://interop.test/agent/sub/one'
+  const sub2 = 'spiffe://interop.test/agent/sub/two'
+  const exchange = async (params) => oauth.processGenericTokenEndpointResponse(as, client,
+    await oauth.genericTokenEndpointRequest(as, client, oauth.None(), EXCHANGE, params, insecure))
+  const root = await exchange({ subject_token: await svid(owner), subject_token_type: JWT, scope: 'repo:read', audience: API })
+  // Step 1: the owner mints a grant for the first sub-agent into its task.
+  const grant1 = await exchange({ subject_token: await svid(owner), subject_token_type: JWT, scope: 'repo:read',
+    audience: sub1, task_id: root.task_id })
+  // Without its own identity as actor_token the grant buys nothing.
+  let error
+  try {
+    await exchange({ subject_token: grant1.access_token, subject_token_type: AT, scope: 'repo:read', audience: API })
+  } catch (e) {
+    error = e
+  }
+  assert(error?.error === 'invalid_request', `no actor_token: ${error?.error}`)
+  // Step 2: the sub-agent exchanges the grant with its own JWT-SVID.
+  const child = await exchange({ subject_token: grant1.access_token, subject_token_type: AT,
+    actor_token: await svid(sub1), actor_token_type: JWT, scope: 'repo:read', audience: API })
+  const JWKS = jose.createRemoteJWKSet(new URL(as.jwks_uri))
+  const { payload: c1 } = await jose.jwtVerify(child.access_token, JWKS, { typ: 'at+jwt', issuer: BROKER, audience: API })
+  assert(c1.sub === owner && c1.client_id === sub1, `sub ${c1.sub} client_id ${c1.client_id}`)
+  assert(JSON.stringify(c1.act) === JSON.stringify({ sub: sub1 }), `act ${JSON.stringify(c1.act)}`)
+  assert(c1.txn !== root.task_id, 'the child is a task of its own')
+  // The first sub-agent hands on to a second: its grant into its own task, exchanged by sub2.
+  const grant2 = await exchange({ subject_token: await svid(sub1), subject_token_type: JWT, scope: 'repo:read',
+    audience: sub2, task_id: c1.txn })
+  const grandchild = await exchange({ subject_token: grant2.access_token, subject_token_type: AT,
+    actor_token: await svid(sub2), actor_token_type: JWT, scope: 'repo:read', audience: API })
+  const { payload: c2 } = await jose.jwtVerify(grandchild.access_token, JWKS, { typ: 'at+jwt', issuer: BROKER, audience: API })
+  assert(c2.sub === owner && c2.client_id === sub2, `sub ${c2.sub} client_id ${c2.client_id}`)
+  assert(JSON.stringify(c2.act) === JSON.stringify({ sub: sub2, act: { sub: sub1 } }), `act ${JSON.stringify(c2.act)}`)
+  const ires = await oauth.introspectionRequest(as, client, bearer(ADMIN), grandchild.access_token, insecure)
+  const body = await oauth.processIntrospectionResponse(as, client, ires)
+  assert(body.active === true && body.act?.act?.sub === sub1, JSON.stringify(body))
+  // Revoking the first grant (RFC 7009) ends the tasks delegated from it, at any depth.
+  await oauth.processRevocationResponse(await oauth.revocationRequest(as, client, oauth.None(), grant1.access_token, insecure))
+  const gone = await oauth.processIntrospectionResponse(as, client,
+    await oauth.introspectionRequest(as, client, bearer(ADMIN), grandchild.access_token, insecure))
+  assert(gone.active === false, JSON.stringify(gone))
+})
+
 console.log(`${passed} passed, ${failed} failed`)
 process.exit(failed ? 1 : 0)
