@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use serde_json::{Value, json};
-use writ::domain::TaskId;
+use writ::domain::{Clock, TaskId};
 use writ::store::TaskState;
 
 use crate::helpers::*;
