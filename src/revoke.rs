@@ -59,7 +59,8 @@ impl Broker {
         // Already revoked (by itself, its task or a selector): nothing to publish or log, so
         // one holder cannot grow the feed or the decision log by repeating the call.
         if self.revocations.revoked_reason(&claims, now).is_some() {
-            return Ok(());
+            // A retry after a failure still ends what was delegated from it.
+            return self.end_delegations(&claims).await;
         }
         let event = FeedEvent::Token {
             jti: claims.jti.clone(),
@@ -77,11 +78,16 @@ impl Broker {
                 ..audit::Entry::default()
             },
         )?;
-        // A revoked delegation grant ends the tasks delegated from it (SPEC §4.4); first, so
-        // that a failure leaves the token unrevoked for a retry to finish both.
+        self.publish(&event, now).await?;
+        self.end_delegations(&claims).await
+    }
+
+    /// A revoked token may be a delegation grant: the tasks delegated from it end with it
+    /// (SPEC §4.4), and no exchange of it is recorded afterwards.
+    async fn end_delegations(&self, claims: &crate::token::TaskClaims) -> Result<(), BrokerError> {
         self.end_delegations_of(&claims.jti, TaskId::parse(&claims.txn).as_ref(), claims.exp)
-            .await?;
-        self.publish(&event, now).await
+            .await
+            .map(|_| ())
     }
 
     /// A security team's revocation (SPEC §4.3).
@@ -100,11 +106,11 @@ impl Broker {
                     jti: jti.clone(),
                     until: self.limits.token_horizon(now),
                 };
+                self.publish(&event, now).await?;
                 // The tasks delegated from it, if it is a delegation grant, end with it.
                 let mut closed = self
                     .end_delegations_of(jti, None, self.limits.token_horizon(now))
                     .await?;
-                self.publish(&event, now).await?;
                 closed.live_tokens += 1;
                 (closed, json!({"jti": jti}))
             }
