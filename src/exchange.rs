@@ -152,7 +152,9 @@ impl Refusal {
     fn delegated(outcome: &DelegateOutcome, limit: u32) -> Option<Self> {
         match outcome {
             DelegateOutcome::Created => None,
-            DelegateOutcome::ParentClosed => Some(Refusal::grant("the parent task is no longer open")),
+            DelegateOutcome::ParentClosed => {
+                Some(Refusal::grant("the parent task is no longer open"))
+            }
             DelegateOutcome::GrantRevoked => {
                 Some(Refusal::grant("the delegation grant has been revoked"))
             }
@@ -519,7 +521,10 @@ impl Broker {
         if who.depth > max {
             return Err(Refusal::delegation(
                 ErrorCode::InvalidGrant,
-                format!("delegation depth {} exceeds the maximum of {max}", who.depth),
+                format!(
+                    "delegation depth {} exceeds the maximum of {max}",
+                    who.depth
+                ),
                 with(json!({"depth": who.depth, "max_delegation_depth": max})),
             ));
         }
@@ -865,7 +870,9 @@ impl Broker {
             decision: Some("deny"),
             reason: format!("actor token refused: {e}"),
             source_ip: ip.map(str::to_string),
-            detail: Some(json!({"actor_token_sha256": crate::domain::sha256_hex(token.as_bytes())})),
+            detail: Some(
+                json!({"actor_token_sha256": crate::domain::sha256_hex(token.as_bytes())}),
+            ),
             ..audit::Entry::default()
         };
         if let Err(err) = self.audit.append_unauthenticated(Event::Exchange, entry) {

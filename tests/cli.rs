@@ -1723,9 +1723,10 @@ fn token_delegate_exchanges_a_grant_with_the_actors_own_identity() {
     let dir = dev.dir.path();
     let sub = "spiffe://dev.writ.local/agent/sub/reviewer";
     let task = dev_token(&dev, "tok");
-    let (ok, svid, err) = run(writ()
-        .current_dir(dir)
-        .args(["dev", "svid", "--spiffe-id", sub, "--ttl", "10m"]));
+    let (ok, svid, err) =
+        run(writ()
+            .current_dir(dir)
+            .args(["dev", "svid", "--spiffe-id", sub, "--ttl", "10m"]));
     assert!(ok, "{err}");
     std::fs::write(dir.join("sub.svid"), svid.trim()).unwrap();
     let (ok, stdout, err) = run(writ().current_dir(dir).args([
@@ -1764,7 +1765,12 @@ fn token_delegate_exchanges_a_grant_with_the_actors_own_identity() {
     ]);
     assert!(ok, "{err}");
     let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
-    let payload = v["access_token"].as_str().unwrap().split('.').nth(1).unwrap();
+    let payload = v["access_token"]
+        .as_str()
+        .unwrap()
+        .split('.')
+        .nth(1)
+        .unwrap();
     use base64::Engine;
     let claims: serde_json::Value = serde_json::from_slice(
         &base64::engine::general_purpose::URL_SAFE_NO_PAD
@@ -1775,7 +1781,12 @@ fn token_delegate_exchanges_a_grant_with_the_actors_own_identity() {
     assert_eq!(claims["sub"], "spiffe://dev.writ.local/agent/demo");
     assert_eq!(claims["client_id"], sub);
     assert_eq!(claims["act"], serde_json::json!({"sub": sub}));
-    assert!(v["task_id"].as_str().unwrap().starts_with(&format!("{task}.")));
+    assert!(
+        v["task_id"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("{task}."))
+    );
     // The demo agent is not the grant's audience: the broker's refusal, exit 1.
     let (ok, _, err) = delegate(&[
         "--grant",
@@ -1799,16 +1810,12 @@ fn token_delegate_exchanges_a_grant_with_the_actors_own_identity() {
     assert!(!ok);
     assert!(err.contains("invalid_scope"), "{err}");
     // Both secrets from standard input cannot be.
-    let (ok, _, err) = delegate(&[
-        "--grant",
-        "-",
-        "--actor-token",
-        "-",
-        "--scope",
-        "repo:read",
-    ]);
+    let (ok, _, err) = delegate(&["--grant", "-", "--actor-token", "-", "--scope", "repo:read"]);
     assert!(!ok);
-    assert!(err.contains("only one of --grant and --actor-token"), "{err}");
+    assert!(
+        err.contains("only one of --grant and --actor-token"),
+        "{err}"
+    );
     let (_, stdout, _) = run(writ().args(["token", "--help"]));
     assert!(stdout.contains("delegate"), "{stdout}");
 }

@@ -247,12 +247,6 @@ const SHELL: &[(&str, Use)] = &[
         },
     ),
     (
-        "actor_token_type=urn",
-        Use::Run {
-            stdout: "\"access_token\"",
-        },
-    ),
-    (
         "node_modules/.bin/tsc",
         Use::Skip(
             "needs npm ci in tests/interop/node; tests/interop/run.sh compiles and runs agent.ts",

@@ -81,9 +81,15 @@ async fn delegating(s: Arc<dyn Store>) {
     assert_eq!(got.act, child.act);
     assert_eq!(got.on_behalf_of, child.on_behalf_of);
     assert_eq!(got.tokens_issued, 1);
-    assert_eq!(s.task_children(&root.id).await.unwrap(), vec![child.id.clone()]);
+    assert_eq!(
+        s.task_children(&root.id).await.unwrap(),
+        vec![child.id.clone()]
+    );
     // The root counts every token of its tree.
-    assert_eq!(s.get_task(&root.id).await.unwrap().unwrap().tokens_issued, 2);
+    assert_eq!(
+        s.get_task(&root.id).await.unwrap().unwrap().tokens_issued,
+        2
+    );
     let grandchild = child_of(&got, ACTOR, "g2");
     assert_eq!(grandchild.id.root_str(), root.id.as_str());
     assert_eq!(
@@ -92,7 +98,10 @@ async fn delegating(s: Arc<dyn Store>) {
             .unwrap(),
         DelegateOutcome::Created
     );
-    assert_eq!(s.get_task(&root.id).await.unwrap().unwrap().tokens_issued, 3);
+    assert_eq!(
+        s.get_task(&root.id).await.unwrap().unwrap().tokens_issued,
+        3
+    );
     // Minting into a delegated task counts at the root too; the budget is the tree's.
     let owner = Subject::from_trusted(ACTOR.into());
     assert!(matches!(
@@ -119,18 +128,28 @@ async fn delegating(s: Arc<dyn Store>) {
     }
     // A parent past its deadline or closed takes no children.
     assert_eq!(
-        s.create_delegated_task(&child_of(&root, ACTOR, "g1"), &tok("c6", NOW + 300), 50, root.deadline)
-            .await
-            .unwrap(),
+        s.create_delegated_task(
+            &child_of(&root, ACTOR, "g1"),
+            &tok("c6", NOW + 300),
+            50,
+            root.deadline
+        )
+        .await
+        .unwrap(),
         DelegateOutcome::ParentClosed
     );
     s.close_task(&child.id, TaskState::Ended, "done", NOW)
         .await
         .unwrap();
     assert_eq!(
-        s.create_delegated_task(&child_of(&child, ACTOR, "g3"), &tok("c7", NOW + 300), 50, NOW)
-            .await
-            .unwrap(),
+        s.create_delegated_task(
+            &child_of(&child, ACTOR, "g3"),
+            &tok("c7", NOW + 300),
+            50,
+            NOW
+        )
+        .await
+        .unwrap(),
         DelegateOutcome::ParentClosed
     );
 }
@@ -168,7 +187,14 @@ async fn closing_a_subtree(s: Arc<dyn Store>) {
     );
     // Told about both: the subtree of a closes in one step; b and the root stay open.
     match s
-        .close_subtree(&a.id, TaskState::Revoked, "r", NOW + 1, &[a.id.clone(), a1.id.clone()], false)
+        .close_subtree(
+            &a.id,
+            TaskState::Revoked,
+            "r",
+            NOW + 1,
+            &[a.id.clone(), a1.id.clone()],
+            false,
+        )
         .await
         .unwrap()
     {
@@ -182,8 +208,14 @@ async fn closing_a_subtree(s: Arc<dyn Store>) {
         }
         other => panic!("{other:?}"),
     }
-    assert_eq!(s.get_task(&b.id).await.unwrap().unwrap().state, TaskState::Open);
-    assert_eq!(s.get_task(&root.id).await.unwrap().unwrap().state, TaskState::Open);
+    assert_eq!(
+        s.get_task(&b.id).await.unwrap().unwrap().state,
+        TaskState::Open
+    );
+    assert_eq!(
+        s.get_task(&root.id).await.unwrap().unwrap().state,
+        TaskState::Open
+    );
     // Forced: closes what it finds even when not told.
     match s
         .close_subtree(&root.id, TaskState::Ended, "e", NOW + 2, &[], true)
@@ -228,7 +260,12 @@ async fn revoking_a_grant(s: Arc<dyn Store>) {
         DelegateOutcome::GrantRevoked
     );
     // A grant never used, revoked by jti alone, is refused afterwards too.
-    assert!(s.revoke_grant("k", None, NOW + 300, NOW).await.unwrap().is_empty());
+    assert!(
+        s.revoke_grant("k", None, NOW + 300, NOW)
+            .await
+            .unwrap()
+            .is_empty()
+    );
     assert_eq!(
         s.create_delegated_task(&child_of(&root, ACTOR, "k"), &tok("y", NOW + 300), 50, NOW)
             .await

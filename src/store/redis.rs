@@ -35,9 +35,8 @@ use redis::{
 };
 
 use super::{
-    AuditHead, BlockRecord, DelegateOutcome, FeedCursor, FeedEvent, MintOutcome,
-    PolicyTransition, Store, StoreError, SubtreeClose, TaskFilter, TaskRecord, TaskState,
-    TokenEntry,
+    AuditHead, BlockRecord, DelegateOutcome, FeedCursor, FeedEvent, MintOutcome, PolicyTransition,
+    Store, StoreError, SubtreeClose, TaskFilter, TaskRecord, TaskState, TokenEntry,
 };
 use crate::domain::{Subject, TaskId};
 
@@ -796,7 +795,11 @@ impl Store for RedisStore {
                     .ok_or_else(|| StoreError::invalid("root task vanished while delegating"))?;
                 return Ok(DelegateOutcome::OverBudget(root));
             }
-            other => return Err(StoreError::invalid(format!("delegation answered `{other}`"))),
+            other => {
+                return Err(StoreError::invalid(format!(
+                    "delegation answered `{other}`"
+                )));
+            }
         }
         self.index_task(task, first, &mut conn).await?;
         Ok(DelegateOutcome::Created)

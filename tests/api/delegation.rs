@@ -92,7 +92,11 @@ async fn a_received_token_cannot_be_widened_by_its_resource_server() {
         .exchange(
             &app.svid(AGENT),
             "tickets:read",
-            &[("task_id", &task), ("audience", TICKETS), ("expires_in", "30")],
+            &[
+                ("task_id", &task),
+                ("audience", TICKETS),
+                ("expires_in", "30"),
+            ],
         )
         .await;
     assert_eq!(s, 200, "{v}");
@@ -200,12 +204,19 @@ pub async fn assert_tree_closed(app: &TestApp, root: &str, tokens: &[String]) {
     let mut queue = vec![TaskId::parse(root).unwrap()];
     while let Some(id) = queue.pop() {
         let t = app.broker.get_task(&id).await.unwrap().unwrap();
-        assert_ne!(t.state, TaskState::Open, "task {id} of an ended tree is open");
+        assert_ne!(
+            t.state,
+            TaskState::Open,
+            "task {id} of an ended tree is open"
+        );
         queue.extend(app.broker.store.task_children(&id).await.unwrap());
     }
     for t in tokens {
         let v = app.introspect(t).await;
-        assert_eq!(v["active"], false, "a token of an ended tree is active: {v}");
+        assert_eq!(
+            v["active"], false,
+            "a token of an ended tree is active: {v}"
+        );
     }
 }
 
@@ -246,14 +257,8 @@ async fn refused_delegations_do_not_quarantine_the_owner() {
     for _ in 0..5 {
         let (s, v) = delegate_with(&app, &held, None, "repo:write", &[]).await;
         assert_eq!(s, 400, "{v}");
-        let (s, v) = delegate_with(
-            &app,
-            &held,
-            Some(&app.svid(TICKETS_RS)),
-            "repo:write",
-            &[],
-        )
-        .await;
+        let (s, v) =
+            delegate_with(&app, &held, Some(&app.svid(TICKETS_RS)), "repo:write", &[]).await;
         assert_eq!(s, 400, "{v}");
     }
     // The owner is not quarantined: its task and token stand, and it can still exchange.
@@ -365,7 +370,10 @@ async fn a_chain_three_deep_nests_act_and_the_fourth_hop_is_refused() {
         assert_eq!(t.parent.unwrap().as_str(), task);
         // Introspection returns the chain.
         let i = app.introspect(&token).await;
-        assert_eq!((i["active"].clone(), i["act"].clone()), (json!(true), c["act"].clone()));
+        assert_eq!(
+            (i["active"].clone(), i["act"].clone()),
+            (json!(true), c["act"].clone())
+        );
         owner = actor.to_string();
         task = v["task_id"].as_str().unwrap().to_string();
         tokens.push(token);
@@ -544,7 +552,10 @@ async fn bad_delegations_get_their_exact_errors() {
 #[tokio::test]
 async fn max_delegation_depth_is_a_config_key() {
     let app = spawn_app().await;
-    let text = app.config_text.replace("max_tokens = 50", "max_tokens = 50\nmax_delegation_depth = 1");
+    let text = app.config_text.replace(
+        "max_tokens = 50",
+        "max_tokens = 50\nmax_delegation_depth = 1",
+    );
     let app = spawn_with_text_in(&app, &text).await;
     let (_, task) = open(&app, "repo:read", API).await;
     let g = grant(&app, AGENT, &task, SUB, "repo:read").await;
@@ -637,7 +648,10 @@ async fn minting_into_a_delegated_task_keeps_its_claims() {
         .await;
     assert_eq!(s, 200, "{v}");
     let c = claims_of(v["access_token"].as_str().unwrap());
-    assert_eq!((c["sub"].as_str(), c["client_id"].as_str()), (Some(AGENT), Some(SUB)));
+    assert_eq!(
+        (c["sub"].as_str(), c["client_id"].as_str()),
+        (Some(AGENT), Some(SUB))
+    );
     assert_eq!(c["act"], json!({"sub": SUB}));
     assert_eq!(c["txn"], child.as_str());
     // The owner of the root is not the owner of the child task.
