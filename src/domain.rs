@@ -549,7 +549,7 @@ mod tests {
     fn ids_are_random_and_parse_back() {
         let a = TaskId::generate().unwrap();
         assert_ne!(a, TaskId::generate().unwrap());
-        assert_eq!(TaskId::parse(a.as_str()), Some(a));
+        assert_eq!(TaskId::parse(a.as_str()), Some(a.clone()));
         assert!(TaskId::parse("tsk_short").is_none());
         let child = TaskId::generate_child(&a).unwrap();
         assert_eq!(TaskId::parse(child.as_str()), Some(child.clone()));

@@ -498,7 +498,7 @@ impl Broker {
     /// The rules of SPEC §4.4, before policy: the actor is an audience of the grant, the
     /// chain is not too deep, the scopes are within the grant's and the audiences within the
     /// parent task's.
-    fn attenuation(&self, who: &Requester, ask: &Ask) -> Result<(), Refusal> {
+    fn attenuation(&self, who: &Requester, ask: &Ask) -> Result<(), Box<Refusal>> {
         let (Some(parent), Some(grant)) = (&who.parent, &who.grant) else {
             return Ok(());
         };
@@ -511,26 +511,26 @@ impl Broker {
             v
         };
         if !grant.audience.iter().any(|a| a == who.subject.as_str()) {
-            return Err(Refusal::delegation(
+            return Err(Box::new(Refusal::delegation(
                 ErrorCode::InvalidGrant,
                 "the actor is not an audience of the delegation grant".into(),
                 with(json!({"grant_audience": grant.audience})),
-            ));
+            )));
         }
         let max = self.limits.max_delegation_depth;
         if who.depth > max {
-            return Err(Refusal::delegation(
+            return Err(Box::new(Refusal::delegation(
                 ErrorCode::InvalidGrant,
                 format!(
                     "delegation depth {} exceeds the maximum of {max}",
                     who.depth
                 ),
                 with(json!({"depth": who.depth, "max_delegation_depth": max})),
-            ));
+            )));
         }
         let outside = outside_of(&ask.scopes, &grant.scopes);
         if !outside.is_empty() {
-            return Err(Refusal::scope_rule(
+            return Err(Box::new(Refusal::scope_rule(
                 trips::ESCALATION,
                 Some(parent.policy_version.clone()),
                 format!(
@@ -539,18 +539,18 @@ impl Broker {
                 ),
                 with(json!({"grant_scope": grant.scopes, "outside": outside})),
                 "a delegated task may not exceed the scope of its grant",
-            ));
+            )));
         }
         let outside = outside_of(&ask.audience, &parent.audience);
         if !outside.is_empty() {
-            return Err(Refusal::delegation(
+            return Err(Box::new(Refusal::delegation(
                 ErrorCode::InvalidTarget,
                 format!(
                     "delegation to {} outside the parent task's audiences",
                     outside.join(" ")
                 ),
                 with(json!({"parent_audience": parent.audience, "outside": outside})),
-            ));
+            )));
         }
         Ok(())
     }

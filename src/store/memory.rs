@@ -202,7 +202,7 @@ impl Store for MemoryStore {
             return Ok(DelegateOutcome::ParentClosed);
         };
         if root.task.tokens_issued >= max_tokens {
-            return Ok(DelegateOutcome::OverBudget(root.task.clone()));
+            return Ok(DelegateOutcome::OverBudget(Box::new(root.task.clone())));
         }
         root.task.tokens_issued += 1;
         let mut task = task.clone();

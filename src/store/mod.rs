@@ -321,7 +321,7 @@ pub enum DelegateOutcome {
     /// The grant it was asked with has been revoked.
     GrantRevoked,
     /// The tree's root has spent its budget; the root as it is.
-    OverBudget(TaskRecord),
+    OverBudget(Box<TaskRecord>),
 }
 
 /// What a subtree close did: closed every open task of the subtree, or found open tasks the

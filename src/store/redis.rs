@@ -793,7 +793,7 @@ impl Store for RedisStore {
                     .get_task(&root)
                     .await?
                     .ok_or_else(|| StoreError::invalid("root task vanished while delegating"))?;
-                return Ok(DelegateOutcome::OverBudget(root));
+                return Ok(DelegateOutcome::OverBudget(Box::new(root)));
             }
             other => {
                 return Err(StoreError::invalid(format!(
