@@ -308,6 +308,21 @@ impl Audience {
         }
         Some(Audience(s.to_string()))
     }
+    /// An OIDC subject `<issuer>#<sub>` as an audience: accepted only where a delegation
+    /// grant names its sub-agent (SPEC §4.4). The issuer must be an audience itself, the
+    /// `sub` non-empty, the whole within the usual bounds.
+    pub fn parse_oidc_subject(s: &str) -> Option<Self> {
+        let (issuer, sub) = s.split_once('#')?;
+        if sub.is_empty() || s.len() > MAX_AUDIENCE_LEN || s.bytes().any(|b| b <= 0x20 || b >= 0x7f)
+        {
+            return None;
+        }
+        Audience::parse(issuer).map(|_| Audience(s.to_string()))
+    }
+    /// The issuer of an OIDC subject audience (`<issuer>#<sub>`), `None` for any other.
+    pub fn oidc_issuer(&self) -> Option<&str> {
+        self.0.split_once('#').map(|(issuer, _)| issuer)
+    }
     pub fn as_str(&self) -> &str {
         &self.0
     }
@@ -365,6 +380,15 @@ pub enum AudienceListError<'a> {
 pub fn parse_audiences<'a>(
     raws: impl IntoIterator<Item = &'a str>,
 ) -> Result<Vec<Audience>, AudienceListError<'a>> {
+    parse_audiences_with(raws, false)
+}
+
+/// As [`parse_audiences`]; with `oidc_subjects`, an OIDC subject (`<issuer>#<sub>`) is also
+/// an audience (a delegation grant naming an OIDC sub-agent).
+pub fn parse_audiences_with<'a>(
+    raws: impl IntoIterator<Item = &'a str>,
+    oidc_subjects: bool,
+) -> Result<Vec<Audience>, AudienceListError<'a>> {
     let mut audiences: Vec<Audience> = Vec::with_capacity(MAX_AUDIENCES);
     for raw in raws {
         // An audience is its raw value, so equal values are equal audiences; the scan is
@@ -375,7 +399,12 @@ pub fn parse_audiences<'a>(
         if audiences.len() == MAX_AUDIENCES {
             return Err(AudienceListError::TooMany);
         }
-        audiences.push(Audience::parse(raw).ok_or(AudienceListError::Invalid(raw))?);
+        let parsed = Audience::parse(raw).or_else(|| {
+            oidc_subjects
+                .then(|| Audience::parse_oidc_subject(raw))
+                .flatten()
+        });
+        audiences.push(parsed.ok_or(AudienceListError::Invalid(raw))?);
     }
     Ok(audiences)
 }

@@ -320,6 +320,19 @@ impl Broker {
             )
             .into());
         }
+        // An OIDC subject as audience names a sub-agent of a delegation grant: only in a
+        // token minted into a task, and only of a configured issuer (SPEC §4.4).
+        if req.audiences.iter().any(|a| {
+            a.oidc_issuer().is_some_and(|i| {
+                req.task_id.is_none() || !self.config.oidc.issuers.iter().any(|c| c.issuer == i)
+            })
+        }) {
+            return Err(Refusal::target(
+                "an OIDC subject is an audience only of a delegation grant (with task_id) and \
+                 only of a configured issuer",
+            )
+            .into());
+        }
         let existing = self.guards(req, who, ask, now).await?;
         let decision = self.decide(who, ask, existing.as_ref(), &req.purpose, now)?;
         let deadline = match (&existing, &who.parent) {

@@ -13,8 +13,8 @@ use super::error::{json_no_store, no_store};
 use super::extract::{Authorization, FormPairs, SourceIp};
 use crate::broker::Broker;
 use crate::domain::{
-    Audience, AudienceListError, MAX_AUDIENCES, MAX_PURPOSE_LEN, Scope, TaskId, parse_audiences,
-    parse_scopes,
+    Audience, AudienceListError, MAX_AUDIENCES, MAX_PURPOSE_LEN, Scope, TaskId,
+    parse_audiences_with, parse_scopes,
 };
 use crate::error::{BrokerError, ErrorCode};
 use crate::exchange::{
@@ -117,7 +117,7 @@ pub fn parse_exchange(
     }
     let actor_token = actor_token(form, subject_token_type)?;
     let scopes = scopes(form, default_scope)?;
-    let audiences = audiences(form)?;
+    let audiences = audiences(form, form.get("task_id").is_some())?;
     let purpose = form.get("task_purpose").unwrap_or("").to_string();
     if purpose.len() > MAX_PURPOSE_LEN {
         return Err(BrokerError::invalid_request(format!(
@@ -204,15 +204,19 @@ fn subject_token_type(form: &Form) -> Result<SubjectTokenType, BrokerError> {
 }
 
 /// `audience` and `resource` together: distinct, valid, and bounded before they are parsed.
-fn audiences(form: &Form) -> Result<Vec<Audience>, BrokerError> {
-    parse_audiences(form.all("audience").chain(form.all("resource"))).map_err(|e| match e {
-        AudienceListError::Invalid(_) => BrokerError::invalid_target(
-            "an audience or resource is not an absolute URI without fragment or a SPIFFE ID \
+/// With `task_id` (a token minted into a task, such as a delegation grant), an OIDC subject
+/// `<issuer>#<sub>` is also an audience; the exchange checks its issuer.
+fn audiences(form: &Form, grant: bool) -> Result<Vec<Audience>, BrokerError> {
+    parse_audiences_with(form.all("audience").chain(form.all("resource")), grant).map_err(|e| {
+        match e {
+            AudienceListError::Invalid(_) => BrokerError::invalid_target(
+                "an audience or resource is not an absolute URI without fragment or a SPIFFE ID \
              of at most 255 bytes",
-        ),
-        AudienceListError::TooMany => BrokerError::invalid_target(format!(
-            "at most {MAX_AUDIENCES} audiences may be requested"
-        )),
+            ),
+            AudienceListError::TooMany => BrokerError::invalid_target(format!(
+                "at most {MAX_AUDIENCES} audiences may be requested"
+            )),
+        }
     })
 }
 

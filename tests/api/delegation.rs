@@ -674,3 +674,49 @@ async fn a_delegation_racing_its_parents_end_never_outlives_it_on_redis() {
     let replica = spawn_replica(&app).await;
     escape_race(app, 40, Some(&replica)).await;
 }
+
+/// An OIDC sub-agent is named in a grant as `<issuer>#<sub>`: accepted as an audience only
+/// with `task_id` and only for a configured issuer.
+#[tokio::test]
+async fn an_oidc_sub_agent_is_an_audience_of_a_grant_only() {
+    let issuer = "http://127.0.0.1:9";
+    let app = spawn_app_with(Options {
+        extra_config: format!("[[oidc.issuers]]\nissuer = \"{issuer}\"\naudience = \"writ\"\n"),
+        ..Options::default()
+    })
+    .await;
+    let (_, task) = open(&app, "repo:read", API).await;
+    let sub = format!("{issuer}#agent-7");
+    let (s, v) = app
+        .exchange(
+            &app.svid(AGENT),
+            "repo:read",
+            &[("task_id", &task), ("audience", &sub)],
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(
+        claims_of(v["access_token"].as_str().unwrap())["aud"],
+        sub.as_str()
+    );
+    // Not as the audience of a new task, and not for an issuer that is not configured.
+    app.expect_error(
+        &app.svid(AGENT),
+        "repo:read",
+        &[("audience", &sub)],
+        400,
+        "invalid_target",
+    )
+    .await;
+    app.expect_error(
+        &app.svid(AGENT),
+        "repo:read",
+        &[
+            ("task_id", &task),
+            ("audience", "https://other.example#agent-7"),
+        ],
+        400,
+        "invalid_target",
+    )
+    .await;
+}
