@@ -8,8 +8,13 @@ cd "$(dirname "$0")/../.."
 ROOT=$PWD
 DURATION=${BENCH_DURATION:-10s}
 CONNS=${BENCH_CONNECTIONS:-32}
-cargo build --release --quiet --bin writ
-WRIT=$ROOT/target/release/writ
+# WRIT_BIN: a writ binary to measure as it is (otherwise the release build).
+if [ -n "${WRIT_BIN:-}" ]; then
+  WRIT=$(realpath "$WRIT_BIN")
+else
+  cargo build --release --quiet --bin writ
+  WRIT=$ROOT/target/release/writ
+fi
 # shellcheck source=scripts/bench/lib.sh
 . "$ROOT/scripts/bench/lib.sh"
 
