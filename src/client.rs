@@ -227,6 +227,36 @@ impl Client {
         self.send(self.http.delete(url).bearer_auth(admin)).await
     }
 
+    /// Lists approval requests (`GET /admin/v1/approvals?state=`).
+    pub async fn list_approvals(
+        &self,
+        approver: &str,
+        state: Option<&str>,
+    ) -> Result<Value, ClientError> {
+        let mut url = self.admin_url(&["approvals"])?;
+        if let Some(s) = state {
+            url.query_pairs_mut().append_pair("state", s);
+        }
+        self.send(self.http.get(url).bearer_auth(approver)).await
+    }
+
+    /// Approves (`deny` = None) or denies with a reason an approval request
+    /// (`POST /admin/v1/approvals/{id}/approve|deny`).
+    pub async fn decide_approval(
+        &self,
+        approver: &str,
+        id: &str,
+        deny: Option<&str>,
+    ) -> Result<Value, ClientError> {
+        let verb = if deny.is_some() { "deny" } else { "approve" };
+        let url = self.admin_url(&["approvals", id, verb])?;
+        let mut req = self.http.post(url).bearer_auth(approver);
+        if let Some(reason) = deny {
+            req = req.json(&serde_json::json!({ "reason": reason }));
+        }
+        self.send(req).await
+    }
+
     /// Confirms that the store lost its revocation state (`POST /admin/v1/store/confirm-reset`).
     pub async fn confirm_store_reset(&self, admin: &str) -> Result<Value, ClientError> {
         let url = self.admin_url(&["store", "confirm-reset"])?;

@@ -42,6 +42,8 @@ pub struct ExchangeRequest {
     pub task_id: Option<TaskId>,
     pub expires_in: Option<u64>,
     pub source_ip: Option<String>,
+    /// The repeat of a request held for approval (SPEC §4.7).
+    pub approval_id: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -79,6 +81,8 @@ struct Decision {
     policies: Vec<String>,
     /// The smallest `@max_ttl` of the permits, in seconds.
     cap_secs: u64,
+    /// Permitted scopes whose permits require an approval (SPEC §4.7).
+    gated: Vec<String>,
 }
 
 /// A request refused: its answer, what the decision log records, and the trip rule it
@@ -201,6 +205,17 @@ impl Refusal {
 enum Stop {
     Refused(Box<Refusal>),
     Failed(BrokerError),
+    /// Held for approval, or a poll of a held request: answered as it is, not a refusal.
+    Answered(BrokerError),
+}
+
+impl From<crate::approvals::PollStop> for Stop {
+    fn from(p: crate::approvals::PollStop) -> Self {
+        match p {
+            crate::approvals::PollStop::Answer(e) => Stop::Answered(e),
+            crate::approvals::PollStop::Refused(reason) => Refusal::grant(reason).into(),
+        }
+    }
 }
 
 impl From<Refusal> for Stop {
@@ -247,7 +262,7 @@ impl Broker {
         };
         match self.grant(&req, &who, &ask, now, entry.clone()).await {
             Ok(response) => Ok(response),
-            Err(Stop::Failed(e)) => Err(e),
+            Err(Stop::Failed(e) | Stop::Answered(e)) => Err(e),
             Err(Stop::Refused(r)) => Err(self
                 .refuse(entry, &who.subject, req.source_ip.as_deref(), r)
                 .await),
@@ -279,8 +294,33 @@ impl Broker {
             )
             .into());
         }
+        let asked = asked(req, who, ask);
+        let approved = match &req.approval_id {
+            Some(id) => Some(self.poll_approval(id, &asked, now).await?),
+            None => None,
+        };
         let existing = self.guards(req, who, ask, now).await?;
-        let decision = self.decide(who, ask, existing.as_ref(), &req.purpose, now)?;
+        let mut decision = self.decide(who, ask, existing.as_ref(), &req.purpose, now)?;
+        let approved_task = existing.as_ref().is_some_and(|t| t.approval.is_some());
+        if !decision.gated.is_empty() && approved.is_none() && !approved_task {
+            let gated = std::mem::take(&mut decision.gated);
+            return Err(Stop::Answered(
+                self.hold_for_approval(
+                    asked,
+                    gated,
+                    decision.policies,
+                    decision.version,
+                    req.source_ip.clone(),
+                    now,
+                )
+                .await,
+            ));
+        }
+        if let Some(a) = &approved
+            && !self.claim_approval(a).await?
+        {
+            return Err(Refusal::grant("this approval has been used").into());
+        }
         let deadline = match (&existing, &who.parent) {
             (Some(t), _) => t.deadline,
             (None, parent) => {
@@ -313,7 +353,8 @@ impl Broker {
             }
             None => {
                 let id = TaskId::generate().map_err(|e| self.fail(e))?;
-                let task = self.new_task(id, req, who, ask, &decision.version, deadline, now);
+                let mut task = self.new_task(id, req, who, ask, &decision.version, deadline, now);
+                task.approval = approved.map(|a| a.id);
                 self.open_task(&task, &token).await?;
                 task
             }
@@ -518,6 +559,8 @@ impl Broker {
             now,
         };
         let mut determining = BTreeSet::new();
+        let mut gated = Vec::new();
+        let approvals_on = self.config.approvals.is_some();
         let mut cap_secs = u64::MAX;
         let mut denied = Vec::new();
         let mut notes = Vec::new();
@@ -526,10 +569,13 @@ impl Broker {
                 notes.push(format!("{}: evaluation error", d.scope));
                 tracing::warn!(scope = %d.scope, errors = ?d.errors, "policy evaluation error counted as deny");
             }
-            if d.allowed && d.approval_required {
+            if d.allowed && d.approval_required && !approvals_on {
                 notes.push(format!("{}: approval required", d.scope));
                 denied.push(d.scope);
             } else if d.allowed {
+                if d.approval_required {
+                    gated.push(d.scope.clone());
+                }
                 if let Some(c) = d.max_ttl {
                     cap_secs = cap_secs.min(c.as_secs());
                 }
@@ -547,6 +593,7 @@ impl Broker {
             version,
             policies,
             cap_secs,
+            gated,
         })
     }
 
@@ -583,6 +630,7 @@ impl Broker {
             depth: who.depth,
             source: who.source.as_str().to_string(),
             claims: who.principal.recorded_claims(),
+            approval: None,
         }
     }
 
@@ -731,6 +779,26 @@ enum SubjectTokenError {
     Identity(#[from] crate::identity::IdentityError),
     #[error(transparent)]
     Token(#[from] crate::token::TokenError),
+}
+
+/// What the request asks, as an approval binds it. The actor is the current actor of the
+/// chain a delegated request carries (`act.sub`).
+fn asked(req: &ExchangeRequest, who: &Requester, ask: &Ask) -> crate::approvals::Asked {
+    crate::approvals::Asked {
+        subject: who.subject.to_string(),
+        actor: who
+            .act
+            .as_ref()
+            .and_then(|a| a.get("sub"))
+            .and_then(Value::as_str)
+            .map(str::to_string),
+        act: who.act.clone(),
+        scopes: ask.scopes.clone(),
+        audience: ask.audience.clone(),
+        purpose: req.purpose.clone(),
+        ttl: ask.ttl_secs,
+        task_id: req.task_id.as_ref().map(|t| t.to_string()),
+    }
 }
 
 /// The scopes of `asked` that `granted` lacks.
