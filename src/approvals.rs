@@ -195,7 +195,8 @@ impl Broker {
         };
         // Recorded before it exists anywhere else: an approval nobody can account for is
         // never created.
-        if let Err(e) = self.record_approval(&rec, "requested", None, "held for approval", source_ip)
+        if let Err(e) =
+            self.record_approval(&rec, "requested", None, "held for approval", source_ip)
         {
             return e;
         }
@@ -502,9 +503,9 @@ impl Broker {
             .authorize(authorization, Role::Approver, ip.clone())
             .await?;
         let by = caller.name();
-        let min = self
-            .approvals_config()
-            .map_or(1, |c| usize::try_from(c.min_approvers).unwrap_or(usize::MAX));
+        let min = self.approvals_config().map_or(1, |c| {
+            usize::try_from(c.min_approvers).unwrap_or(usize::MAX)
+        });
         let unknown = || BrokerError::not_found("no such approval");
         let id = parse_id(id).ok_or_else(unknown)?;
         for _ in 0..RACE_TRIES {

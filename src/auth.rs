@@ -71,9 +71,11 @@ impl Broker {
         let hash = sha256_hex(token.as_bytes());
         if role == Role::Approver {
             let approvers = self.config.approvals.as_ref().map(|a| &a.token_sha256);
-            if approvers.into_iter().flatten().any(|h| {
-                constant_time_eq(h.to_ascii_lowercase().as_bytes(), hash.as_bytes())
-            }) {
+            if approvers
+                .into_iter()
+                .flatten()
+                .any(|h| constant_time_eq(h.to_ascii_lowercase().as_bytes(), hash.as_bytes()))
+            {
                 return Ok(Caller::ApproverToken(hash.chars().take(12).collect()));
             }
         } else if self
@@ -139,7 +141,11 @@ impl Broker {
     fn may_act_as(&self, subject: &Subject, role: Role) -> bool {
         let covered = |patterns: &[String]| patterns.iter().any(|p| subject.matches(p));
         if role == Role::Approver {
-            let approvers = self.config.approvals.as_ref().map(|a| a.principals.as_slice());
+            let approvers = self
+                .config
+                .approvals
+                .as_ref()
+                .map(|a| a.principals.as_slice());
             return covered(approvers.unwrap_or_default());
         }
         covered(&self.config.admin.principals)

@@ -81,7 +81,10 @@ pub struct ApprovalsConfig {
     #[serde(default = "default_approval_ttl", deserialize_with = "de_duration")]
     pub ttl: Duration,
     /// How often a client may poll (the `interval` of the pending answer).
-    #[serde(default = "default_approval_interval", deserialize_with = "de_duration")]
+    #[serde(
+        default = "default_approval_interval",
+        deserialize_with = "de_duration"
+    )]
     pub interval: Duration,
     /// Different approvers needed to approve (2 for a two-person rule).
     #[serde(default = "default_min_approvers")]
@@ -569,9 +572,8 @@ impl Config {
             ));
         }
         if let Some(w) = &a.webhook {
-            let url = url::Url::parse(&w.url).map_err(|_| {
-                ConfigError::new("approvals.webhook.url", "is not an absolute URL")
-            })?;
+            let url = url::Url::parse(&w.url)
+                .map_err(|_| ConfigError::new("approvals.webhook.url", "is not an absolute URL"))?;
             if !matches!(url.scheme(), "https" | "http") || url.host_str().is_none() {
                 return Err(ConfigError::new(
                     "approvals.webhook.url",

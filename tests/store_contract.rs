@@ -20,8 +20,8 @@ use writ::domain::{Subject, TaskId};
 use writ::store::memory::MemoryStore;
 use writ::store::redis::RedisStore;
 use writ::store::{
-    ApprovalRecord, ApprovalState, ApprovalVote, AuditHead, BlockRecord, BlockSelector, FeedCursor, FeedEvent, MintOutcome, PolicyTransition,
-    Store, TaskFilter, TaskRecord, TaskState, TokenEntry,
+    ApprovalRecord, ApprovalState, ApprovalVote, AuditHead, BlockRecord, BlockSelector, FeedCursor,
+    FeedEvent, MintOutcome, PolicyTransition, Store, TaskFilter, TaskRecord, TaskState, TokenEntry,
 };
 
 const NOW: i64 = 1_800_000_000;
@@ -96,12 +96,19 @@ async fn approvals(s: Arc<dyn Store>) {
     // Both were read at revision 1: the first write wins, the second finds revision 2.
     assert!(s.replace_approval(&approved).await.unwrap());
     assert!(!s.replace_approval(&denied).await.unwrap());
-    assert_eq!(s.get_approval("apr_one").await.unwrap(), Some(approved.clone()));
+    assert_eq!(
+        s.get_approval("apr_one").await.unwrap(),
+        Some(approved.clone())
+    );
     // A revision that skips one is refused; so is a record that does not exist.
     let mut skip = approved.next().next();
     skip.state = ApprovalState::Issued;
     assert!(!s.replace_approval(&skip).await.unwrap());
-    assert!(!s.replace_approval(&approval("apr_none", NOW).next()).await.unwrap());
+    assert!(
+        !s.replace_approval(&approval("apr_none", NOW).next())
+            .await
+            .unwrap()
+    );
 
     let b = approval("apr_two", NOW - 5);
     assert!(s.create_approval(&b).await.unwrap());
@@ -130,9 +137,9 @@ async fn concurrent_approval_writes_one_wins(s: Arc<dyn Store>) {
         let s = s.clone();
         let mut next = a.next();
         next.reason = Some(format!("writer {i}"));
-        handles.push(tokio::spawn(
-            async move { s.replace_approval(&next).await.unwrap() },
-        ));
+        handles.push(tokio::spawn(async move {
+            s.replace_approval(&next).await.unwrap()
+        }));
     }
     let mut wins = 0;
     for h in handles {

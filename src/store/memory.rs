@@ -12,8 +12,8 @@ use async_trait::async_trait;
 use parking_lot::Mutex;
 
 use super::{
-    ApprovalRecord, AuditHead, BlockRecord, FeedCursor, FeedEvent, MintOutcome, PolicyTransition, Store,
-    StoreError, TaskFilter, TaskRecord, TaskState, TokenEntry,
+    ApprovalRecord, AuditHead, BlockRecord, FeedCursor, FeedEvent, MintOutcome, PolicyTransition,
+    Store, StoreError, TaskFilter, TaskRecord, TaskState, TokenEntry,
 };
 use crate::domain::{Subject, TaskId};
 

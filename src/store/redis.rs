@@ -36,8 +36,8 @@ use redis::{
 };
 
 use super::{
-    ApprovalRecord, AuditHead, BlockRecord, FeedCursor, FeedEvent, MintOutcome, PolicyTransition, Store,
-    StoreError, TaskFilter, TaskRecord, TaskState, TokenEntry,
+    ApprovalRecord, AuditHead, BlockRecord, FeedCursor, FeedEvent, MintOutcome, PolicyTransition,
+    Store, StoreError, TaskFilter, TaskRecord, TaskState, TokenEntry,
 };
 use crate::domain::{Subject, TaskId};
 

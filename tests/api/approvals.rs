@@ -54,7 +54,11 @@ pub async fn spawn_gated(extra_config: &str) -> TestApp {
 /// Asks for `deploy:prod` (plus `extra`); asserts it is held and returns the approval id.
 pub async fn request(app: &TestApp, extra: &[(&str, &str)]) -> String {
     let (s, v) = app.exchange(&app.svid(AGENT), DEPLOY, extra).await;
-    assert_eq!((s, v["error"].as_str()), (400, Some("authorization_pending")), "{v}");
+    assert_eq!(
+        (s, v["error"].as_str()),
+        (400, Some("authorization_pending")),
+        "{v}"
+    );
     assert_eq!(v["interval"], 5, "{v}");
     assert_eq!(v["expires_in"], 900, "{v}");
     let id = v["approval_id"].as_str().unwrap().to_string();
@@ -237,11 +241,7 @@ async fn a_repeat_that_differs_from_the_approved_request_is_invalid_grant() {
     decide(&app, APPROVER_TOKEN, &id, "approve", None).await;
     let same = [("task_purpose", "release 1.2"), ("expires_in", "120")];
     let cases: Vec<(&str, String, Vec<(&str, &str)>)> = vec![
-        (
-            "scope",
-            format!("{DEPLOY} repo:read"),
-            same.to_vec(),
-        ),
+        ("scope", format!("{DEPLOY} repo:read"), same.to_vec()),
         (
             "audience",
             DEPLOY.into(),
@@ -302,10 +302,19 @@ async fn only_approvers_decide_and_never_their_own_request() {
         .await;
     assert_eq!((s, code(&v)), (401, "invalid_token"), "{v}");
     // No credential.
-    let (s, v) = app.call(Method::GET, "/admin/v1/approvals", None, None).await;
+    let (s, v) = app
+        .call(Method::GET, "/admin/v1/approvals", None, None)
+        .await;
     assert_eq!((s, code(&v)), (401, "invalid_token"), "{v}");
     // Unknown id, bad state filter.
-    let (s, v) = decide(&app, APPROVER_TOKEN, "apr_nope000000000000", "approve", None).await;
+    let (s, v) = decide(
+        &app,
+        APPROVER_TOKEN,
+        "apr_nope000000000000",
+        "approve",
+        None,
+    )
+    .await;
     assert_eq!((s, code(&v)), (404, "not_found"), "{v}");
     let (s, v) = app
         .call(
