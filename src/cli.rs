@@ -222,6 +222,9 @@ pub struct ExchangeArgs {
     /// Mint into an open task instead of opening a new one.
     #[arg(long, value_name = "T")]
     task_id: Option<String>,
+    /// Repeat a request held for approval (the `approval_id` of `authorization_pending`).
+    #[arg(long, value_name = "ID")]
+    approval_id: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -640,6 +643,7 @@ async fn token_exchange(args: ExchangeArgs) -> anyhow::Result<()> {
             purpose: args.purpose,
             ttl: args.ttl,
             task_id: args.task_id,
+            approval_id: args.approval_id,
         })
         .await?;
     println!("{}", serde_json::to_string_pretty(&resp)?);

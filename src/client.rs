@@ -48,6 +48,8 @@ pub struct ExchangeParams {
     pub purpose: Option<String>,
     pub ttl: Option<Duration>,
     pub task_id: Option<String>,
+    /// The repeat of a request held for approval.
+    pub approval_id: Option<String>,
 }
 
 /// A broker's base URL, checked: `http` or `https`, a host, no path.
@@ -120,6 +122,9 @@ impl Client {
         }
         if let Some(t) = &p.task_id {
             form.push(("task_id", t.clone()));
+        }
+        if let Some(a) = &p.approval_id {
+            form.push(("approval_id", a.clone()));
         }
         let resp = self
             .http
