@@ -628,3 +628,28 @@ async fn a_webhook_that_is_down_is_retried_and_approves_nothing() {
     let (s, v) = poll(&app, &id, &[]).await;
     assert_eq!((s, code(&v)), (400, "authorization_pending"), "{v}");
 }
+
+/// A task opened under an approval is still permitted when the policy changes: re-evaluation
+/// does not take its approval for a denial (it did, revoking every approved task at the first
+/// policy reload).
+#[tokio::test]
+async fn an_approved_task_survives_a_policy_change_reevaluation() {
+    let app = spawn_gated(&approvals_config(
+        "[trips]\nreevaluate_on_policy_change = true\n",
+    ))
+    .await;
+    let id = request(&app, &[]).await;
+    decide(&app, APPROVER_TOKEN, &id, "approve", None).await;
+    let (s, v) = poll(&app, &id, &[]).await;
+    assert_eq!(s, 200, "{v}");
+    let token = v["access_token"].as_str().unwrap().to_string();
+    let old = app.broker.policy.current().version().to_string();
+    std::fs::write(
+        app.path("policies/extra.cedar"),
+        "@id(\"extra\")\npermit (principal, action == Writ::Action::\"exchange\", resource == Writ::Scope::\"extra:read\");\n",
+    )
+    .unwrap();
+    app.broker.policy.reload().unwrap();
+    app.broker.reevaluate_open_tasks(&old).await.unwrap();
+    assert_eq!(app.introspect(&token).await["active"], true);
+}
