@@ -653,3 +653,39 @@ async fn an_approved_task_survives_a_policy_change_reevaluation() {
     app.broker.reevaluate_open_tasks(&old).await.unwrap();
     assert_eq!(app.introspect(&token).await["active"], true);
 }
+
+/// The store failing or holding a corrupt approval: polls and decisions answer 503, nothing
+/// is approved or issued.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_store_or_a_corrupt_approval_fails_closed() {
+    let mut redis = RedisServer::start();
+    let app = spawn_app_with(Options {
+        extra_config: format!("{}{}", redis_store(&redis.url()), approvals_config("")),
+        ..Options::default()
+    })
+    .await;
+    add_policy(&app);
+    let corrupt = request(&app, &[]).await;
+    let held = request(&app, &[("task_purpose", "second")]).await;
+    // A record that does not parse.
+    redis
+        .cli(&["HSET", "writ:{apr}:all", &corrupt, "7 {not json"])
+        .unwrap();
+    app.clock.advance(5);
+    let (s, v) = poll(&app, &corrupt, &[]).await;
+    assert_eq!((s, code(&v)), (503, "temporarily_unavailable"), "{v}");
+    let (s, v) = decide(&app, APPROVER_TOKEN, &corrupt, "approve", None).await;
+    assert_eq!((s, code(&v)), (503, "temporarily_unavailable"), "{v}");
+    // The store gone: neither a poll nor an approval gets through.
+    redis.kill();
+    let (s, v) = decide(&app, APPROVER_TOKEN, &held, "approve", None).await;
+    assert_eq!((s, code(&v)), (503, "temporarily_unavailable"), "{v}");
+    let (s, v) = poll(&app, &held, &[("task_purpose", "second")]).await;
+    assert_eq!(s, 503, "{v}");
+    assert!(
+        !app.audit_records()
+            .iter()
+            .any(|r| r["event"] == "approval" && r["decision"] == "approved"),
+        "nothing was approved"
+    );
+}
