@@ -38,15 +38,6 @@ pub struct Webhook {
     pub stats: Arc<Stats>,
 }
 
-/// `sha256=<hex>` of `body` under `secret`.
-pub fn signature(secret: &[u8], body: &[u8]) -> String {
-    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret);
-    format!(
-        "sha256={}",
-        hex::encode(ring::hmac::sign(&key, body).as_ref())
-    )
-}
-
 impl Webhook {
     pub fn new(config: &WebhookConfig) -> Result<Self, reqwest::Error> {
         let client = reqwest::Client::builder()
