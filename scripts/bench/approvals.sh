@@ -9,7 +9,7 @@ DURATION=${BENCH_DURATION:-10s}
 CONNS=${BENCH_CONNECTIONS:-32}
 PENDING=${BENCH_PENDING:-1000}
 [ -n "${BENCH_NO_BUILD:-}" ] || cargo build --release --quiet --bin writ
-WRIT=$ROOT/target/release/writ
+WRIT=${WRIT_BIN:-$ROOT/target/release/writ}
 # shellcheck source=scripts/bench/lib.sh
 . "$ROOT/scripts/bench/lib.sh"
 
@@ -41,7 +41,7 @@ import re, sys
 text = open(sys.argv[1]).read().split("[trips]")[0]
 off = text.split("\n# In dev, the admin token")[0] + "\n"
 assert "[approvals]" not in off, off
-on = text.replace('ttl = "15m"', 'ttl = "1h"\ninterval = "1s"')
+on = re.sub(r'(?m)^ttl = "15m"$', 'ttl = "1h"\ninterval = "1s"', text)
 assert 'interval = "1s"' in on
 open(sys.argv[1].replace("writ.toml", "approvals-off.toml"), "w").write(off)
 open(sys.argv[1].replace("writ.toml", "approvals-on.toml"), "w").write(on)
@@ -50,7 +50,7 @@ PY
 serve() { # config
   ( cd "$work" && exec "$WRIT" serve --config "$1" >>"$work/serve.log" 2>&1 ) &
   PIDS+=($!)
-  wait_ready "$PORT"
+  ( wait_ready "$PORT" ) || { tail -5 "$work/serve.log" >&2; exit 1; }
 }
 
 echo "== exchange (repo:read, needs no approval), memory store, approvals off: wrk -t1 -c$CONNS -d$DURATION"

@@ -15,12 +15,6 @@ request = function()
   return wrk.format("POST", nil, {["Content-Type"] = "application/x-www-form-urlencoded"}, prefix .. id)
 end
 
-local answers = {}
-response = function(status, headers, body)
-  local e = body:match('"error":"([a-z_]+)"') or tostring(status)
-  answers[e] = (answers[e] or 0) + 1
-end
-
 done = function(summary, latency, requests)
   io.write(string.format("wrk_requests=%d\n", summary.requests))
   io.write(string.format("wrk_errors=%d\n", summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout))
