@@ -137,6 +137,7 @@ async fn main() -> anyhow::Result<()> {
                     depth: 0,
                     source: "jwt-svid".into(),
                     claims: Default::default(),
+                    approval: None,
                 };
                 let jti = writ::domain::random_id("")?;
                 store

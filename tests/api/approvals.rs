@@ -230,6 +230,9 @@ async fn an_expired_request_answers_expired_token_and_cannot_be_approved() {
     assert_eq!(expired.len(), 1, "recorded once");
 }
 
+/// What differs, the scope asked, the other parameters.
+type Case = (&'static str, String, Vec<(&'static str, &'static str)>);
+
 #[tokio::test]
 async fn a_repeat_that_differs_from_the_approved_request_is_invalid_grant() {
     let app = spawn_gated(&approvals_config("")).await;
@@ -240,7 +243,7 @@ async fn a_repeat_that_differs_from_the_approved_request_is_invalid_grant() {
     .await;
     decide(&app, APPROVER_TOKEN, &id, "approve", None).await;
     let same = [("task_purpose", "release 1.2"), ("expires_in", "120")];
-    let cases: Vec<(&str, String, Vec<(&str, &str)>)> = vec![
+    let cases: Vec<Case> = vec![
         ("scope", format!("{DEPLOY} repo:read"), same.to_vec()),
         (
             "audience",
