@@ -140,6 +140,7 @@ async fn main() -> anyhow::Result<()> {
                     grant: None,
                     on_behalf_of: None,
                     act: None,
+                    approval: None,
                 };
                 let jti = writ::domain::random_id("")?;
                 store

@@ -8,6 +8,7 @@
 #      feed load time for 100,000 live revocations, Redis memory after 10,000 revokes of one token
 #   6. trips: re-evaluation of 10,000 open tasks on Redis; exchange throughput, trips on vs off
 #   7. delegation exchanges/s next to plain exchanges/s, memory and Redis (scripts/bench/delegation.sh)
+#   8. approval gates: exchange throughput, approvals on vs off; polls of 1,000 pending approvals
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -132,3 +133,5 @@ REDIS_URL="redis://127.0.0.1:$RPORT/0" target/release/examples/reeval_bench
 
 echo "== delegation exchanges next to plain exchanges, memory and Redis (scripts/bench/delegation.sh)"
 BENCH_DURATION="$DURATION" BENCH_CONNECTIONS="$CONNS" scripts/bench/delegation.sh
+echo "== approval gates (scripts/bench/approvals.sh)"
+BENCH_NO_BUILD=1 scripts/bench/approvals.sh

@@ -195,6 +195,7 @@ pub fn spawn_background(broker: Arc<Broker>) -> Vec<tokio::task::JoinHandle<()>>
         spawn_policy_watcher(broker.clone()),
         spawn_policy_start_check(broker.clone()),
         spawn_bundle_reloader(broker.clone()),
+        spawn_approval_sweeper(broker.clone()),
         tokio::spawn(crate::revocation::follow(
             broker.store.clone(),
             broker.revocations.clone(),
@@ -202,6 +203,24 @@ pub fn spawn_background(broker: Arc<Broker>) -> Vec<tokio::task::JoinHandle<()>>
         )),
         spawn_log_maintenance(broker),
     ]
+}
+
+/// Expires approval requests nobody decided in time (recorded once, by whichever replica
+/// gets there first), every few seconds.
+fn spawn_approval_sweeper(broker: Arc<Broker>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        if broker.approvals_config().is_none() {
+            return;
+        }
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if let Err(e) = broker.sweep(broker.now()).await {
+                tracing::debug!(error = %e, "approval sweep failed; trying again later");
+            }
+        }
+    })
 }
 
 /// Reloads the policy set on file changes and SIGHUP; a change is recorded and, with

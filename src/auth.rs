@@ -13,6 +13,8 @@ use crate::error::{BrokerError, ErrorCode};
 pub enum Caller {
     /// An admin token, named by the first 12 hex digits of its SHA-256.
     AdminToken(String),
+    /// An approver token (`[approvals] token_sha256`), named the same way.
+    ApproverToken(String),
     Workload(Subject),
 }
 
@@ -20,6 +22,7 @@ impl Caller {
     pub fn name(&self) -> String {
         match self {
             Caller::AdminToken(h) => format!("admin-token:{h}"),
+            Caller::ApproverToken(h) => format!("approver-token:{h}"),
             Caller::Workload(s) => s.to_string(),
         }
     }
@@ -30,6 +33,8 @@ impl Caller {
 pub enum Role {
     Admin,
     Introspector,
+    /// Decides approval requests (`[approvals]`); admins are not approvers unless listed.
+    Approver,
 }
 
 /// The bearer token of an `Authorization` header value.
@@ -64,7 +69,16 @@ impl Broker {
             ));
         };
         let hash = sha256_hex(token.as_bytes());
-        if self
+        if role == Role::Approver {
+            let approvers = self.config.approvals.as_ref().map(|a| &a.token_sha256);
+            if approvers
+                .into_iter()
+                .flatten()
+                .any(|h| constant_time_eq(h.to_ascii_lowercase().as_bytes(), hash.as_bytes()))
+            {
+                return Ok(Caller::ApproverToken(hash.chars().take(12).collect()));
+            }
+        } else if self
             .admin_hashes
             .iter()
             .any(|h| constant_time_eq(h.as_bytes(), hash.as_bytes()))
@@ -126,6 +140,14 @@ impl Broker {
     /// Admin principals may act in every role; introspection principals may introspect.
     fn may_act_as(&self, subject: &Subject, role: Role) -> bool {
         let covered = |patterns: &[String]| patterns.iter().any(|p| subject.matches(p));
+        if role == Role::Approver {
+            let approvers = self
+                .config
+                .approvals
+                .as_ref()
+                .map(|a| a.principals.as_slice());
+            return covered(approvers.unwrap_or_default());
+        }
         covered(&self.config.admin.principals)
             || (role == Role::Introspector && covered(&self.config.introspection.principals))
     }

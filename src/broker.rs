@@ -54,6 +54,8 @@ pub struct Broker {
     pub metrics: Metrics,
     /// When this broker started (clock seconds): a memory store knows nothing from before.
     pub started_at: i64,
+    /// Where approval requests are announced (`[approvals.webhook]`).
+    pub webhook: Option<crate::webhook::Webhook>,
 }
 
 impl std::fmt::Debug for Broker {
@@ -209,7 +211,15 @@ impl Broker {
             config.store.max_staleness,
             local_store,
         ));
+        let webhook = config
+            .approvals
+            .as_ref()
+            .and_then(|a| a.webhook.as_ref())
+            .map(crate::webhook::Webhook::new)
+            .transpose()
+            .map_err(|e| ConfigError::new("approvals.webhook", e.to_string()))?;
         let broker = Broker {
+            webhook,
             started_at: clock.now(),
             revocations,
             token_cache: VerifiedCache::new(100_000),

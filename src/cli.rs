@@ -84,6 +84,11 @@ pub enum Command {
         #[command(subcommand)]
         command: BlocksCommand,
     },
+    /// The approver's side of approval gates: list, approve or deny held requests.
+    Approvals {
+        #[command(subcommand)]
+        command: ApprovalsCommand,
+    },
     /// Decision log commands.
     Audit {
         #[command(subcommand)]
@@ -221,6 +226,9 @@ pub struct ExchangeArgs {
     /// Mint into an open task instead of opening a new one.
     #[arg(long, value_name = "T")]
     task_id: Option<String>,
+    /// Repeat a request held for approval (the `approval_id` of `authorization_pending`).
+    #[arg(long, value_name = "ID")]
+    approval_id: Option<String>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -340,6 +348,62 @@ pub enum BlocksCommand {
         #[arg(long, value_name = "FILE|-")]
         admin_token: Option<String>,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ApprovalsCommand {
+    /// List the approval requests the broker keeps (newest first).
+    List {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// pending, approved, denied, expired, cancelled or issued.
+        #[arg(long)]
+        state: Option<String>,
+        #[arg(long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// Approve a held request: its client's next poll gets the token.
+    Approve {
+        id: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Deny a held request: its client's next poll gets `access_denied`.
+    Deny {
+        id: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// Why (recorded in the decision log).
+        #[arg(long, value_name = "R")]
+        reason: Option<String>,
+    },
+}
+
+/// `writ approvals …`.
+async fn approvals_command(command: ApprovalsCommand) -> anyhow::Result<()> {
+    match command {
+        ApprovalsCommand::List {
+            admin,
+            state,
+            output,
+        } => {
+            let (client, token) = admin.client()?;
+            let out = client.list_approvals(&token, state.as_deref()).await?;
+            print_list(&out, "approvals", output::APPROVAL_COLUMNS, output)
+        }
+        ApprovalsCommand::Approve { id, admin } => {
+            let (client, token) = admin.client()?;
+            let out = client.decide_approval(&token, &id, None).await?;
+            print_record(&out, output::APPROVAL_TIMES, Output::Json)
+        }
+        ApprovalsCommand::Deny { id, admin, reason } => {
+            let (client, token) = admin.client()?;
+            let out = client
+                .decide_approval(&token, &id, Some(reason.as_deref().unwrap_or("")))
+                .await?;
+            print_record(&out, output::APPROVAL_TIMES, Output::Json)
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -517,6 +581,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         } => confirm_store_reset(&broker, admin_token.as_deref()).await,
         Command::Revocations { command } => blocks_command(BlockKind::Revocation, command).await,
         Command::Quarantines { command } => blocks_command(BlockKind::Quarantine, command).await,
+        Command::Approvals { command } => approvals_command(command).await,
         Command::Audit {
             command:
                 AuditCommand::Verify {
@@ -612,6 +677,7 @@ async fn token_exchange(args: ExchangeArgs) -> anyhow::Result<()> {
             ttl: args.ttl,
             task_id: args.task_id,
             actor_token: None,
+            approval_id: args.approval_id,
         })
         .await?;
     println!("{}", serde_json::to_string_pretty(&resp)?);
@@ -639,6 +705,7 @@ async fn token_delegate(args: DelegateArgs) -> anyhow::Result<()> {
                 args.actor_token_type
                     .unwrap_or_else(|| crate::exchange::TYPE_JWT.to_string()),
             )),
+            approval_id: None,
         })
         .await?;
     println!("{}", serde_json::to_string_pretty(&resp)?);

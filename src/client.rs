@@ -50,6 +50,8 @@ pub struct ExchangeParams {
     pub task_id: Option<String>,
     /// Delegation (SPEC §4.4): the sub-agent's own identity token and its type URI.
     pub actor_token: Option<(String, String)>,
+    /// The repeat of a request held for approval.
+    pub approval_id: Option<String>,
 }
 
 /// A broker's base URL, checked: `http` or `https`, a host, no path.
@@ -126,6 +128,9 @@ impl Client {
         if let Some((token, kind)) = &p.actor_token {
             form.push(("actor_token", token.clone()));
             form.push(("actor_token_type", kind.clone()));
+        }
+        if let Some(a) = &p.approval_id {
+            form.push(("approval_id", a.clone()));
         }
         let resp = self
             .http
@@ -231,6 +236,36 @@ impl Client {
     ) -> Result<Value, ClientError> {
         let url = self.admin_url(&[kind.collection(), id])?;
         self.send(self.http.delete(url).bearer_auth(admin)).await
+    }
+
+    /// Lists approval requests (`GET /admin/v1/approvals?state=`).
+    pub async fn list_approvals(
+        &self,
+        approver: &str,
+        state: Option<&str>,
+    ) -> Result<Value, ClientError> {
+        let mut url = self.admin_url(&["approvals"])?;
+        if let Some(s) = state {
+            url.query_pairs_mut().append_pair("state", s);
+        }
+        self.send(self.http.get(url).bearer_auth(approver)).await
+    }
+
+    /// Approves (`deny` = None) or denies with a reason an approval request
+    /// (`POST /admin/v1/approvals/{id}/approve|deny`).
+    pub async fn decide_approval(
+        &self,
+        approver: &str,
+        id: &str,
+        deny: Option<&str>,
+    ) -> Result<Value, ClientError> {
+        let verb = if deny.is_some() { "deny" } else { "approve" };
+        let url = self.admin_url(&["approvals", id, verb])?;
+        let mut req = self.http.post(url).bearer_auth(approver);
+        if let Some(reason) = deny {
+            req = req.json(&serde_json::json!({ "reason": reason }));
+        }
+        self.send(req).await
     }
 
     /// Confirms that the store lost its revocation state (`POST /admin/v1/store/confirm-reset`).

@@ -62,6 +62,73 @@ pub struct Config {
     pub trips: Option<TripsConfig>,
     #[serde(default)]
     pub metrics: MetricsConfig,
+    /// Approval gates (SPEC §4.7); without this section an `@approval("required")` permit
+    /// refuses, as nobody could approve.
+    #[serde(default)]
+    pub approvals: Option<ApprovalsConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApprovalsConfig {
+    /// Workload identities that may approve (subjects or prefixes ending in `/*`).
+    #[serde(default)]
+    pub principals: Vec<String>,
+    /// Bearer approver tokens, by the hex SHA-256 of the token.
+    #[serde(default)]
+    pub token_sha256: Vec<String>,
+    /// How long a request waits for its decision.
+    #[serde(default = "default_approval_ttl", deserialize_with = "de_duration")]
+    pub ttl: Duration,
+    /// How often a client may poll (the `interval` of the pending answer).
+    #[serde(
+        default = "default_approval_interval",
+        deserialize_with = "de_duration"
+    )]
+    pub interval: Duration,
+    /// Different approvers needed to approve (2 for a two-person rule).
+    #[serde(default = "default_min_approvers")]
+    pub min_approvers: u32,
+    #[serde(default)]
+    pub webhook: Option<WebhookConfig>,
+}
+
+fn default_approval_ttl() -> Duration {
+    Duration::from_secs(15 * 60)
+}
+
+fn default_approval_interval() -> Duration {
+    Duration::from_secs(5)
+}
+
+fn default_min_approvers() -> u32 {
+    1
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookConfig {
+    /// Where each new approval request is POSTed.
+    pub url: String,
+    /// The HMAC-SHA256 key of the `Writ-Signature` header.
+    pub secret: WebhookSecret,
+}
+
+/// A webhook's signing secret: never printed.
+#[derive(Clone, Deserialize)]
+#[serde(transparent)]
+pub struct WebhookSecret(String);
+
+impl WebhookSecret {
+    pub fn expose(&self) -> &[u8] {
+        self.0.as_bytes()
+    }
+}
+
+impl std::fmt::Debug for WebhookSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("WebhookSecret(***)")
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -466,7 +533,68 @@ impl Config {
         self.validate_oidc()?;
         self.validate_access()?;
         self.validate_policy()?;
+        self.validate_approvals()?;
         self.validate_trips()
+    }
+
+    fn validate_approvals(&self) -> Result<(), ConfigError> {
+        let Some(a) = &self.approvals else {
+            return Ok(());
+        };
+        check_patterns("approvals.principals", &a.principals)?;
+        for (i, h) in a.token_sha256.iter().enumerate() {
+            if h.len() != 64 || !h.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(ConfigError::new(
+                    format!("approvals.token_sha256[{i}]"),
+                    "must be 64 hex digits (the SHA-256 of an approver token)",
+                ));
+            }
+        }
+        if a.principals.is_empty() && a.token_sha256.is_empty() {
+            return Err(ConfigError::new(
+                "approvals.principals",
+                "approvals need at least one approver (principals or token_sha256)",
+            ));
+        }
+        if !(Duration::from_secs(10)..=Duration::from_secs(24 * 3600)).contains(&a.ttl) {
+            return Err(ConfigError::new(
+                "approvals.ttl",
+                "must be between 10s and 24h",
+            ));
+        }
+        if !(Duration::from_secs(1)..=Duration::from_secs(60)).contains(&a.interval) {
+            return Err(ConfigError::new(
+                "approvals.interval",
+                "must be between 1s and 60s",
+            ));
+        }
+        let tokens_only = a.principals.is_empty();
+        if a.min_approvers == 0
+            || a.min_approvers > 10
+            || (tokens_only && a.min_approvers as usize > a.token_sha256.len())
+        {
+            return Err(ConfigError::new(
+                "approvals.min_approvers",
+                "must be between 1 and 10, and no more than the approvers configured",
+            ));
+        }
+        if let Some(w) = &a.webhook {
+            let url = url::Url::parse(&w.url)
+                .map_err(|_| ConfigError::new("approvals.webhook.url", "is not an absolute URL"))?;
+            if !matches!(url.scheme(), "https" | "http") || url.host_str().is_none() {
+                return Err(ConfigError::new(
+                    "approvals.webhook.url",
+                    "must be an http or https URL",
+                ));
+            }
+            if w.secret.expose().len() < 16 {
+                return Err(ConfigError::new(
+                    "approvals.webhook.secret",
+                    "must be at least 16 bytes",
+                ));
+            }
+        }
+        Ok(())
     }
 
     fn validate_policy(&self) -> Result<(), ConfigError> {

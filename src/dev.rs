@@ -165,6 +165,11 @@ path = "{audit}"
 [admin]
 token_sha256 = ["{admin_hash}"]
 
+# In dev, the admin token is also the approver token (`writ approvals`).
+[approvals]
+token_sha256 = ["{admin_hash}"]
+ttl = "15m"
+
 [trips]
 denials = {{ count = 5, window = "1m" }}
 quarantine = "10m"

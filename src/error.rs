@@ -32,6 +32,15 @@ pub enum ErrorCode {
     /// No credential was sent where a bearer is required: `invalid_token` in the body, but
     /// no error attribute in `WWW-Authenticate` (RFC 6750 §3.1).
     CredentialsRequired,
+    /// A request held for approval (SPEC §4.7, the words of RFC 8628 §3.5).
+    AuthorizationPending,
+    SlowDown,
+    ExpiredToken,
+    /// `access_denied` at the token endpoint: 400, as RFC 8628 §3.5 answers a denied
+    /// request (not the 403 of a refused bearer).
+    RequestDenied,
+    /// The state of the thing acted on does not allow the action (an approval decided).
+    Conflict,
 }
 
 impl ErrorCode {
@@ -44,9 +53,13 @@ impl ErrorCode {
             ErrorCode::InvalidScope => "invalid_scope",
             ErrorCode::InvalidTarget => "invalid_target",
             ErrorCode::InvalidToken | ErrorCode::CredentialsRequired => "invalid_token",
-            ErrorCode::AccessDenied => "access_denied",
+            ErrorCode::AccessDenied | ErrorCode::RequestDenied => "access_denied",
             ErrorCode::NotFound => "not_found",
             ErrorCode::TemporarilyUnavailable => "temporarily_unavailable",
+            ErrorCode::AuthorizationPending => "authorization_pending",
+            ErrorCode::SlowDown => "slow_down",
+            ErrorCode::ExpiredToken => "expired_token",
+            ErrorCode::Conflict => "conflict",
         }
     }
 
@@ -57,6 +70,7 @@ impl ErrorCode {
             }
             ErrorCode::AccessDenied => 403,
             ErrorCode::NotFound => 404,
+            ErrorCode::Conflict => 409,
             ErrorCode::PayloadTooLarge => 413,
             ErrorCode::TemporarilyUnavailable => 503,
             _ => 400,
@@ -70,6 +84,9 @@ impl ErrorCode {
 pub struct BrokerError {
     pub code: ErrorCode,
     pub description: String,
+    /// Members added to the error object beside `error` and `error_description` (a held
+    /// request's `approval_id`, `interval`, `expires_in`).
+    pub fields: Option<Box<serde_json::Map<String, serde_json::Value>>>,
 }
 
 impl BrokerError {
@@ -77,7 +94,14 @@ impl BrokerError {
         BrokerError {
             code,
             description: description.into(),
+            fields: None,
         }
+    }
+
+    /// The same error with `fields` added to its JSON object.
+    pub fn with_fields(mut self, fields: serde_json::Map<String, serde_json::Value>) -> Self {
+        self.fields = Some(Box::new(fields));
+        self
     }
     pub fn invalid_request(d: impl Into<String>) -> Self {
         Self::new(ErrorCode::InvalidRequest, d)

@@ -45,6 +45,8 @@ pub struct ExchangeRequest {
     /// Delegation (SPEC §4.4): the sub-agent's own identity token and its type; required
     /// when `subject_token` is a task token (a delegation grant).
     pub actor_token: Option<(secrecy::SecretString, SubjectTokenType)>,
+    /// The repeat of a request held for approval (SPEC §4.7).
+    pub approval_id: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -93,6 +95,8 @@ struct Decision {
     policies: Vec<String>,
     /// The smallest `@max_ttl` of the permits, in seconds.
     cap_secs: u64,
+    /// Permitted scopes whose permits require an approval (SPEC §4.7).
+    gated: Vec<String>,
 }
 
 /// A request refused: its answer, what the decision log records, and the trip rule it
@@ -241,6 +245,17 @@ impl Refusal {
 enum Stop {
     Refused(Box<Refusal>),
     Failed(BrokerError),
+    /// Held for approval, or a poll of a held request: answered as it is, not a refusal.
+    Answered(BrokerError),
+}
+
+impl From<crate::approvals::PollStop> for Stop {
+    fn from(p: crate::approvals::PollStop) -> Self {
+        match p {
+            crate::approvals::PollStop::Answer(e) => Stop::Answered(e),
+            crate::approvals::PollStop::Refused(reason) => Refusal::grant(reason).into(),
+        }
+    }
 }
 
 impl From<Refusal> for Stop {
@@ -288,7 +303,7 @@ impl Broker {
         };
         match self.grant(&req, &who, &ask, now, entry.clone()).await {
             Ok(response) => Ok(response),
-            Err(Stop::Failed(e)) => Err(e),
+            Err(Stop::Failed(e) | Stop::Answered(e)) => Err(e),
             Err(Stop::Refused(r)) => Err(self
                 .refuse(entry, &who.subject, req.source_ip.as_deref(), r)
                 .await),
@@ -333,8 +348,33 @@ impl Broker {
             )
             .into());
         }
+        let asked = asked(req, who, ask);
+        let approved = match &req.approval_id {
+            Some(id) => Some(self.poll_approval(id, &asked, now).await?),
+            None => None,
+        };
         let existing = self.guards(req, who, ask, now).await?;
-        let decision = self.decide(who, ask, existing.as_ref(), &req.purpose, now)?;
+        let mut decision = self.decide(who, ask, existing.as_ref(), &req.purpose, now)?;
+        let approved_task = existing.as_ref().is_some_and(|t| t.approval.is_some());
+        if !decision.gated.is_empty() && approved.is_none() && !approved_task {
+            let gated = std::mem::take(&mut decision.gated);
+            return Err(Stop::Answered(
+                self.hold_for_approval(
+                    asked,
+                    gated,
+                    decision.policies,
+                    decision.version,
+                    req.source_ip.clone(),
+                    now,
+                )
+                .await,
+            ));
+        }
+        if let Some(a) = &approved
+            && !self.claim_approval(a).await?
+        {
+            return Err(Refusal::grant("this approval has been used").into());
+        }
         let deadline = match (&existing, &who.parent) {
             (Some(t), _) => t.deadline,
             (None, parent) => {
@@ -368,7 +408,8 @@ impl Broker {
             None => match &who.parent {
                 Some(parent) => {
                     let id = TaskId::generate_child(&parent.id).map_err(|e| self.fail(e))?;
-                    let task = self.new_task(id, req, who, ask, &decision.version, deadline, now);
+                    let mut task = self.new_task(id, req, who, ask, &decision.version, deadline, now);
+                    task.approval = approved.map(|a| a.id);
                     let outcome = self.open_delegated_task(&task, &token, now).await?;
                     if let Some(refusal) = Refusal::delegated(&outcome, self.limits.max_tokens) {
                         return Err(refusal.into());
@@ -377,7 +418,8 @@ impl Broker {
                 }
                 None => {
                     let id = TaskId::generate().map_err(|e| self.fail(e))?;
-                    let task = self.new_task(id, req, who, ask, &decision.version, deadline, now);
+                    let mut task = self.new_task(id, req, who, ask, &decision.version, deadline, now);
+                    task.approval = approved.map(|a| a.id);
                     self.open_task(&task, &token).await?;
                     task
                 }
@@ -697,6 +739,8 @@ impl Broker {
             parent_task: parent_task.unwrap_or_default(),
         };
         let mut determining = BTreeSet::new();
+        let mut gated = Vec::new();
+        let approvals_on = self.config.approvals.is_some();
         let mut cap_secs = u64::MAX;
         let mut denied = Vec::new();
         let mut notes = Vec::new();
@@ -705,10 +749,13 @@ impl Broker {
                 notes.push(format!("{}: evaluation error", d.scope));
                 tracing::warn!(scope = %d.scope, errors = ?d.errors, "policy evaluation error counted as deny");
             }
-            if d.allowed && d.approval_required {
+            if d.allowed && d.approval_required && !approvals_on {
                 notes.push(format!("{}: approval required", d.scope));
                 denied.push(d.scope);
             } else if d.allowed {
+                if d.approval_required {
+                    gated.push(d.scope.clone());
+                }
                 if let Some(c) = d.max_ttl {
                     cap_secs = cap_secs.min(c.as_secs());
                 }
@@ -726,6 +773,7 @@ impl Broker {
             version,
             policies,
             cap_secs,
+            gated,
         })
     }
 
@@ -765,6 +813,7 @@ impl Broker {
             grant: who.grant.as_ref().map(|g| g.jti.clone()),
             on_behalf_of: who.grant.as_ref().map(|g| g.on_behalf_of.clone()),
             act: who.act.clone(),
+            approval: None,
         }
     }
 
@@ -961,6 +1010,26 @@ fn delegation_detail(who: &Requester) -> Option<Value> {
         "grant_jti": grant.jti,
         "depth": who.depth,
     }))
+}
+
+/// What the request asks, as an approval binds it. The actor is the current actor of the
+/// chain a delegated request carries (`act.sub`).
+fn asked(req: &ExchangeRequest, who: &Requester, ask: &Ask) -> crate::approvals::Asked {
+    crate::approvals::Asked {
+        subject: who.subject.to_string(),
+        actor: who
+            .act
+            .as_ref()
+            .and_then(|a| a.get("sub"))
+            .and_then(Value::as_str)
+            .map(str::to_string),
+        act: who.act.clone(),
+        scopes: ask.scopes.clone(),
+        audience: ask.audience.clone(),
+        purpose: req.purpose.clone(),
+        ttl: ask.ttl_secs,
+        task_id: req.task_id.as_ref().map(|t| t.to_string()),
+    }
 }
 
 /// The scopes of `asked` that `granted` lacks.

@@ -95,6 +95,7 @@ impl Broker {
             );
         }
         self.audit_metrics();
+        self.approval_metrics().await;
         m.set_only(
             "writ_policy_version_info",
             &[("version", self.policy.current().version())],

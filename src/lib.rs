@@ -4,6 +4,7 @@
 //! one task (RFC 8693), and gets a narrowly scoped JWT whose every scope policy allowed.
 
 pub mod app;
+pub mod approvals;
 pub mod audit;
 pub mod auth;
 pub mod broker;
@@ -31,3 +32,4 @@ pub mod store;
 pub mod task;
 pub mod token;
 pub mod trips;
+pub mod webhook;

@@ -14,16 +14,23 @@ const BUCKETS: [f64; 12] = [
 
 type Key = (&'static str, Vec<(&'static str, String)>);
 
+/// Buckets for human waits (an approval's time to decision), seconds.
+pub const WAIT_BUCKETS: [f64; 10] = [
+    10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 900.0, 1800.0, 3600.0, 86400.0,
+];
+
 struct Histogram {
-    buckets: [AtomicU64; BUCKETS.len()],
+    bounds: &'static [f64],
+    buckets: Vec<AtomicU64>,
     count: AtomicU64,
     sum_micros: AtomicU64,
 }
 
 impl Histogram {
-    fn new() -> Self {
+    fn new(bounds: &'static [f64]) -> Self {
         Histogram {
-            buckets: Default::default(),
+            bounds,
+            buckets: bounds.iter().map(|_| AtomicU64::new(0)).collect(),
             count: AtomicU64::new(0),
             sum_micros: AtomicU64::new(0),
         }
@@ -117,9 +124,20 @@ impl Metrics {
     }
 
     pub fn observe(&self, name: &'static str, l: &[(&'static str, &str)], seconds: f64) {
+        self.observe_in(name, l, seconds, &BUCKETS);
+    }
+
+    /// Observes into a histogram with buckets of its own (fixed when it is first observed).
+    pub fn observe_in(
+        &self,
+        name: &'static str,
+        l: &[(&'static str, &str)],
+        seconds: f64,
+        bounds: &'static [f64],
+    ) {
         let key = (name, labels(l));
         let record = |h: &Histogram| {
-            for (bucket, b) in h.buckets.iter().zip(BUCKETS.iter()) {
+            for (bucket, b) in h.buckets.iter().zip(h.bounds.iter()) {
                 if seconds <= *b {
                     bucket.fetch_add(1, Ordering::Relaxed);
                 }
@@ -134,7 +152,7 @@ impl Metrics {
             return;
         }
         let mut w = self.histograms.write();
-        record(w.entry(key).or_insert_with(Histogram::new));
+        record(w.entry(key).or_insert_with(|| Histogram::new(bounds)));
     }
 
     /// The Prometheus text exposition of everything recorded.
@@ -171,7 +189,7 @@ impl Metrics {
                 let _ = writeln!(out, "# TYPE {name} histogram");
                 last = name;
             }
-            for (bucket, b) in h.buckets.iter().zip(BUCKETS.iter()) {
+            for (bucket, b) in h.buckets.iter().zip(h.bounds.iter()) {
                 let _ = writeln!(
                     out,
                     "{name}_bucket{} {}",
@@ -248,6 +266,26 @@ impl Metrics {
             "Entries of this replica's revocation cache, by kind.",
         );
         m.describe("writ_policy_version_info", "The policy version in force.");
+        m.describe(
+            "writ_approvals_pending",
+            "Approval requests waiting for a decision.",
+        );
+        m.describe(
+            "writ_approval_decisions_total",
+            "Approval outcomes, by outcome (approved, denied, expired, cancelled).",
+        );
+        m.describe(
+            "writ_approval_decision_seconds",
+            "Time from an approval request to its decision, by outcome.",
+        );
+        m.describe(
+            "writ_approval_webhook_failures_total",
+            "Failed webhook delivery attempts of approval requests.",
+        );
+        m.describe(
+            "writ_approval_webhook_deliveries_total",
+            "Approval request notifications, by outcome (delivered, abandoned, dropped).",
+        );
         m.describe(
             "writ_signing_key_info",
             "Signing keys published, and which one signs.",

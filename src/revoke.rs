@@ -174,6 +174,8 @@ impl Broker {
             expires_at: None,
         };
         self.publish(&FeedEvent::Block { record }, now).await?;
+        self.cancel_approvals(sel, &format!("subject blocked by revocation {id}"))
+            .await;
         let open = self.list_tasks(&TaskFilter::all_open()).await?;
         let mut closed = ClosedTree::default();
         for task in open.iter().filter(|t| sel.matches(t.owner.as_str())) {

@@ -232,7 +232,10 @@ impl Broker {
             expires_at: Some(expires_at),
         };
         let described = json!({"id": record.id, "until": expires_at});
+        let selector = record.selector.clone();
         self.publish(&FeedEvent::Block { record }, now).await?;
+        self.cancel_approvals(&selector, &format!("subject quarantined (trip:{rule})"))
+            .await;
         Ok(described)
     }
 
@@ -408,7 +411,7 @@ impl Broker {
             let denied: Vec<String> = set
                 .decide_all(&principal, action, &task.scopes, &ctx)
                 .into_iter()
-                .filter(|d| !d.allowed || d.approval_required)
+                .filter(|d| !d.allowed || (d.approval_required && task.approval.is_none()))
                 .map(|d| d.scope)
                 .collect();
             if !denied.is_empty() {

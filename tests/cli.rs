@@ -1819,3 +1819,81 @@ fn token_delegate_exchanges_a_grant_with_the_actors_own_identity() {
     let (_, stdout, _) = run(writ().args(["token", "--help"]));
     assert!(stdout.contains("delegate"), "{stdout}");
 }
+
+/// The approver's side from the command line: an agent's `deploy:prod` is held, listed,
+/// approved (its repeat with `--approval-id` gets the token), or denied with a reason.
+#[test]
+fn approvals_are_listed_approved_and_denied_from_the_command_line() {
+    let dev = start_dev();
+    let d = dev.dir.path();
+    let exchange = |extra: &[&str]| {
+        run(writ()
+            .current_dir(d)
+            .args([
+                "token",
+                "exchange",
+                "--broker",
+                &dev.url,
+                "--scope",
+                "deploy:prod",
+                "--purpose",
+                "release 1.2",
+                "--subject-token",
+                ".writ-dev/demo.svid",
+            ])
+            .args(extra))
+    };
+    let held = |err: &str| {
+        assert!(err.contains("authorization_pending"), "{err}");
+        let at = err.find("apr_").unwrap();
+        err[at..]
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_' || *c == '-')
+            .collect::<String>()
+    };
+    let (ok, _, err) = exchange(&[]);
+    assert!(!ok);
+    let id = held(&err);
+
+    let (code, stdout, err) = admin_run(&dev, &["approvals", "list", "--state", "pending"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(stdout.starts_with("ID"), "{stdout}");
+    assert!(
+        stdout.contains(&id) && stdout.contains("deploy:prod"),
+        "{stdout}"
+    );
+
+    let (code, stdout, err) = admin_run(&dev, &["approvals", "approve", &id]);
+    assert_eq!(code, Some(0), "{err}");
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(v["state"], "approved");
+
+    let (ok, stdout, err) = exchange(&["--approval-id", &id]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(v["scope"], "deploy:prod");
+
+    // Denied, with a reason: the repeat gets access_denied.
+    let (_, _, err) = exchange(&[]);
+    let second = held(&err);
+    let (code, stdout, err) = admin_run(
+        &dev,
+        &["approvals", "deny", &second, "--reason", "change freeze"],
+    );
+    assert_eq!(code, Some(0), "{err}");
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(
+        (v["state"].as_str(), v["reason"].as_str()),
+        (Some("denied"), Some("change freeze"))
+    );
+    let (ok, _, err) = exchange(&["--approval-id", &second]);
+    assert!(!ok && err.contains("access_denied"), "{err}");
+
+    // Deciding it again, or an id that does not exist: a non-zero exit that says why.
+    let (code, _, err) = admin_run(&dev, &["approvals", "approve", &second]);
+    assert_ne!(code, Some(0));
+    assert!(err.contains("409"), "{err}");
+    let (code, _, err) = admin_run(&dev, &["approvals", "approve", "apr_nope000000000000"]);
+    assert_ne!(code, Some(0));
+    assert!(err.contains("404"), "{err}");
+}

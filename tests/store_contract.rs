@@ -20,8 +20,9 @@ use writ::domain::{Subject, TaskId};
 use writ::store::memory::MemoryStore;
 use writ::store::redis::RedisStore;
 use writ::store::{
-    AuditHead, BlockRecord, BlockSelector, DelegateOutcome, FeedCursor, FeedEvent, MintOutcome,
-    PolicyTransition, Store, SubtreeClose, TaskFilter, TaskRecord, TaskState, TokenEntry,
+    ApprovalRecord, ApprovalState, ApprovalVote, AuditHead, BlockRecord, BlockSelector,
+    DelegateOutcome, FeedCursor, FeedEvent, MintOutcome, PolicyTransition, Store, SubtreeClose,
+    TaskFilter, TaskRecord, TaskState, TokenEntry,
 };
 
 const NOW: i64 = 1_800_000_000;
@@ -48,6 +49,7 @@ fn task(owner: &str, created: i64) -> TaskRecord {
         grant: None,
         on_behalf_of: None,
         act: None,
+        approval: None,
     }
 }
 
@@ -323,6 +325,106 @@ async fn delegations_racing_an_end(s: Arc<dyn Store>) {
             );
         }
     }
+}
+
+fn approval(id: &str, created: i64) -> ApprovalRecord {
+    ApprovalRecord {
+        id: id.into(),
+        rev: 1,
+        state: ApprovalState::Pending,
+        subject: "spiffe://example.org/agent/a".into(),
+        actor: None,
+        act: None,
+        scopes: vec!["deploy:prod".into()],
+        audience: vec!["https://api".into()],
+        purpose: "ship it".into(),
+        ttl: 300,
+        task_id: None,
+        gated_scopes: vec!["deploy:prod".into()],
+        policies: vec!["deploy-prod".into()],
+        policy_version: "v".repeat(64),
+        created_at: created,
+        expires_at: created + 900,
+        last_poll: created,
+        approvals: Vec::new(),
+        decided_at: None,
+        denied_by: None,
+        reason: None,
+    }
+}
+
+/// Approvals: created once per id, read back whole, replaced only over the revision they
+/// were read at, listed oldest first, and forgotten past their retention.
+async fn approvals(s: Arc<dyn Store>) {
+    let a = approval("apr_one", NOW - 10);
+    assert!(s.create_approval(&a).await.unwrap());
+    assert!(!s.create_approval(&a).await.unwrap(), "an id is taken once");
+    assert_eq!(s.get_approval("apr_one").await.unwrap(), Some(a.clone()));
+    assert_eq!(s.get_approval("apr_none").await.unwrap(), None);
+
+    let mut approved = a.next();
+    approved.state = ApprovalState::Approved;
+    approved.approvals.push(ApprovalVote {
+        by: "spiffe://example.org/security/alice".into(),
+        at: NOW,
+    });
+    approved.decided_at = Some(NOW);
+    let mut denied = a.next();
+    denied.state = ApprovalState::Denied;
+    // Both were read at revision 1: the first write wins, the second finds revision 2.
+    assert!(s.replace_approval(&approved).await.unwrap());
+    assert!(!s.replace_approval(&denied).await.unwrap());
+    assert_eq!(
+        s.get_approval("apr_one").await.unwrap(),
+        Some(approved.clone())
+    );
+    // A revision that skips one is refused; so is a record that does not exist.
+    let mut skip = approved.next().next();
+    skip.state = ApprovalState::Issued;
+    assert!(!s.replace_approval(&skip).await.unwrap());
+    assert!(
+        !s.replace_approval(&approval("apr_none", NOW).next())
+            .await
+            .unwrap()
+    );
+
+    let b = approval("apr_two", NOW - 5);
+    assert!(s.create_approval(&b).await.unwrap());
+    let ids: Vec<String> = s
+        .list_approvals()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|a| a.id)
+        .collect();
+    assert_eq!(ids, vec!["apr_one".to_string(), "apr_two".to_string()]);
+
+    // Kept until their retention after expiry or decision has passed.
+    s.prune(NOW + 60).await.unwrap();
+    assert_eq!(s.list_approvals().await.unwrap().len(), 2);
+    s.prune(NOW + 900 + 15 * 60 + 1).await.unwrap();
+    assert!(s.list_approvals().await.unwrap().is_empty());
+}
+
+/// Many writers racing over one revision: exactly one wins.
+async fn concurrent_approval_writes_one_wins(s: Arc<dyn Store>) {
+    let a = approval("apr_race", NOW);
+    assert!(s.create_approval(&a).await.unwrap());
+    let mut handles = Vec::new();
+    for i in 0..16 {
+        let s = s.clone();
+        let mut next = a.next();
+        next.reason = Some(format!("writer {i}"));
+        handles.push(tokio::spawn(async move {
+            s.replace_approval(&next).await.unwrap()
+        }));
+    }
+    let mut wins = 0;
+    for h in handles {
+        wins += usize::from(h.await.unwrap());
+    }
+    assert_eq!(wins, 1);
+    assert_eq!(s.get_approval("apr_race").await.unwrap().unwrap().rev, 2);
 }
 
 fn tok(jti: &str, exp: i64) -> TokenEntry {
@@ -839,4 +941,6 @@ contract!(
     pruning,
     audit_heads,
     policy_transitions,
+    approvals,
+    concurrent_approval_writes_one_wins,
 );

@@ -58,6 +58,8 @@ pub enum Event {
     Trip,
     PolicyLoad,
     Admin,
+    /// An approval gate: requested, approved, denied, expired or cancelled (SPEC §4.7).
+    Approval,
     Checkpoint,
 }
 

@@ -170,6 +170,20 @@ pub const QUARANTINE_COLUMNS: &[(&str, &str, bool)] = &[
     ("UNTIL", "expires_at", true),
 ];
 
+/// The columns of `writ approvals list`.
+pub const APPROVAL_COLUMNS: &[(&str, &str, bool)] = &[
+    ("ID", "approval_id", false),
+    ("STATE", "state", false),
+    ("SUBJECT", "subject", false),
+    ("SCOPES", "scopes", false),
+    ("PURPOSE", "purpose", false),
+    ("CREATED", "created_at", true),
+    ("EXPIRES", "expires_at", true),
+];
+
+/// The times of an approval.
+pub const APPROVAL_TIMES: &[&str] = &["created_at", "expires_at", "decided_at"];
+
 /// The times of a block record.
 pub const BLOCK_TIMES: &[&str] = &["created_at", "until", "lifted_at", "expires_at"];
 

@@ -10,14 +10,16 @@ use crate::error::{BrokerError, ErrorCode};
 impl IntoResponse for BrokerError {
     fn into_response(self) -> Response {
         let status = StatusCode::from_u16(self.code.status()).unwrap_or(StatusCode::BAD_REQUEST);
-        let mut resp = (
-            status,
-            Json(json!({
-                "error": self.code.as_str(),
-                "error_description": clean_description(&self.description),
-            })),
-        )
-            .into_response();
+        let mut body = json!({
+            "error": self.code.as_str(),
+            "error_description": clean_description(&self.description),
+        });
+        if let (Some(fields), Some(obj)) = (self.fields, body.as_object_mut()) {
+            for (k, v) in *fields {
+                obj.entry(k).or_insert(v);
+            }
+        }
+        let mut resp = (status, Json(body)).into_response();
         no_store(&mut resp);
         // RFC 6750 §3 for bearer endpoints, RFC 6749 §5.2 for client credentials.
         let challenge = match self.code {

@@ -1,6 +1,7 @@
 //! The HTTP surface: parses the wire form, calls one use case, writes the answer.
 
 pub mod admin;
+pub mod approvals;
 pub mod audit;
 pub mod error;
 pub mod extract;
@@ -38,6 +39,9 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/admin/v1/tasks"),
     ("POST", "/admin/v1/store/confirm-reset"),
     ("GET", "/admin/v1/audit/head"),
+    ("GET", "/admin/v1/approvals"),
+    ("POST", "/admin/v1/approvals/{id}/approve"),
+    ("POST", "/admin/v1/approvals/{id}/deny"),
     ("GET", "/healthz"),
     ("GET", "/readyz"),
     ("GET", "/metrics"),
@@ -102,6 +106,9 @@ fn admin_routes() -> Router<Arc<Broker>> {
             post(admin::confirm_store_reset),
         )
         .route("/admin/v1/audit/head", get(audit::head))
+        .route("/admin/v1/approvals", get(approvals::list))
+        .route("/admin/v1/approvals/{id}/approve", post(approvals::approve))
+        .route("/admin/v1/approvals/{id}/deny", post(approvals::deny))
 }
 
 /// `/admin/v1/*` stays on the main listener unless `[admin] listen` moves it.

@@ -36,6 +36,7 @@ pub const EXCHANGE_PARAMS: &[&str] = &[
     "task_purpose",
     "task_id",
     "expires_in",
+    "approval_id",
 ];
 /// The parameters of introspection and revocation (RFC 7662 §2.1, RFC 7009 §2.1).
 pub const TOKEN_PARAMS: &[&str] = &["token", "token_type_hint"];
@@ -126,6 +127,14 @@ pub fn parse_exchange(
     }
     let task_id = task_id(form)?;
     let expires_in = expires_in(form)?;
+    let approval_id = form
+        .get("approval_id")
+        .map(|raw| {
+            crate::approvals::parse_id(raw)
+                .map(str::to_string)
+                .ok_or_else(|| BrokerError::invalid_request("approval_id is not an approval id"))
+        })
+        .transpose()?;
     Ok(ExchangeRequest {
         subject_token: subject_token.into(),
         subject_token_type,
@@ -136,6 +145,7 @@ pub fn parse_exchange(
         expires_in,
         source_ip,
         actor_token,
+        approval_id,
     })
 }
 
@@ -333,7 +343,7 @@ pub async fn introspect(
         let form = Form::new(form?.0, TOKEN_PARAMS, &[])?;
         let token = form.required("token")?;
         let workload = match &caller {
-            crate::auth::Caller::AdminToken(_) => None,
+            crate::auth::Caller::AdminToken(_) | crate::auth::Caller::ApproverToken(_) => None,
             crate::auth::Caller::Workload(s) => Some(s.as_str()),
         };
         broker.introspect_for(token, workload).await

@@ -11,7 +11,8 @@
 //!                "source": "jwt-svid", "depth": 0, "now": 0,
 //!                "on_behalf_of": "", "parent_task": ""},    // every field optional
 //!    "expect": "allow",                          // or "deny"; nothing else
-//!    "max_ttl": "5m"},                           // optional: the cap the allow must carry
+//!    "max_ttl": "5m",                            // optional: the cap the allow must carry
+//!    "approval": false},                         // optional: whether it needs an approval
 //!   {"principal": {"issuer": "https://token.actions.githubusercontent.com",
 //!                  "sub": "repo:org/app:ref:refs/heads/main",
 //!                  "claims": {"repository": "org/app"}},
@@ -79,6 +80,9 @@ struct Case {
     expect: String,
     #[serde(default)]
     max_ttl: Option<String>,
+    /// Whether the allow holds the request for an approval (`@approval("required")`).
+    #[serde(default)]
+    approval: Option<bool>,
 }
 
 /// The outcome of a run.
@@ -215,6 +219,19 @@ fn check(set: &PolicySet, case: Case) -> Result<(), String> {
                 String::new()
             } else {
                 format!(", errors: {}", d.errors.join("; "))
+            }
+        ));
+    }
+    if let Some(want) = case.approval
+        && d.approval_required != want
+    {
+        return Err(format!(
+            "expected approval {} but got {}",
+            if want { "required" } else { "not required" },
+            if d.approval_required {
+                "required"
+            } else {
+                "not required"
             }
         ));
     }

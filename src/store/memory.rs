@@ -12,9 +12,9 @@ use async_trait::async_trait;
 use parking_lot::Mutex;
 
 use super::{
-    AuditHead, BlockRecord, DelegateOutcome, FeedCursor, FeedEvent, MAX_TREE_NODES, MintOutcome,
-    PolicyTransition, Store, StoreError, SubtreeClose, TaskFilter, TaskRecord, TaskState,
-    TokenEntry,
+    ApprovalRecord, AuditHead, BlockRecord, DelegateOutcome, FeedCursor, FeedEvent, MAX_TREE_NODES,
+    MintOutcome, PolicyTransition, Store, StoreError, SubtreeClose, TaskFilter, TaskRecord,
+    TaskState, TokenEntry,
 };
 use crate::domain::{Subject, TaskId};
 
@@ -65,6 +65,7 @@ pub struct MemoryStore {
     policy: Mutex<Option<PolicyTransition>>,
     audit_heads: Mutex<HashMap<String, AuditHead>>,
     grants: Mutex<HashMap<String, Grant>>,
+    approvals: Mutex<HashMap<String, ApprovalRecord>>,
 }
 
 impl Default for MemoryStore {
@@ -79,6 +80,7 @@ impl Default for MemoryStore {
             policy: Mutex::new(None),
             audit_heads: Mutex::new(HashMap::new()),
             grants: Mutex::new(HashMap::new()),
+            approvals: Mutex::new(HashMap::new()),
         }
     }
 }
@@ -134,6 +136,11 @@ impl Store for MemoryStore {
         removed += before - feed.blocks.len();
         feed.events
             .retain(|(_, e)| e.until().is_none_or(|u| u >= now));
+        drop(feed);
+        let mut approvals = self.approvals.lock();
+        let before = approvals.len();
+        approvals.retain(|_, a| a.forget_at() > now);
+        removed += before - approvals.len();
         Ok(u64::try_from(removed).unwrap_or(u64::MAX))
     }
 
@@ -567,6 +574,40 @@ impl Store for MemoryStore {
 
     async fn audit_head(&self, log_id: &str) -> Result<Option<AuditHead>, StoreError> {
         Ok(self.audit_heads.lock().get(log_id).cloned())
+    }
+
+    async fn create_approval(&self, approval: &ApprovalRecord) -> Result<bool, StoreError> {
+        let mut all = self.approvals.lock();
+        if all.contains_key(&approval.id) {
+            return Ok(false);
+        }
+        all.insert(approval.id.clone(), approval.clone());
+        Ok(true)
+    }
+
+    async fn get_approval(&self, id: &str) -> Result<Option<ApprovalRecord>, StoreError> {
+        Ok(self.approvals.lock().get(id).cloned())
+    }
+
+    async fn replace_approval(&self, approval: &ApprovalRecord) -> Result<bool, StoreError> {
+        let mut all = self.approvals.lock();
+        match all.get_mut(&approval.id) {
+            Some(cur) if cur.rev.saturating_add(1) == approval.rev => {
+                *cur = approval.clone();
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    async fn list_approvals(&self) -> Result<Vec<ApprovalRecord>, StoreError> {
+        let mut out: Vec<ApprovalRecord> = self.approvals.lock().values().cloned().collect();
+        out.sort_by(|a, b| {
+            a.created_at
+                .cmp(&b.created_at)
+                .then_with(|| a.id.cmp(&b.id))
+        });
+        Ok(out)
     }
 
     async fn flag(&self, name: &str) -> Result<bool, StoreError> {

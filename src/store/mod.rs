@@ -108,6 +108,10 @@ pub struct TaskRecord {
     /// Delegated tasks: the actor chain of the task's tokens (RFC 8693 §4.1).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub act: Option<serde_json::Value>,
+    /// The approval the task was opened under (SPEC §4.7): its later tokens within the
+    /// task's scopes need no new approval.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approval: Option<String>,
 }
 
 impl TaskRecord {
@@ -259,6 +263,122 @@ impl FeedEvent {
             FeedEvent::Token { until, .. } | FeedEvent::Task { until, .. } => Some(*until),
             FeedEvent::Block { record } => Some(record.until.max(record.expires_at.unwrap_or(0))),
             FeedEvent::Lift { .. } => None,
+        }
+    }
+}
+
+/// Where an approval stands (SPEC §4.7).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ApprovalState {
+    /// Waiting for the approvers.
+    Pending,
+    /// Approved; the token is issued on the next poll.
+    Approved,
+    Denied,
+    /// Nobody decided in time.
+    Expired,
+    /// Its subject was blocked or quarantined while it waited.
+    Cancelled,
+    /// Approved and used: an approval issues one task, once.
+    Issued,
+}
+
+impl ApprovalState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ApprovalState::Pending => "pending",
+            ApprovalState::Approved => "approved",
+            ApprovalState::Denied => "denied",
+            ApprovalState::Expired => "expired",
+            ApprovalState::Cancelled => "cancelled",
+            ApprovalState::Issued => "issued",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        [
+            ApprovalState::Pending,
+            ApprovalState::Approved,
+            ApprovalState::Denied,
+            ApprovalState::Expired,
+            ApprovalState::Cancelled,
+            ApprovalState::Issued,
+        ]
+        .into_iter()
+        .find(|st| st.as_str() == s)
+    }
+}
+
+/// One approver's approval.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApprovalVote {
+    pub by: String,
+    pub at: i64,
+}
+
+/// A request held for a human approval: what was asked, by whom, and where it stands. Every
+/// change is written with [`Store::replace_approval`], which succeeds only over the revision
+/// it was read at, so two replicas deciding at once cannot both win.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApprovalRecord {
+    /// `apr_` and 128 random bits.
+    pub id: String,
+    /// Bumped by one at every change.
+    pub rev: u64,
+    pub state: ApprovalState,
+    pub subject: String,
+    /// The current actor of a delegated request (the outermost `act.sub`), when there is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub actor: Option<String>,
+    /// The whole actor chain (RFC 8693 §4.1), as a delegated token would carry it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub act: Option<serde_json::Value>,
+    pub scopes: Vec<String>,
+    pub audience: Vec<String>,
+    pub purpose: String,
+    /// The TTL asked for, in seconds.
+    pub ttl: u64,
+    /// The task to mint into, when the request named one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task_id: Option<String>,
+    /// The scopes whose permits required the approval.
+    pub gated_scopes: Vec<String>,
+    /// The policies that decided the request, and their version.
+    pub policies: Vec<String>,
+    pub policy_version: String,
+    pub created_at: i64,
+    /// A decision must come before this; a poll after it answers `expired_token`.
+    pub expires_at: i64,
+    /// The last poll answered (for `slow_down`).
+    pub last_poll: i64,
+    #[serde(default)]
+    pub approvals: Vec<ApprovalVote>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decided_at: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub denied_by: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// How long an approval is kept once it is decided or expired, so that a late poll gets
+/// its answer (`access_denied`, `expired_token`) rather than an unknown id.
+pub const RETAIN_APPROVAL: i64 = 15 * 60;
+
+impl ApprovalRecord {
+    /// When the store may forget it.
+    pub fn forget_at(&self) -> i64 {
+        self.expires_at
+            .max(self.decided_at.unwrap_or(0))
+            .saturating_add(RETAIN_APPROVAL)
+    }
+
+    /// The same record one revision on.
+    pub fn next(&self) -> ApprovalRecord {
+        ApprovalRecord {
+            rev: self.rev.saturating_add(1),
+            ..self.clone()
         }
     }
 }
@@ -489,7 +609,8 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     async fn advance_policy(&self, version: &str) -> Result<PolicyTransition, StoreError>;
 
     /// Forgets what no longer matters at `now`: blocks that neither refuse exchanges nor cut
-    /// off live tokens, and tasks past [`RETAIN_AFTER_DEADLINE`]. Returns how many records it
+    /// off live tokens, tasks past [`RETAIN_AFTER_DEADLINE`], and approvals past their
+    /// [`ApprovalRecord::forget_at`]. Returns how many records it
     /// removed. Every replica calls it now and then; it is idempotent.
     async fn prune(&self, now: i64) -> Result<u64, StoreError>;
     /// Keeps `head` as the latest head of its log (`head.log_id`), unless the store already
@@ -498,6 +619,18 @@ pub trait Store: Send + Sync + std::fmt::Debug {
 
     /// The latest head kept for the log `log_id`.
     async fn audit_head(&self, log_id: &str) -> Result<Option<AuditHead>, StoreError>;
+
+    /// Records a new approval (SPEC §4.7); false when its id is taken.
+    async fn create_approval(&self, approval: &ApprovalRecord) -> Result<bool, StoreError>;
+
+    async fn get_approval(&self, id: &str) -> Result<Option<ApprovalRecord>, StoreError>;
+
+    /// Replaces an approval with `approval` only when the stored one is at revision
+    /// `approval.rev - 1`; false when another writer got there first (or it is gone).
+    async fn replace_approval(&self, approval: &ApprovalRecord) -> Result<bool, StoreError>;
+
+    /// Every approval the store still keeps, oldest first.
+    async fn list_approvals(&self) -> Result<Vec<ApprovalRecord>, StoreError>;
 
     /// Open tasks at `now` (Redis: tasks whose deadline has not passed, ended or not; an
     /// upper bound that costs one command).

@@ -15,6 +15,7 @@
 //! | `writ:{feed}:probe` | string | written by the readiness check after a failed publish (expires in 10 s) |
 //! | `writ:{feed}:epoch` | string | the store's generation: random, set once, never expires |
 //! | `writ:{audit:<log id>}:head` | hash | a decision log's latest signed head: `seq`, `v` (JSON); never expires |
+//! | `writ:{apr}:all` | hash | approvals by id: `<revision> <JSON>`; pruned past their retention |
 //!
 //! Every task key expires 15 minutes after the task's deadline (its tokens expire by the
 //! deadline), so memory stays bounded by live tasks. The mutable hash holds only short
@@ -35,8 +36,8 @@ use redis::{
 };
 
 use super::{
-    AuditHead, BlockRecord, DelegateOutcome, FeedCursor, FeedEvent, MintOutcome, PolicyTransition,
-    Store, StoreError, SubtreeClose, TaskFilter, TaskRecord, TaskState, TokenEntry,
+    ApprovalRecord, AuditHead, BlockRecord, DelegateOutcome, FeedCursor, FeedEvent, MintOutcome,
+    PolicyTransition, Store, StoreError, SubtreeClose, TaskFilter, TaskRecord, TaskState, TokenEntry,
 };
 use crate::domain::{Subject, TaskId};
 
@@ -108,6 +109,7 @@ pub struct RedisStore {
     publish: Script,
     advance: Script,
     head: Script,
+    approval: Script,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -281,6 +283,8 @@ struct Rec {
     ob: Option<Subject>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     ac: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    ap: Option<String>,
 }
 
 impl Rec {
@@ -301,6 +305,7 @@ impl Rec {
             g: task.grant.clone(),
             ob: task.on_behalf_of.clone(),
             ac: task.act.clone(),
+            ap: task.approval.clone(),
         }
     }
 }
@@ -392,6 +397,30 @@ redis.call('HSET', KEYS[1], 'seq', ARGV[1], 'v', ARGV[2])
 return 1
 ";
 
+/// Replaces approval ARGV[1] (KEYS[1] holds `<revision> <JSON>` by id) with ARGV[3] only
+/// when it is at revision ARGV[2].
+const APPROVAL_LUA: &str = r"
+local raw = redis.call('HGET', KEYS[1], ARGV[1])
+if not raw then return 0 end
+if string.match(raw, '^(%d+) ') ~= ARGV[2] then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+return 1
+";
+
+/// An approval as the approvals hash holds it: its revision, a space, its JSON.
+fn approval_value(a: &ApprovalRecord) -> Result<String, StoreError> {
+    let json = serde_json::to_string(a).map_err(|e| StoreError::corrupt("approval", e))?;
+    Ok(format!("{} {json}", a.rev))
+}
+
+fn parse_approval(id: &str, raw: &str) -> Result<ApprovalRecord, StoreError> {
+    let json = raw
+        .split_once(' ')
+        .map(|(_, j)| j)
+        .ok_or_else(|| StoreError::invalid(format!("approval `{id}` has no revision")))?;
+    serde_json::from_str(json).map_err(|e| StoreError::corrupt(format!("approval `{id}`"), e))
+}
+
 impl RedisStore {
     /// Connects to a standalone server (`url`) or a cluster (`nodes`).
     pub async fn connect(
@@ -443,6 +472,7 @@ impl RedisStore {
             publish: Script::new(PUBLISH_LUA),
             advance: Script::new(ADVANCE_LUA),
             head: Script::new(HEAD_LUA),
+            approval: Script::new(APPROVAL_LUA),
         })
     }
 
@@ -489,6 +519,30 @@ impl RedisStore {
     /// The marker that a token (`j`) or task (`t`) revocation was published.
     fn k_published(&self, kind: &str, id: &str) -> String {
         format!("{}{{feed}}:p:{kind}:{id}", self.prefix)
+    }
+
+    fn k_approvals(&self) -> String {
+        format!("{}{{apr}}:all", self.prefix)
+    }
+
+    /// Forgets the approvals past their retention.
+    async fn prune_approvals(&self, now: i64) -> Result<u64, StoreError> {
+        let stale: Vec<String> = self
+            .list_approvals()
+            .await?
+            .into_iter()
+            .filter(|a| a.forget_at() <= now)
+            .map(|a| a.id)
+            .collect();
+        if stale.is_empty() {
+            return Ok(0);
+        }
+        redis::cmd("HDEL")
+            .arg(self.k_approvals())
+            .arg(&stale)
+            .query_async(&mut self.conn())
+            .await
+            .map_err(unavailable)
     }
 
     fn k_audit_head(&self, log_id: &str) -> String {
@@ -645,6 +699,7 @@ impl RedisStore {
             grant: r.g,
             on_behalf_of: r.ob,
             act: r.ac,
+            approval: r.ap,
         };
         task.state = match fields.get("s").map(String::as_str) {
             Some("open") | None => TaskState::Open,
@@ -673,6 +728,7 @@ fn parse_event(id: &redis::streams::StreamId) -> Result<FeedEvent, StoreError> {
 #[async_trait]
 impl Store for RedisStore {
     async fn prune(&self, now: i64) -> Result<u64, StoreError> {
+        let approvals = self.prune_approvals(now).await?;
         let stale: Vec<String> = self
             .list_blocks()
             .await?
@@ -681,7 +737,7 @@ impl Store for RedisStore {
             .map(|b| b.id)
             .collect();
         if stale.is_empty() {
-            return Ok(0);
+            return Ok(approvals);
         }
         let removed: u64 = redis::cmd("HDEL")
             .arg(self.k_blocks())
@@ -689,7 +745,7 @@ impl Store for RedisStore {
             .query_async(&mut self.conn())
             .await
             .map_err(unavailable)?;
-        Ok(removed)
+        Ok(removed.saturating_add(approvals))
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
@@ -1329,6 +1385,62 @@ impl Store for RedisStore {
             ));
         }
         Ok(Some(head))
+    }
+
+    async fn create_approval(&self, approval: &ApprovalRecord) -> Result<bool, StoreError> {
+        let created: i64 = redis::cmd("HSETNX")
+            .arg(self.k_approvals())
+            .arg(&approval.id)
+            .arg(approval_value(approval)?)
+            .query_async(&mut self.conn())
+            .await
+            .map_err(unavailable)?;
+        Ok(created == 1)
+    }
+
+    async fn get_approval(&self, id: &str) -> Result<Option<ApprovalRecord>, StoreError> {
+        let raw: Option<String> = redis::cmd("HGET")
+            .arg(self.k_approvals())
+            .arg(id)
+            .query_async(&mut self.conn())
+            .await
+            .map_err(unavailable)?;
+        raw.map(|r| parse_approval(id, &r)).transpose()
+    }
+
+    async fn replace_approval(&self, approval: &ApprovalRecord) -> Result<bool, StoreError> {
+        let Some(prev) = approval.rev.checked_sub(1) else {
+            return Ok(false);
+        };
+        let replaced: i64 = self
+            .run(
+                self.approval
+                    .key(self.k_approvals())
+                    .arg(&approval.id)
+                    .arg(prev.to_string())
+                    .arg(approval_value(approval)?),
+                &mut self.conn(),
+            )
+            .await?;
+        Ok(replaced == 1)
+    }
+
+    async fn list_approvals(&self) -> Result<Vec<ApprovalRecord>, StoreError> {
+        let raw: HashMap<String, String> = redis::cmd("HGETALL")
+            .arg(self.k_approvals())
+            .query_async(&mut self.conn())
+            .await
+            .map_err(unavailable)?;
+        let mut out = Vec::with_capacity(raw.len());
+        for (id, v) in &raw {
+            out.push(parse_approval(id, v)?);
+        }
+        out.sort_by(|a, b| {
+            a.created_at
+                .cmp(&b.created_at)
+                .then_with(|| a.id.cmp(&b.id))
+        });
+        Ok(out)
     }
 
     async fn list_blocks(&self) -> Result<Vec<BlockRecord>, StoreError> {

@@ -140,6 +140,7 @@ async fn config_max_ttl_is_a_hard_ceiling() {
         expires_in: Some(900),
         source_ip: None,
         actor_token: None,
+        approval_id: None,
     };
     let resp = broker.exchange(req).await.unwrap();
     assert_eq!(resp.expires_in, 60);
@@ -651,6 +652,7 @@ async fn default_audience_applies_when_none_is_requested() {
         expires_in: None,
         source_ip: None,
         actor_token: None,
+        approval_id: None,
     };
     let resp = broker.exchange(req).await.unwrap();
     assert_eq!(

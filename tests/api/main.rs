@@ -9,6 +9,7 @@
 #[path = "../support/redis.rs"]
 mod redis_support;
 
+mod approvals;
 mod audit;
 mod chaos;
 mod conformance;

@@ -7,7 +7,7 @@ ROOT=$PWD
 WRIT=${WRIT_BIN:-$ROOT/target/debug/writ}
 
 [ -x .venv/bin/python ] || python3 -m venv .venv
-.venv/bin/python -c "import jwt, jwcrypto, schemathesis" 2>/dev/null || .venv/bin/pip install -q --disable-pip-version-check pyjwt jwcrypto cryptography schemathesis
+.venv/bin/python -c "import jwt, jwcrypto, schemathesis, requests" 2>/dev/null || .venv/bin/pip install -q --disable-pip-version-check pyjwt jwcrypto cryptography schemathesis requests
 if [ ! -d tests/interop/node/node_modules/oidc-provider ] || [ ! -x tests/interop/node/node_modules/.bin/tsc ]; then
   (cd tests/interop/node && npm ci --no-audit --no-fund --loglevel=error)
 fi
@@ -39,6 +39,8 @@ done
 export BROKER="http://127.0.0.1:$PORT" BROKER_PATH="http://127.0.0.1:$PORT2/writ" WORK="$work" OP_PORT
 status=0
 .venv/bin/python tests/interop/python/test_interop.py || status=1
+# Approval gates: a device-flow style polling loop (RFC 8628 §3.4-3.5) written with `requests`.
+.venv/bin/python tests/interop/python/test_approvals.py || status=1
 # The agent example of the README (examples/agents/agent.py): a JWT-SVID of the interop trust
 # domain, and an ID token of a configured OIDC issuer that never runs (503, retried).
 .venv/bin/python - "$work" >"$work/agent.svid" <<'PY'

@@ -24,6 +24,8 @@ public.update({"kid": kid, "use": "jwt-svid", "alg": "ES256"})
 (out / "bundle.json").write_text(json.dumps({"keys": [public], "spiffe_sequence": 1}))
 admin = "interop-admin-" + secrets.token_urlsafe(24)
 (out / "admin-token").write_text(admin)
+approver = "interop-approver-" + secrets.token_urlsafe(24)
+(out / "approver-token").write_text(approver)
 (out / "td-kid").write_text(kid)
 (out / "policies").mkdir(exist_ok=True)
 (out / "policies" / "interop.cedar").write_text(
@@ -41,6 +43,13 @@ permit (
   action == Writ::Action::"delegate",
   resource == Writ::Scope::"repo:read"
 ) when { principal.path like "/agent/sub/*" && context.on_behalf_of == "spiffe://interop.test/agent/node" };
+@id("agents-deploy-prod")
+@approval("required")
+permit (
+  principal in Writ::TrustDomain::"interop.test",
+  action == Writ::Action::"exchange",
+  resource == Writ::Scope::"deploy:prod"
+) when { principal.path like "/agent/*" };
 
 @id("op-agent-deploy")
 permit (
@@ -74,5 +83,9 @@ path = "{out / 'decisions.jsonl'}"
 token_sha256 = ["{hashlib.sha256(admin.encode()).hexdigest()}"]
 [introspection]
 principals = ["spiffe://interop.test/resource/*"]
+[approvals]
+token_sha256 = ["{hashlib.sha256(approver.encode()).hexdigest()}"]
+interval = "1s"
+ttl = "2m"
 """
 )
