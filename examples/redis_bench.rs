@@ -69,6 +69,7 @@ async fn main() -> anyhow::Result<()> {
         exp: now + 300,
         cnf: None,
         act: None,
+        status: None,
     };
     let mut lat = Vec::with_capacity(1000);
     for i in 0..1000 {
@@ -137,6 +138,7 @@ async fn main() -> anyhow::Result<()> {
                     depth: 0,
                     source: "jwt-svid".into(),
                     claims: Default::default(),
+                    jkt: None,
                 };
                 let jti = writ::domain::random_id("")?;
                 store

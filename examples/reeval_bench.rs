@@ -89,6 +89,7 @@ async fn main() -> anyhow::Result<()> {
                     depth: 0,
                     source: "jwt-svid".into(),
                     claims: Default::default(),
+                    jkt: None,
                 };
                 let jti = writ::domain::random_id("")?;
                 b.store

@@ -7,6 +7,7 @@
 #   5. revocation propagation A -> B over 1,000 revocations, Redis memory per open task,
 #      feed load time for 100,000 live revocations, Redis memory after 10,000 revokes of one token
 #   6. trips: re-evaluation of 10,000 open tasks on Redis; exchange throughput, trips on vs off
+#   7. DPoP: exchange with vs without a proof; status-list serving; revocation -> bit (scripts/bench/dpop_status.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -128,3 +129,6 @@ REDIS_URL="redis://127.0.0.1:$RPORT/0" target/release/examples/redis_bench
 
 echo "== re-evaluation of 10,000 open tasks after a policy change (Redis)"
 REDIS_URL="redis://127.0.0.1:$RPORT/0" target/release/examples/reeval_bench
+
+echo "== DPoP cost, status-list serving, revocation -> status bit across replicas"
+scripts/bench/dpop_status.sh

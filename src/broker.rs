@@ -35,6 +35,9 @@ impl Limits {
     }
 }
 
+/// A DPoP nonce is current for this window and the next one.
+const DPOP_NONCE_WINDOW_SECS: i64 = 60;
+
 pub struct Broker {
     pub config: Arc<Config>,
     pub limits: Limits,
@@ -53,6 +56,11 @@ pub struct Broker {
     pub metrics: Metrics,
     /// When this broker started (clock seconds): a memory store knows nothing from before.
     pub started_at: i64,
+    /// Token status lists (SPEC §4.6).
+    pub status: crate::status::StatusLists,
+    /// Server nonces for DPoP proofs (RFC 9449 §8), the same on every replica with the same
+    /// signing key.
+    pub dpop_nonces: crate::token::dpop::NonceKey,
 }
 
 impl std::fmt::Debug for Broker {
@@ -207,7 +215,20 @@ impl Broker {
             config.store.max_staleness,
             local_store,
         ));
+        let status = crate::status::StatusLists::new(
+            store.clone(),
+            tokens.keys().clone(),
+            &config.server.issuer,
+            config.status.list_size,
+            config.status.ttl,
+        );
+        let dpop_nonces = crate::token::dpop::NonceKey::derive(
+            tokens.keys().active().encoding_key().as_bytes(),
+            DPOP_NONCE_WINDOW_SECS,
+        );
         let broker = Broker {
+            status,
+            dpop_nonces,
             started_at: clock.now(),
             revocations,
             token_cache: VerifiedCache::new(100_000),
@@ -262,7 +283,15 @@ impl Broker {
 
     /// Publishes a revocation on the feed, then applies it here: effective on this replica
     /// before the reply, on the others as they read the feed.
+    /// A token revocation sets its status bit first: a failure before the feed leaves
+    /// nothing published, and the retry does both.
     pub async fn publish(&self, event: &FeedEvent, now: i64) -> Result<(), BrokerError> {
+        if let FeedEvent::Token { jti, .. } = event {
+            self.status
+                .revoke(std::slice::from_ref(jti))
+                .await
+                .map_err(|e| self.fail(e))?;
+        }
         let published = self.store.publish(event, now).await;
         self.revocations.wrote_feed(published.is_ok());
         published.map_err(|e| self.fail(e))?;

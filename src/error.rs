@@ -32,6 +32,10 @@ pub enum ErrorCode {
     /// No credential was sent where a bearer is required: `invalid_token` in the body, but
     /// no error attribute in `WWW-Authenticate` (RFC 6750 §3.1).
     CredentialsRequired,
+    /// A DPoP proof that fails any check (RFC 9449 §4.3).
+    InvalidDpopProof,
+    /// A DPoP proof without the nonce the broker requires (RFC 9449 §8).
+    UseDpopNonce,
 }
 
 impl ErrorCode {
@@ -47,6 +51,8 @@ impl ErrorCode {
             ErrorCode::AccessDenied => "access_denied",
             ErrorCode::NotFound => "not_found",
             ErrorCode::TemporarilyUnavailable => "temporarily_unavailable",
+            ErrorCode::InvalidDpopProof => "invalid_dpop_proof",
+            ErrorCode::UseDpopNonce => "use_dpop_nonce",
         }
     }
 
@@ -109,6 +115,9 @@ impl BrokerError {
             "client authentication is not supported here; present a workload identity",
         )
     }
+    pub fn invalid_dpop_proof(d: impl Into<String>) -> Self {
+        Self::new(ErrorCode::InvalidDpopProof, d)
+    }
     pub fn access_denied(d: impl Into<String>) -> Self {
         Self::new(ErrorCode::AccessDenied, d)
     }
@@ -154,6 +163,8 @@ pub enum Failure {
     Identity(#[from] IdentityError),
     #[error("cannot make a random id")]
     Random(#[from] crate::domain::RngError),
+    #[error("status list operation failed")]
+    Status(#[from] crate::status::StatusError),
 }
 
 impl Failure {
@@ -165,6 +176,7 @@ impl Failure {
             Failure::Token(_) => "signing",
             Failure::Identity(_) => "identity",
             Failure::Random(_) => "random",
+            Failure::Status(_) => "status",
         }
     }
 
@@ -178,7 +190,10 @@ impl Failure {
             tracing::error!(part = self.part(), error = %chain(&self), "{self}");
         }
         metrics.inc("writ_failures_total", &[("part", self.part())]);
-        if matches!(self, Failure::Store(_)) {
+        if matches!(
+            self,
+            Failure::Store(_) | Failure::Status(crate::status::StatusError::Store(_))
+        ) {
             metrics.inc("writ_store_errors_total", &[]);
         }
         BrokerError::unavailable()

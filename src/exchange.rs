@@ -14,7 +14,9 @@ use crate::domain::{Audience, Scope, Subject, TaskId, TokenId, secs_i64};
 use crate::error::{BrokerError, ErrorCode};
 use crate::identity::{Accept, Source};
 use crate::policy::{PolicyAction, PolicyContext, PolicyPrincipal};
+use crate::binding::Binding;
 use crate::store::{MintOutcome, TaskRecord, TaskState, TokenEntry};
+use crate::token::status::StatusClaim;
 use crate::token::{Aud, TaskClaims};
 use crate::trips::{self, Consequence};
 
@@ -42,6 +44,8 @@ pub struct ExchangeRequest {
     pub task_id: Option<TaskId>,
     pub expires_in: Option<u64>,
     pub source_ip: Option<String>,
+    /// The request's `DPoP` header, when it had exactly one (SPEC §4.5).
+    pub dpop: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -66,11 +70,13 @@ struct Requester {
     act: Option<Value>,
 }
 
-/// What is asked, resolved: the audiences (or the default), the scopes and the TTL wanted.
+/// What is asked, resolved: the audiences (or the default), the scopes and the TTL wanted,
+/// and the key the token is to be bound to.
 struct Ask {
     audience: Vec<String>,
     scopes: Vec<String>,
     ttl_secs: u64,
+    binding: Binding,
 }
 
 /// What policy decided for a request it allows.
@@ -228,8 +234,10 @@ impl Broker {
             return Err(BrokerError::unavailable());
         }
         let now = self.now();
+        let binding = self.dpop_binding(req.dpop.as_deref(), now).await?;
         let who = self.authenticate(&req, now).await?;
         let ask = Ask {
+            binding,
             audience: self.audiences(&req),
             scopes: req.scopes.iter().map(|s| s.as_str().to_string()).collect(),
             ttl_secs: req
@@ -301,6 +309,13 @@ impl Broker {
             jti: TokenId::generate().map_err(|e| self.fail(e))?.to_string(),
             exp: now.saturating_add(secs_i64(ttl)),
         };
+        // Before the token is counted into its task: a task ended from now on finds the
+        // token's status slot and sets its bit.
+        let status = self
+            .status
+            .allocate(&token.jti, token.exp, now)
+            .await
+            .map_err(|e| self.fail(e))?;
         let task = match existing {
             Some(task) => {
                 let outcome = self
@@ -323,7 +338,7 @@ impl Broker {
         // the token leaves only once its record is synced; concurrent exchanges share one
         // fsync. A token whose record never became durable is dropped unsent.
         let durable = self.audit.start_commit(seq);
-        let response = self.issue(who, ask, &task, &token, ttl, now)?;
+        let response = self.issue(who, ask, &task, &token, ttl, now, status)?;
         durable.wait().await.map_err(|e| self.fail(e))?;
         Ok(response)
     }
@@ -482,6 +497,15 @@ impl Broker {
         if !task.is_open_at(now) {
             return Err(Refusal::grant("task is no longer open").into());
         }
+        if let Some(jkt) = &task.jkt
+            && ask.binding.jkt() != Some(jkt.as_str())
+        {
+            return Err(Refusal::grant(
+                "the task's tokens are bound to a DPoP key: a token minted into it needs a \
+                 proof of that key",
+            )
+            .into());
+        }
         let outside = outside_of(&ask.scopes, &task.scopes);
         if !outside.is_empty() {
             return Err(Refusal::scope_rule(
@@ -516,6 +540,7 @@ impl Broker {
             source: who.source.as_str().to_string(),
             depth: who.depth,
             now,
+            binding: ask.binding.name().to_string(),
         };
         let mut determining = BTreeSet::new();
         let mut cap_secs = u64::MAX;
@@ -583,6 +608,7 @@ impl Broker {
             depth: who.depth,
             source: who.source.as_str().to_string(),
             claims: who.principal.recorded_claims(),
+            jkt: ask.binding.jkt().map(str::to_string),
         }
     }
 
@@ -617,6 +643,10 @@ impl Broker {
     }
 
     /// Signs the token and builds the answer.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "a token is made of each part of the grant"
+    )]
     fn issue(
         &self,
         who: &Requester,
@@ -625,6 +655,7 @@ impl Broker {
         token: &TokenEntry,
         ttl: u64,
         now: i64,
+        status: StatusClaim,
     ) -> Result<TokenResponse, BrokerError> {
         let scope = ask.scopes.join(" ");
         let claims = TaskClaims {
@@ -638,14 +669,15 @@ impl Broker {
             iat: now,
             nbf: now,
             exp: token.exp,
-            cnf: None,
+            cnf: ask.binding.cnf(),
             act: who.act.clone(),
+            status: Some(status),
         };
         let access_token = self.tokens.sign(&claims).map_err(|e| self.fail(e))?;
         Ok(TokenResponse {
             access_token,
             issued_token_type: TYPE_ACCESS_TOKEN,
-            token_type: "Bearer",
+            token_type: ask.binding.token_type(),
             expires_in: ttl,
             scope,
             task_id: task.id.to_string(),

@@ -244,6 +244,7 @@ pub fn policy_entities(data: &[u8]) {
         source: ctx_line.chars().take(16).collect(),
         depth: u32::try_from(num().unsigned_abs()).unwrap_or(u32::MAX),
         now: num(),
+        binding: ctx_line.chars().take(8).collect(),
     };
     let set = sample_policies();
     let action = if data.first().is_some_and(|b| b & 1 == 1) {

@@ -6,6 +6,7 @@
 pub mod app;
 pub mod audit;
 pub mod auth;
+pub mod binding;
 pub mod broker;
 pub mod cache;
 pub mod cli;
@@ -27,6 +28,7 @@ pub mod policy;
 pub mod reset;
 pub mod revocation;
 pub mod revoke;
+pub mod status;
 pub mod store;
 pub mod task;
 pub mod token;

@@ -135,6 +135,8 @@ impl Broker {
             return Ok(ClosedTree::default());
         };
         if before.state != TaskState::Open {
+            // A close that failed after the task was closed is finished by its retry.
+            self.mark_status_revoked(id, now).await?;
             return Ok(ClosedTree::default());
         }
         let event = FeedEvent::Task {
@@ -150,18 +152,28 @@ impl Broker {
         let Some(after) = after else {
             return Ok(ClosedTree::default());
         };
-        let live_tokens = self
-            .store
-            .task_tokens(id)
-            .await
-            .map_err(|e| self.fail(e))?
-            .iter()
-            .filter(|t| t.exp > now)
-            .count();
+        // Once closed, no token can be minted into the task: this sees all of them.
+        let live_tokens = self.mark_status_revoked(id, now).await?;
         Ok(ClosedTree {
             tasks: vec![after],
             live_tokens,
         })
+    }
+
+    /// Sets the status-list bit of every live token of the task (SPEC §4.6); returns how
+    /// many live tokens it has.
+    async fn mark_status_revoked(&self, id: &TaskId, now: i64) -> Result<usize, BrokerError> {
+        let live: Vec<String> = self
+            .store
+            .task_tokens(id)
+            .await
+            .map_err(|e| self.fail(e))?
+            .into_iter()
+            .filter(|t| t.exp > now)
+            .map(|t| t.jti)
+            .collect();
+        self.status.revoke(&live).await.map_err(|e| self.fail(e))?;
+        Ok(live.len())
     }
 
     /// A holder of one of the task's tokens ends the task.

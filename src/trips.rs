@@ -393,6 +393,7 @@ impl Broker {
                 source,
                 depth: task.depth,
                 now,
+                binding: if task.jkt.is_some() { "dpop" } else { "none" }.to_string(),
             };
             let principal = PolicyPrincipal::of_task_owner(task);
             let denied: Vec<String> = set

@@ -74,6 +74,7 @@ fn routes(broker: &Arc<Broker>) -> Router<Arc<Broker>> {
         .route("/oauth2/introspect", post(oauth::introspect))
         .route("/oauth2/revoke", post(oauth::revoke))
         .route("/oauth2/jwks", get(oauth::jwks))
+        .route("/oauth2/status/{list}", get(oauth::status_list))
         .route(
             "/.well-known/oauth-authorization-server",
             get(oauth::metadata),

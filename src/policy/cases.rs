@@ -58,6 +58,9 @@ struct CaseContext {
     depth: u32,
     #[serde(default)]
     now: i64,
+    /// `dpop`, `mtls` or `none` (the default).
+    #[serde(default)]
+    binding: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -196,6 +199,7 @@ fn check(set: &PolicySet, case: Case) -> Result<(), String> {
         source,
         depth: case.context.depth,
         now: case.context.now,
+        binding: case.context.binding.unwrap_or_else(|| "none".to_string()),
     };
     let d = set.decide(&principal, action, &case.scope, &ctx);
     let got = if d.allowed { "allow" } else { "deny" };

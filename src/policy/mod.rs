@@ -135,6 +135,8 @@ pub struct PolicyContext {
     pub source: String,
     pub depth: u32,
     pub now: i64,
+    /// How the token is bound to its holder: `dpop`, `mtls` or `none` (SPEC §4.5).
+    pub binding: String,
 }
 
 /// The decision for one scope.
@@ -542,6 +544,7 @@ impl PolicySet {
                 RestrictedExpression::new_long(i64::from(ctx.depth)),
             ),
             ("now".to_string(), RestrictedExpression::new_long(ctx.now)),
+            ("binding".to_string(), s(&ctx.binding)),
         ])
         .map_err(|e| RequestError::Context(Box::new(e)))?;
         Ok((puid, entities, context))

@@ -139,6 +139,7 @@ async fn config_max_ttl_is_a_hard_ceiling() {
         task_id: None,
         expires_in: Some(900),
         source_ip: None,
+        dpop: None,
     };
     let resp = broker.exchange(req).await.unwrap();
     assert_eq!(resp.expires_in, 60);
@@ -649,6 +650,7 @@ async fn default_audience_applies_when_none_is_requested() {
         task_id: None,
         expires_in: None,
         source_ip: None,
+        dpop: None,
     };
     let resp = broker.exchange(req).await.unwrap();
     assert_eq!(
