@@ -87,11 +87,7 @@ impl Broker {
             htu: &htu,
             now,
             access_token: None,
-            nonce: self
-                .config
-                .dpop
-                .require_nonce
-                .then_some(&self.dpop_nonces),
+            nonce: self.config.dpop.require_nonce.then_some(&self.dpop_nonces),
         };
         let checked = match dpop::check(proof, &expect) {
             Ok(p) => p,

@@ -136,10 +136,10 @@ impl Client {
         // The proof names the token endpoint as the broker's metadata states it (behind a
         // proxy, not the URL this client calls); a nonce challenge is answered once.
         let meta = self
-            .send(
-                self.http
-                    .get(format!("{}/.well-known/oauth-authorization-server", self.base)),
-            )
+            .send(self.http.get(format!(
+                "{}/.well-known/oauth-authorization-server",
+                self.base
+            )))
             .await?;
         let htu = meta
             .get("token_endpoint")

@@ -9,12 +9,12 @@ use serde::Serialize;
 use serde_json::{Value, json};
 
 use crate::audit::{self, Event};
+use crate::binding::Binding;
 use crate::broker::Broker;
 use crate::domain::{Audience, Scope, Subject, TaskId, TokenId, secs_i64};
 use crate::error::{BrokerError, ErrorCode};
 use crate::identity::{Accept, Source};
 use crate::policy::{PolicyAction, PolicyContext, PolicyPrincipal};
-use crate::binding::Binding;
 use crate::store::{MintOutcome, TaskRecord, TaskState, TokenEntry};
 use crate::token::status::StatusClaim;
 use crate::token::{Aud, TaskClaims};

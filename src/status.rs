@@ -99,7 +99,12 @@ impl StatusLists {
     }
 
     /// The `status` claim for a new token `jti` expiring at `exp`.
-    pub async fn allocate(&self, jti: &str, exp: i64, now: i64) -> Result<StatusClaim, StatusError> {
+    pub async fn allocate(
+        &self,
+        jti: &str,
+        exp: i64,
+        now: i64,
+    ) -> Result<StatusClaim, StatusError> {
         let fresh = crate::domain::random_id("sl_").map_err(StatusError::Random)?;
         let StatusSlot { list, idx } = self
             .store

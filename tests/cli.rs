@@ -1720,14 +1720,9 @@ fn token_exchange_with_a_dpop_key_binds_the_token_and_answers_a_nonce_challenge(
     for env in [&[][..], &[("WRIT_DPOP__REQUIRE_NONCE", "true")][..]] {
         let dev = start_dev_with(env);
         let d = dev.dir.path();
-        let (ok, _, err) = run(writ().current_dir(d).args([
-            "keys",
-            "generate",
-            "--alg",
-            "ES256",
-            "--out",
-            "dpop.pem",
-        ]));
+        let (ok, _, err) = run(writ()
+            .current_dir(d)
+            .args(["keys", "generate", "--alg", "ES256", "--out", "dpop.pem"]));
         assert!(ok, "{err}");
         let (ok, stdout, err) = run(writ().current_dir(d).args([
             "token",

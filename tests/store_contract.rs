@@ -443,7 +443,10 @@ async fn status_lists(s: Arc<dyn Store>) {
         );
     }
     let first = slots[0].list.clone();
-    assert_eq!(first, "sl_fresh0", "the first list is the fresh name offered");
+    assert_eq!(
+        first, "sl_fresh0",
+        "the first list is the fresh name offered"
+    );
     let got: Vec<(String, u64)> = slots.iter().map(|x| (x.list.clone(), x.idx)).collect();
     assert_eq!(
         got,
@@ -516,7 +519,11 @@ async fn dpop_replay_claims(s: Arc<dyn Store>) {
         fresh += usize::from(h.await.unwrap());
     }
     assert_eq!(fresh, 1);
-    assert!(s.claim("dpop:proof-b", Duration::from_secs(121)).await.unwrap());
+    assert!(
+        s.claim("dpop:proof-b", Duration::from_secs(121))
+            .await
+            .unwrap()
+    );
 }
 
 fn memory_store() -> Arc<dyn Store> {

@@ -995,8 +995,10 @@ impl Store for RedisStore {
             .arg("e")
             .cmd("GET")
             .arg(format!("{p}b:{list}"));
-        let ((size, last_exp), bits): ((Option<u32>, Option<i64>), Option<Vec<u8>>) =
-            pipe.query_async(&mut self.conn()).await.map_err(unavailable)?;
+        let ((size, last_exp), bits): ((Option<u32>, Option<i64>), Option<Vec<u8>>) = pipe
+            .query_async(&mut self.conn())
+            .await
+            .map_err(unavailable)?;
         let (Some(size), Some(last_exp)) = (size, last_exp) else {
             return Ok(None);
         };

@@ -36,13 +36,7 @@ fn merge(base: &mut Value, over: &Value) {
 }
 
 /// A proof signed by `k` under `alg`, with header and claim overrides (null removes).
-fn proof_as(
-    k: &SigningKey,
-    alg: &str,
-    now: i64,
-    header_over: Value,
-    claims_over: Value,
-) -> String {
+fn proof_as(k: &SigningKey, alg: &str, now: i64, header_over: Value, claims_over: Value) -> String {
     let mut header = json!({"typ": "dpop+jwt", "alg": alg, "jwk": public_jwk(k)});
     merge(&mut header, &header_over);
     let mut claims = json!({
@@ -162,11 +156,27 @@ async fn every_check_of_a_proof_answers_invalid_dpop_proof() {
     let good = proof(&k, now);
     // Exactly one header.
     refused(&app, &[&good, &proof(&k, now)], "invalid_dpop_proof").await;
-    // Not a JWS at all.
+    // Not a JWS at all; a header with `crit`.
     refused(&app, &["not-a-jwt"], "invalid_dpop_proof").await;
+    refused(
+        &app,
+        &[&es(json!({"crit": ["exp"]}), json!({}))],
+        "invalid_dpop_proof",
+    )
+    .await;
     // typ.
-    refused(&app, &[&es(json!({"typ": "JWT"}), json!({}))], "invalid_dpop_proof").await;
-    refused(&app, &[&es(json!({"typ": null}), json!({}))], "invalid_dpop_proof").await;
+    refused(
+        &app,
+        &[&es(json!({"typ": "JWT"}), json!({}))],
+        "invalid_dpop_proof",
+    )
+    .await;
+    refused(
+        &app,
+        &[&es(json!({"typ": null}), json!({}))],
+        "invalid_dpop_proof",
+    )
+    .await;
     // alg: none (no signature) and a symmetric one.
     let none = raw_jwt(
         &json!({"typ": "dpop+jwt", "alg": "none", "jwk": public_jwk(&k)}),
@@ -174,39 +184,66 @@ async fn every_check_of_a_proof_answers_invalid_dpop_proof() {
         b"",
     );
     refused(&app, &[&none], "invalid_dpop_proof").await;
-    let secret = jsonwebtoken::EncodingKey::from_secret(b"0123456789abcdef0123456789abcdef");
     let hs_header = json!({"typ": "dpop+jwt", "alg": "HS256", "jwk": {"kty": "oct", "k": B64.encode(b"0123456789abcdef0123456789abcdef")}});
     let hs_input = format!(
         "{}.{}",
         B64.encode(hs_header.to_string()),
         B64.encode(json!({"jti": "h1", "htm": "POST", "htu": HTU, "iat": now}).to_string())
     );
-    let hs_sig = jsonwebtoken::crypto::sign(
-        hs_input.as_bytes(),
-        &secret,
-        jsonwebtoken::Algorithm::HS256,
+    let hs_key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, b"0123456789abcdef0123456789abcdef");
+    let hs_sig = B64.encode(ring::hmac::sign(&hs_key, hs_input.as_bytes()).as_ref());
+    refused(
+        &app,
+        &[&format!("{hs_input}.{hs_sig}")],
+        "invalid_dpop_proof",
     )
-    .unwrap();
-    refused(&app, &[&format!("{hs_input}.{hs_sig}")], "invalid_dpop_proof").await;
+    .await;
     // An asymmetric alg that is not accepted (ES384) and one that does not fit the key.
-    refused(&app, &[&es(json!({"alg": "ES384"}), json!({}))], "invalid_dpop_proof").await;
+    refused(
+        &app,
+        &[&es(json!({"alg": "ES384"}), json!({}))],
+        "invalid_dpop_proof",
+    )
+    .await;
     let ed = key(KeyAlg::Ed25519);
     refused(
         &app,
-        &[&proof_as(&k, "ES256", now, json!({"jwk": public_jwk(&ed)}), json!({}))],
+        &[&proof_as(
+            &k,
+            "ES256",
+            now,
+            json!({"jwk": public_jwk(&ed)}),
+            json!({}),
+        )],
         "invalid_dpop_proof",
     )
     .await;
     // jwk missing, or with the private key in it.
-    refused(&app, &[&es(json!({"jwk": null}), json!({}))], "invalid_dpop_proof").await;
+    refused(
+        &app,
+        &[&es(json!({"jwk": null}), json!({}))],
+        "invalid_dpop_proof",
+    )
+    .await;
     let mut private = public_jwk(&k);
     private["d"] = json!(B64.encode([7u8; 32]));
-    refused(&app, &[&es(json!({"jwk": private}), json!({}))], "invalid_dpop_proof").await;
+    refused(
+        &app,
+        &[&es(json!({"jwk": private}), json!({}))],
+        "invalid_dpop_proof",
+    )
+    .await;
     // Signature by another key than the jwk's.
     let other = key(KeyAlg::Es256);
     refused(
         &app,
-        &[&proof_as(&other, "ES256", now, json!({"jwk": public_jwk(&k)}), json!({}))],
+        &[&proof_as(
+            &other,
+            "ES256",
+            now,
+            json!({"jwk": public_jwk(&k)}),
+            json!({}),
+        )],
         "invalid_dpop_proof",
     )
     .await;
@@ -215,15 +252,30 @@ async fn every_check_of_a_proof_answers_invalid_dpop_proof() {
     parts[1] = B64.encode(json!({"jti": "t", "htm": "POST", "htu": HTU, "iat": now}).to_string());
     refused(&app, &[&parts.join(".")], "invalid_dpop_proof").await;
     // htm, htu.
-    refused(&app, &[&es(json!({}), json!({"htm": "GET"}))], "invalid_dpop_proof").await;
-    refused(&app, &[&es(json!({}), json!({"htm": null}))], "invalid_dpop_proof").await;
+    refused(
+        &app,
+        &[&es(json!({}), json!({"htm": "GET"}))],
+        "invalid_dpop_proof",
+    )
+    .await;
+    refused(
+        &app,
+        &[&es(json!({}), json!({"htm": null}))],
+        "invalid_dpop_proof",
+    )
+    .await;
     for htu in [
         "https://writ.test/oauth2/introspect",
         "http://writ.test/oauth2/token",
         "https://other.test/oauth2/token",
         &format!("{}/oauth2/token", app.base),
     ] {
-        refused(&app, &[&es(json!({}), json!({"htu": htu}))], "invalid_dpop_proof").await;
+        refused(
+            &app,
+            &[&es(json!({}), json!({"htu": htu}))],
+            "invalid_dpop_proof",
+        )
+        .await;
     }
     // htu with a query is the same URI (RFC 9449 §4.3).
     let (s, v, _) = exchange_with(
@@ -234,20 +286,56 @@ async fn every_check_of_a_proof_answers_invalid_dpop_proof() {
     .await;
     assert_eq!(s, 200, "{v}");
     // iat: 61 s old or ahead is refused, 59 s is fine; missing is refused.
-    refused(&app, &[&es(json!({}), json!({"iat": now - 61}))], "invalid_dpop_proof").await;
-    refused(&app, &[&es(json!({}), json!({"iat": now + 61}))], "invalid_dpop_proof").await;
-    refused(&app, &[&es(json!({}), json!({"iat": null}))], "invalid_dpop_proof").await;
+    refused(
+        &app,
+        &[&es(json!({}), json!({"iat": now - 61}))],
+        "invalid_dpop_proof",
+    )
+    .await;
+    refused(
+        &app,
+        &[&es(json!({}), json!({"iat": now + 61}))],
+        "invalid_dpop_proof",
+    )
+    .await;
+    refused(
+        &app,
+        &[&es(json!({}), json!({"iat": null}))],
+        "invalid_dpop_proof",
+    )
+    .await;
     let (s, v, _) = exchange_with(&app, &[&es(json!({}), json!({"iat": now - 59}))], &[]).await;
     assert_eq!(s, 200, "{v}");
     // jti missing, empty or too long.
-    refused(&app, &[&es(json!({}), json!({"jti": null}))], "invalid_dpop_proof").await;
-    refused(&app, &[&es(json!({}), json!({"jti": ""}))], "invalid_dpop_proof").await;
-    refused(&app, &[&es(json!({}), json!({"jti": "j".repeat(257)}))], "invalid_dpop_proof").await;
+    refused(
+        &app,
+        &[&es(json!({}), json!({"jti": null}))],
+        "invalid_dpop_proof",
+    )
+    .await;
+    refused(
+        &app,
+        &[&es(json!({}), json!({"jti": ""}))],
+        "invalid_dpop_proof",
+    )
+    .await;
+    refused(
+        &app,
+        &[&es(json!({}), json!({"jti": "j".repeat(257)}))],
+        "invalid_dpop_proof",
+    )
+    .await;
     // Replay: the good proof once, then never again.
     let (s, v, _) = exchange_with(&app, &[&good], &[]).await;
     assert_eq!(s, 200, "{v}");
     let v = refused(&app, &[&good], "invalid_dpop_proof").await;
-    assert!(v["error_description"].as_str().unwrap().contains("used before"), "{v}");
+    assert!(
+        v["error_description"]
+            .as_str()
+            .unwrap()
+            .contains("used before"),
+        "{v}"
+    );
     // The refusals are recorded by the proof's hash, never the proof.
     let log = app.audit_text();
     assert!(log.contains("dpop proof refused"));
@@ -257,23 +345,23 @@ async fn every_check_of_a_proof_answers_invalid_dpop_proof() {
 #[tokio::test]
 async fn policy_sees_the_binding() {
     let policy = r#"
-@id("bound-write")
+@id("bound-deploy")
 permit (
   principal in Writ::TrustDomain::"example.org",
   action == Writ::Action::"exchange",
-  resource == Writ::Scope::"repo:write"
+  resource == Writ::Scope::"deploy:prod"
 ) when { context.binding == "dpop" };
 "#;
     let first = spawn_app().await;
     std::fs::write(first.path("policies/bound.cedar"), policy).unwrap();
     let app = spawn_edited(&first, |t| t.to_string()).await;
     let k = key(KeyAlg::Es256);
-    // repo:write needs a DPoP-bound token.
+    // deploy:prod needs a DPoP-bound token.
     let svid = app.svid(AGENT);
-    app.expect_error(&svid, "repo:write", &[], 400, "invalid_scope")
+    app.expect_error(&svid, "deploy:prod", &[], 400, "invalid_scope")
         .await;
     let p = proof(&k, app.broker.now());
-    let (s, v, _) = exchange_with_scope(&app, &[&p], "repo:write").await;
+    let (s, v, _) = exchange_with_scope(&app, &[&p], "deploy:prod").await;
     assert_eq!(s, 200, "{v}");
     assert_eq!(v["token_type"], "DPoP");
 }
@@ -315,7 +403,11 @@ async fn a_required_nonce_is_challenged_then_accepted() {
     let k = key(KeyAlg::Es256);
     let now = app.broker.now();
     let (s, v, headers) = exchange_with(&app, &[&proof(&k, now)], &[]).await;
-    assert_eq!((s, v["error"].as_str().unwrap()), (400, "use_dpop_nonce"), "{v}");
+    assert_eq!(
+        (s, v["error"].as_str().unwrap()),
+        (400, "use_dpop_nonce"),
+        "{v}"
+    );
     let nonce = headers["dpop-nonce"].to_str().unwrap().to_string();
     // A wrong nonce is challenged again.
     let wrong = proof_as(&k, "ES256", now, json!({}), json!({"nonce": "bogus"}));
@@ -326,7 +418,13 @@ async fn a_required_nonce_is_challenged_then_accepted() {
     assert_eq!(v["token_type"], "DPoP");
     assert!(headers.contains_key("dpop-nonce"));
     // Every other check still answers invalid_dpop_proof.
-    let bad = proof_as(&k, "ES256", now, json!({}), json!({"nonce": nonce, "htm": "GET"}));
+    let bad = proof_as(
+        &k,
+        "ES256",
+        now,
+        json!({}),
+        json!({"nonce": nonce, "htm": "GET"}),
+    );
     refused(&app, &[&bad], "invalid_dpop_proof").await;
     // A nonce two windows old is no longer current.
     app.clock.advance(150);
@@ -357,9 +455,17 @@ async fn a_bound_task_keeps_its_key() {
     // Another key, or no proof (a bearer token), is refused.
     let other = key(KeyAlg::Es256);
     let (s, v, _) = exchange_with(&app, &[&proof(&other, app.broker.now())], &extra).await;
-    assert_eq!((s, v["error"].as_str().unwrap()), (400, "invalid_grant"), "{v}");
+    assert_eq!(
+        (s, v["error"].as_str().unwrap()),
+        (400, "invalid_grant"),
+        "{v}"
+    );
     let (s, v, _) = exchange_with(&app, &[], &extra).await;
-    assert_eq!((s, v["error"].as_str().unwrap()), (400, "invalid_grant"), "{v}");
+    assert_eq!(
+        (s, v["error"].as_str().unwrap()),
+        (400, "invalid_grant"),
+        "{v}"
+    );
     // An unbound task may mint a bound token (stricter, never looser).
     let (s, v, _) = exchange_with(&app, &[], &[]).await;
     assert_eq!(s, 200, "{v}");
@@ -388,7 +494,11 @@ async fn a_proof_replayed_on_another_replica_is_refused() {
     refused(&b, &[&p], "invalid_dpop_proof").await;
     // The same proof sent to both at once: exactly one wins.
     let p = proof(&k, a.broker.now());
-    let (ra, rb) = tokio::join!(exchange_with(&a, &[&p], &[]), exchange_with(&b, &[&p], &[]));
+    let headers = [p.as_str()];
+    let (ra, rb) = tokio::join!(
+        exchange_with(&a, &headers, &[]),
+        exchange_with(&b, &headers, &[])
+    );
     let wins = [ra.0, rb.0].iter().filter(|s| **s == 200).count();
     assert_eq!(wins, 1, "{:?} {:?}", ra.1, rb.1);
     // A bound task opened on A keeps its key on B (the key is in the store).
@@ -402,5 +512,9 @@ async fn a_proof_replayed_on_another_replica_is_refused() {
         &[("task_id", task.as_str())],
     )
     .await;
-    assert_eq!((s, v["error"].as_str().unwrap()), (400, "invalid_grant"), "{v}");
+    assert_eq!(
+        (s, v["error"].as_str().unwrap()),
+        (400, "invalid_grant"),
+        "{v}"
+    );
 }

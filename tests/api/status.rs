@@ -18,7 +18,10 @@ fn slot(token: &str) -> (String, u64) {
     let c = claims_of(token);
     let sl = &c["status"]["status_list"];
     let uri = sl["uri"].as_str().unwrap();
-    assert!(uri.starts_with(&format!("{ISSUER}/oauth2/status/")), "{uri}");
+    assert!(
+        uri.starts_with(&format!("{ISSUER}/oauth2/status/")),
+        "{uri}"
+    );
     (
         uri.strip_prefix(ISSUER).unwrap().to_string(),
         sl["idx"].as_u64().unwrap(),
@@ -90,10 +93,8 @@ fn oauth_form(token: &str) -> String {
 
 #[tokio::test]
 async fn every_revocation_path_sets_the_bit() {
-    let app = app_with(
-        "[trips]\ndenials = { count = 2, window = \"1m\" }\nquarantine = \"1m\"\n",
-    )
-    .await;
+    let app =
+        app_with("[trips]\ndenials = { count = 2, window = \"1m\" }\nquarantine = \"1m\"\n").await;
     // RFC 7009.
     let (t, _) = app.task_token(AGENT, "repo:read").await;
     assert_eq!(bit(&app, &t).await, 0);
@@ -110,7 +111,9 @@ async fn every_revocation_path_sets_the_bit() {
     // Admin jti.
     let (t, _) = app.task_token(AGENT, "repo:read").await;
     let jti = claims_of(&t)["jti"].as_str().unwrap().to_string();
-    let (s, v) = app.admin_revoke(json!({"selector": {"jti": jti}, "reason": "r"})).await;
+    let (s, v) = app
+        .admin_revoke(json!({"selector": {"jti": jti}, "reason": "r"}))
+        .await;
     assert_eq!(s, 200, "{v}");
     assert_eq!(bit(&app, &t).await, 1, "admin jti");
     // Task end: every token of the task, and of the task delegated from it.
@@ -125,7 +128,11 @@ async fn every_revocation_path_sets_the_bit() {
     assert_eq!((bit(&app, &t1).await, bit(&app, &t2).await), (0, 0));
     let (s, v) = app.end_task(&task, &t1).await;
     assert_eq!(s, 200, "{v}");
-    assert_eq!((bit(&app, &t1).await, bit(&app, &t2).await), (1, 1), "task end");
+    assert_eq!(
+        (bit(&app, &t1).await, bit(&app, &t2).await),
+        (1, 1),
+        "task end"
+    );
     if let Some(child) = child {
         assert_eq!(bit(&app, &child).await, 1, "delegation cascade");
     }
@@ -138,9 +145,18 @@ async fn every_revocation_path_sets_the_bit() {
     assert_eq!(bit(&app, &t).await, 1, "admin task_id");
     // Admin subject, issuer and all: each revokes the open tasks it covers.
     for (subject, selector) in [
-        ("spiffe://example.org/agent/s1", json!({"subject": "spiffe://example.org/agent/s1"})),
-        ("spiffe://example.org/agent/s2", json!({"subject": "spiffe://example.org/agent/*"})),
-        ("spiffe://example.org/agent/s3", json!({"issuer": "example.org"})),
+        (
+            "spiffe://example.org/agent/s1",
+            json!({"subject": "spiffe://example.org/agent/s1"}),
+        ),
+        (
+            "spiffe://example.org/agent/s2",
+            json!({"subject": "spiffe://example.org/agent/*"}),
+        ),
+        (
+            "spiffe://example.org/agent/s3",
+            json!({"issuer": "example.org"}),
+        ),
         ("spiffe://example.org/agent/s4", json!({"all": true})),
     ] {
         let (t, _) = app.task_token(subject, "repo:read").await;
@@ -265,7 +281,11 @@ async fn unknown_and_expired_lists_are_404() {
 #[tokio::test]
 async fn two_replicas_share_indexes_and_bits() {
     let redis = RedisServer::start();
-    let a = app_with(&format!("{}[status]\nlist_size = 16\n", redis_store(&redis.url()))).await;
+    let a = app_with(&format!(
+        "{}[status]\nlist_size = 16\n",
+        redis_store(&redis.url())
+    ))
+    .await;
     let b = spawn_replica(&a).await;
     a.wait_status("/readyz", 200).await;
     b.wait_status("/readyz", 200).await;
@@ -301,7 +321,10 @@ async fn two_replicas_share_indexes_and_bits() {
         assert_eq!(s, 200);
         let start = Instant::now();
         while bit(&b, t).await == 0 {
-            assert!(start.elapsed() < Duration::from_secs(1), "not in B's list within 1 s");
+            assert!(
+                start.elapsed() < Duration::from_secs(1),
+                "not in B's list within 1 s"
+            );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
