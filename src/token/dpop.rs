@@ -240,7 +240,7 @@ impl<'a> Parts<'a> {
                 clippy::cast_possible_truncation,
                 reason = "range-checked just before; the fraction was dropped on purpose"
             )]
-            (f.is_finite() && f >= -1e15 && f <= 1e15).then_some(f as i64)
+            (f.is_finite() && (-1e15..=1e15).contains(&f)).then_some(f as i64)
         })
     }
 }
