@@ -27,6 +27,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/oauth2/introspect"),
     ("POST", "/oauth2/revoke"),
     ("GET", "/oauth2/jwks"),
+    ("GET", "/oauth2/status/{list}"),
     ("GET", "/.well-known/oauth-authorization-server"),
     ("GET", "/v1/tasks/{task_id}"),
     ("POST", "/v1/tasks/{task_id}/end"),
