@@ -10,8 +10,15 @@ ROOT=$PWD
 command -v redis-server >/dev/null 2>&1 || {
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
 }
-cargo build --release --quiet --bin writ --example dpop_status_bench
-WRIT=$ROOT/target/release/writ
+# BENCH_PROFILE=debug measures the debug build (a quick look; its numbers are not the
+# broker's): release by default.
+PROFILE=${BENCH_PROFILE:-release}
+if [ "$PROFILE" = release ]; then
+  cargo build --release --quiet --bin writ --example dpop_status_bench
+else
+  cargo build --quiet --bin writ --example dpop_status_bench
+fi
+WRIT=$ROOT/target/$PROFILE/writ
 # shellcheck source=scripts/bench/lib.sh
 . "$ROOT/scripts/bench/lib.sh"
 
@@ -55,7 +62,7 @@ PY
 PA=$(free_port); replica a "$PA"
 PB=$(free_port); replica b "$PB"
 
-echo "== DPoP and status lists: two replicas on Redis, ${BENCH_DURATION:-10s} per load, ${BENCH_CONNECTIONS:-32} concurrent"
+echo "== DPoP and status lists ($PROFILE build): two replicas on Redis, ${BENCH_DURATION:-10s} per load, ${BENCH_CONNECTIONS:-32} concurrent"
 BROKER_A="http://127.0.0.1:$PA" BROKER_B="http://127.0.0.1:$PB" SVID="$work/.writ-dev/demo.svid" \
   DURATION="$(d=${BENCH_DURATION:-10s}; echo "${d%s}")" CONCURRENCY="${BENCH_CONNECTIONS:-32}" \
-  target/release/examples/dpop_status_bench
+  "target/$PROFILE/examples/dpop_status_bench"
