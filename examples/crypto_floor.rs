@@ -63,6 +63,7 @@ fn main() -> anyhow::Result<()> {
             exp: now + 300,
             cnf: None,
             act: None,
+            status: None,
         };
         std::hint::black_box(issuer.sign(&claims)?);
         Ok(())

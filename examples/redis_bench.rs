@@ -69,6 +69,7 @@ async fn main() -> anyhow::Result<()> {
         exp: now + 300,
         cnf: None,
         act: None,
+        status: None,
     };
     let mut lat = Vec::with_capacity(1000);
     for i in 0..1000 {
@@ -141,6 +142,7 @@ async fn main() -> anyhow::Result<()> {
                     on_behalf_of: None,
                     act: None,
                     approval: None,
+                    jkt: None,
                 };
                 let jti = writ::domain::random_id("")?;
                 store

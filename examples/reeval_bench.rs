@@ -93,6 +93,7 @@ async fn main() -> anyhow::Result<()> {
                     on_behalf_of: None,
                     act: None,
                     approval: None,
+                    jkt: None,
                 };
                 let jti = writ::domain::random_id("")?;
                 b.store

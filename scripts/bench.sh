@@ -9,6 +9,7 @@
 #   6. trips: re-evaluation of 10,000 open tasks on Redis; exchange throughput, trips on vs off
 #   7. delegation exchanges/s next to plain exchanges/s, memory and Redis (scripts/bench/delegation.sh)
 #   8. approval gates: exchange throughput, approvals on vs off; polls of 1,000 pending approvals
+#   9. DPoP: exchange with vs without a proof; status-list serving; revocation -> bit (scripts/bench/dpop_status.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -135,3 +136,5 @@ echo "== delegation exchanges next to plain exchanges, memory and Redis (scripts
 BENCH_DURATION="$DURATION" BENCH_CONNECTIONS="$CONNS" scripts/bench/delegation.sh
 echo "== approval gates (scripts/bench/approvals.sh)"
 BENCH_NO_BUILD=1 scripts/bench/approvals.sh
+echo "== DPoP cost, status-list serving, revocation -> status bit across replicas"
+scripts/bench/dpop_status.sh

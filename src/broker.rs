@@ -36,6 +36,9 @@ impl Limits {
     }
 }
 
+/// A DPoP nonce is current for this window and the next one.
+const DPOP_NONCE_WINDOW_SECS: i64 = 60;
+
 pub struct Broker {
     pub config: Arc<Config>,
     pub limits: Limits,
@@ -56,6 +59,11 @@ pub struct Broker {
     pub started_at: i64,
     /// Where approval requests are announced (`[approvals.webhook]`).
     pub webhook: Option<crate::webhook::Webhook>,
+    /// Token status lists (SPEC §4.6).
+    pub status: crate::status::StatusLists,
+    /// Server nonces for DPoP proofs (RFC 9449 §8), the same on every replica with the same
+    /// signing key.
+    pub dpop_nonces: crate::token::dpop::NonceKey,
 }
 
 impl std::fmt::Debug for Broker {
@@ -218,7 +226,20 @@ impl Broker {
             .map(crate::webhook::Webhook::new)
             .transpose()
             .map_err(|e| ConfigError::new("approvals.webhook", e.to_string()))?;
+        let status = crate::status::StatusLists::new(
+            store.clone(),
+            tokens.keys().clone(),
+            &config.server.issuer,
+            config.status.list_size,
+            config.status.ttl,
+        );
+        let dpop_nonces = crate::token::dpop::NonceKey::derive(
+            tokens.keys().active().encoding_key().as_bytes(),
+            DPOP_NONCE_WINDOW_SECS,
+        );
         let broker = Broker {
+            status,
+            dpop_nonces,
             webhook,
             started_at: clock.now(),
             revocations,
@@ -274,7 +295,15 @@ impl Broker {
 
     /// Publishes a revocation on the feed, then applies it here: effective on this replica
     /// before the reply, on the others as they read the feed.
+    /// A token revocation sets its status bit first: a failure before the feed leaves
+    /// nothing published, and the retry does both.
     pub async fn publish(&self, event: &FeedEvent, now: i64) -> Result<(), BrokerError> {
+        if let FeedEvent::Token { jti, .. } = event {
+            self.status
+                .revoke(std::slice::from_ref(jti))
+                .await
+                .map_err(|e| self.fail(e))?;
+        }
         let published = self.store.publish(event, now).await;
         self.revocations.wrote_feed(published.is_ok());
         published.map_err(|e| self.fail(e))?;

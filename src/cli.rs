@@ -226,6 +226,10 @@ pub struct ExchangeArgs {
     /// Mint into an open task instead of opening a new one.
     #[arg(long, value_name = "T")]
     task_id: Option<String>,
+    /// Bind the token to this key with a DPoP proof (RFC 9449): a PKCS#8 PEM private key,
+    /// e.g. one `writ keys generate` wrote. The response's `token_type` is then `DPoP`.
+    #[arg(long, value_name = "FILE")]
+    dpop_key: Option<std::path::PathBuf>,
     /// Repeat a request held for approval (the `approval_id` of `authorization_pending`).
     #[arg(long, value_name = "ID")]
     approval_id: Option<String>,
@@ -666,6 +670,13 @@ fn policy_command(command: PolicyCommand) -> anyhow::Result<()> {
 
 async fn token_exchange(args: ExchangeArgs) -> anyhow::Result<()> {
     let token = secret("--subject-token", &args.subject_token)?;
+    let dpop_key = args
+        .dpop_key
+        .as_deref()
+        .map(crate::token::keys::SigningKey::load)
+        .transpose()
+        .map_err(|e| anyhow::anyhow!("--dpop-key: {}", crate::error::chain(&e)))?
+        .map(std::sync::Arc::new);
     let client = crate::client::Client::new(&args.broker)?;
     let resp = client
         .exchange(&crate::client::ExchangeParams {
@@ -678,6 +689,7 @@ async fn token_exchange(args: ExchangeArgs) -> anyhow::Result<()> {
             task_id: args.task_id,
             actor_token: None,
             approval_id: args.approval_id,
+            dpop_key,
         })
         .await?;
     println!("{}", serde_json::to_string_pretty(&resp)?);
@@ -706,6 +718,7 @@ async fn token_delegate(args: DelegateArgs) -> anyhow::Result<()> {
                     .unwrap_or_else(|| crate::exchange::TYPE_JWT.to_string()),
             )),
             approval_id: None,
+            dpop_key: None,
         })
         .await?;
     println!("{}", serde_json::to_string_pretty(&resp)?);

@@ -52,6 +52,8 @@ pub struct ExchangeParams {
     pub actor_token: Option<(String, String)>,
     /// The repeat of a request held for approval.
     pub approval_id: Option<String>,
+    /// Bind the token to this key with a DPoP proof (RFC 9449).
+    pub dpop_key: Option<std::sync::Arc<crate::token::keys::SigningKey>>,
 }
 
 /// A broker's base URL, checked: `http` or `https`, a host, no path.
@@ -132,14 +134,67 @@ impl Client {
         if let Some(a) = &p.approval_id {
             form.push(("approval_id", a.clone()));
         }
-        let resp = self
-            .http
-            .post(format!("{}/oauth2/token", self.base))
-            .form(&form)
-            .send()
-            .await
-            .map_err(|e| ClientError::Transport(chain(&e)))?;
-        Self::json(resp).await
+        let Some(key) = &p.dpop_key else {
+            let resp = self
+                .http
+                .post(format!("{}/oauth2/token", self.base))
+                .form(&form)
+                .send()
+                .await
+                .map_err(|e| ClientError::Transport(chain(&e)))?;
+            return Self::json(resp).await;
+        };
+        // The proof names the token endpoint as the broker's metadata states it (behind a
+        // proxy, not the URL this client calls); a nonce challenge is answered once.
+        let meta = self
+            .send(self.http.get(format!(
+                "{}/.well-known/oauth-authorization-server",
+                self.base
+            )))
+            .await?;
+        let htu = meta
+            .get("token_endpoint")
+            .and_then(Value::as_str)
+            .ok_or(ClientError::NotJson)?
+            .to_string();
+        let mut nonce: Option<String> = None;
+        for _ in 0..2 {
+            let now = i64::try_from(
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap_or_default()
+                    .as_secs(),
+            )
+            .unwrap_or(i64::MAX);
+            let proof =
+                crate::token::dpop::make_proof(key, "POST", &htu, now, nonce.as_deref(), None)
+                    .map_err(|e| ClientError::Transport(chain(&e)))?;
+            let resp = self
+                .http
+                .post(format!("{}/oauth2/token", self.base))
+                .header("DPoP", proof)
+                .form(&form)
+                .send()
+                .await
+                .map_err(|e| ClientError::Transport(chain(&e)))?;
+            let fresh = resp
+                .headers()
+                .get("dpop-nonce")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string);
+            let result = Self::json(resp).await;
+            let challenged = matches!(&result, Err(ClientError::Refused { status: 400, body })
+                if body.contains("use_dpop_nonce"));
+            if challenged && nonce.is_none() && fresh.is_some() {
+                nonce = fresh;
+                continue;
+            }
+            return result;
+        }
+        Err(ClientError::Refused {
+            status: 400,
+            body: "the broker asked for a DPoP nonce twice".into(),
+        })
     }
 
     async fn send(&self, req: reqwest::RequestBuilder) -> Result<Value, ClientError> {

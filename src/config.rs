@@ -66,6 +66,48 @@ pub struct Config {
     /// refuses, as nobody could approve.
     #[serde(default)]
     pub approvals: Option<ApprovalsConfig>,
+    #[serde(default)]
+    pub dpop: DpopConfig,
+    #[serde(default)]
+    pub status: StatusConfig,
+}
+
+/// `[dpop]`: sender-constrained tokens (RFC 9449, SPEC §4.5).
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct DpopConfig {
+    /// Proofs must carry a nonce the broker issued (RFC 9449 §8): a proof without the current
+    /// one is answered `use_dpop_nonce` with a `DPoP-Nonce` header.
+    #[serde(default)]
+    pub require_nonce: bool,
+}
+
+/// `[status]`: the token status lists (draft-ietf-oauth-status-list, SPEC §4.6).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StatusConfig {
+    /// The list's `ttl` claim and `Cache-Control: max-age`: how stale a verifier may be.
+    #[serde(default = "default_status_ttl", deserialize_with = "de_duration")]
+    pub ttl: Duration,
+    /// Indexes per list; a full list rolls over to a new one.
+    #[serde(default = "default_status_list_size")]
+    pub list_size: u32,
+}
+
+fn default_status_ttl() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_status_list_size() -> u32 {
+    1 << 20
+}
+
+impl Default for StatusConfig {
+    fn default() -> Self {
+        StatusConfig {
+            ttl: default_status_ttl(),
+            list_size: default_status_list_size(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -534,7 +576,24 @@ impl Config {
         self.validate_access()?;
         self.validate_policy()?;
         self.validate_approvals()?;
+        self.validate_status()?;
         self.validate_trips()
+    }
+
+    fn validate_status(&self) -> Result<(), ConfigError> {
+        if self.status.ttl.as_secs() == 0 || self.status.ttl > Duration::from_secs(3600) {
+            return Err(ConfigError::new(
+                "status.ttl",
+                "must be between 1s and 1h: verifiers may be this stale",
+            ));
+        }
+        if !(8..=(1 << 24)).contains(&self.status.list_size) {
+            return Err(ConfigError::new(
+                "status.list_size",
+                "must be between 8 and 16777216 indexes",
+            ));
+        }
+        Ok(())
     }
 
     fn validate_approvals(&self) -> Result<(), ConfigError> {

@@ -41,6 +41,10 @@ pub enum ErrorCode {
     RequestDenied,
     /// The state of the thing acted on does not allow the action (an approval decided).
     Conflict,
+    /// A DPoP proof that fails any check (RFC 9449 §4.3).
+    InvalidDpopProof,
+    /// A DPoP proof without the nonce the broker requires (RFC 9449 §8).
+    UseDpopNonce,
 }
 
 impl ErrorCode {
@@ -60,6 +64,8 @@ impl ErrorCode {
             ErrorCode::SlowDown => "slow_down",
             ErrorCode::ExpiredToken => "expired_token",
             ErrorCode::Conflict => "conflict",
+            ErrorCode::InvalidDpopProof => "invalid_dpop_proof",
+            ErrorCode::UseDpopNonce => "use_dpop_nonce",
         }
     }
 
@@ -133,6 +139,9 @@ impl BrokerError {
             "client authentication is not supported here; present a workload identity",
         )
     }
+    pub fn invalid_dpop_proof(d: impl Into<String>) -> Self {
+        Self::new(ErrorCode::InvalidDpopProof, d)
+    }
     pub fn access_denied(d: impl Into<String>) -> Self {
         Self::new(ErrorCode::AccessDenied, d)
     }
@@ -178,6 +187,8 @@ pub enum Failure {
     Identity(#[from] IdentityError),
     #[error("cannot make a random id")]
     Random(#[from] crate::domain::RngError),
+    #[error("status list operation failed")]
+    Status(#[from] crate::status::StatusError),
 }
 
 impl Failure {
@@ -189,6 +200,7 @@ impl Failure {
             Failure::Token(_) => "signing",
             Failure::Identity(_) => "identity",
             Failure::Random(_) => "random",
+            Failure::Status(_) => "status",
         }
     }
 
@@ -202,7 +214,10 @@ impl Failure {
             tracing::error!(part = self.part(), error = %chain(&self), "{self}");
         }
         metrics.inc("writ_failures_total", &[("part", self.part())]);
-        if matches!(self, Failure::Store(_)) {
+        if matches!(
+            self,
+            Failure::Store(_) | Failure::Status(crate::status::StatusError::Store(_))
+        ) {
             metrics.inc("writ_store_errors_total", &[]);
         }
         BrokerError::unavailable()

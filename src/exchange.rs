@@ -9,12 +9,14 @@ use serde::Serialize;
 use serde_json::{Value, json};
 
 use crate::audit::{self, Event};
+use crate::binding::Binding;
 use crate::broker::Broker;
 use crate::domain::{Audience, Scope, Subject, TaskId, TokenId, secs_i64};
 use crate::error::{BrokerError, ErrorCode};
 use crate::identity::{Accept, Source};
 use crate::policy::{PolicyAction, PolicyContext, PolicyPrincipal};
 use crate::store::{DelegateOutcome, MintOutcome, TaskRecord, TaskState, TokenEntry};
+use crate::token::status::StatusClaim;
 use crate::token::{Aud, TaskClaims};
 use crate::trips::{self, Consequence};
 
@@ -47,6 +49,8 @@ pub struct ExchangeRequest {
     pub actor_token: Option<(secrecy::SecretString, SubjectTokenType)>,
     /// The repeat of a request held for approval (SPEC §4.7).
     pub approval_id: Option<String>,
+    /// The request's `DPoP` header, when it had exactly one (SPEC §4.5).
+    pub dpop: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -82,11 +86,13 @@ struct Grant {
     on_behalf_of: Subject,
 }
 
-/// What is asked, resolved: the audiences (or the default), the scopes and the TTL wanted.
+/// What is asked, resolved: the audiences (or the default), the scopes and the TTL wanted,
+/// and the key the token is to be bound to.
 struct Ask {
     audience: Vec<String>,
     scopes: Vec<String>,
     ttl_secs: u64,
+    binding: Binding,
 }
 
 /// What policy decided for a request it allows.
@@ -283,8 +289,10 @@ impl Broker {
             return Err(BrokerError::unavailable());
         }
         let now = self.now();
+        let binding = self.dpop_binding(req.dpop.as_deref(), now).await?;
         let who = self.authenticate(&req, now).await?;
         let ask = Ask {
+            binding,
             audience: self.audiences(&req),
             scopes: req.scopes.iter().map(|s| s.as_str().to_string()).collect(),
             ttl_secs: req
@@ -395,6 +403,13 @@ impl Broker {
             jti: TokenId::generate().map_err(|e| self.fail(e))?.to_string(),
             exp: now.saturating_add(secs_i64(ttl)),
         };
+        // Before the token is counted into its task: a task ended from now on finds the
+        // token's status slot and sets its bit.
+        let status = self
+            .status
+            .allocate(&token.jti, token.exp, now)
+            .await
+            .map_err(|e| self.fail(e))?;
         let task = match existing {
             Some(task) => {
                 let outcome = self
@@ -430,7 +445,7 @@ impl Broker {
         // the token leaves only once its record is synced; concurrent exchanges share one
         // fsync. A token whose record never became durable is dropped unsent.
         let durable = self.audit.start_commit(seq);
-        let response = self.issue(who, ask, &task, &token, ttl, now)?;
+        let response = self.issue(who, ask, &task, &token, ttl, now, status)?;
         durable.wait().await.map_err(|e| self.fail(e))?;
         Ok(response)
     }
@@ -686,6 +701,15 @@ impl Broker {
         if !task.is_open_at(now) {
             return Err(Refusal::grant("task is no longer open").into());
         }
+        if let Some(jkt) = &task.jkt
+            && ask.binding.jkt() != Some(jkt.as_str())
+        {
+            return Err(Refusal::grant(
+                "the task's tokens are bound to a DPoP key: a token minted into it needs a \
+                 proof of that key",
+            )
+            .into());
+        }
         let outside = outside_of(&ask.scopes, &task.scopes);
         if !outside.is_empty() {
             return Err(Refusal::scope_rule(
@@ -737,6 +761,7 @@ impl Broker {
             now,
             on_behalf_of: on_behalf_of.unwrap_or_default(),
             parent_task: parent_task.unwrap_or_default(),
+            binding: ask.binding.name().to_string(),
         };
         let mut determining = BTreeSet::new();
         let mut gated = Vec::new();
@@ -814,6 +839,7 @@ impl Broker {
             on_behalf_of: who.grant.as_ref().map(|g| g.on_behalf_of.clone()),
             act: who.act.clone(),
             approval: None,
+            jkt: ask.binding.jkt().map(str::to_string),
         }
     }
 
@@ -848,6 +874,10 @@ impl Broker {
     }
 
     /// Signs the token and builds the answer.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "a token is made of each part of the grant"
+    )]
     fn issue(
         &self,
         who: &Requester,
@@ -856,6 +886,7 @@ impl Broker {
         token: &TokenEntry,
         ttl: u64,
         now: i64,
+        status: StatusClaim,
     ) -> Result<TokenResponse, BrokerError> {
         let scope = ask.scopes.join(" ");
         // A delegated task's tokens speak for the root's owner, by the actor (SPEC §4.4).
@@ -871,14 +902,15 @@ impl Broker {
             iat: now,
             nbf: now,
             exp: token.exp,
-            cnf: None,
+            cnf: ask.binding.cnf(),
             act: task.act.clone(),
+            status: Some(status),
         };
         let access_token = self.tokens.sign(&claims).map_err(|e| self.fail(e))?;
         Ok(TokenResponse {
             access_token,
             issued_token_type: TYPE_ACCESS_TOKEN,
-            token_type: "Bearer",
+            token_type: ask.binding.token_type(),
             expires_in: ttl,
             scope,
             task_id: task.id.to_string(),

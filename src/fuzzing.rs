@@ -246,6 +246,7 @@ pub fn policy_entities(data: &[u8]) {
         now: num(),
         on_behalf_of: ctx_line.chars().take(32).collect(),
         parent_task: ctx_line.chars().rev().take(32).collect(),
+        binding: ctx_line.chars().take(8).collect(),
     };
     let set = sample_policies();
     let action = if data.first().is_some_and(|b| b & 1 == 1) {

@@ -10,8 +10,8 @@ use crate::domain::{Subject, TaskId};
 use crate::error::BrokerError;
 use crate::revocation::Revoked;
 use crate::store::{
-    DelegateOutcome, FeedEvent, MintOutcome, SubtreeClose, TaskFilter, TaskRecord, TaskState,
-    TokenEntry,
+    DelegateOutcome, FeedEvent, MAX_TREE_NODES, MintOutcome, SubtreeClose, TaskFilter, TaskRecord,
+    TaskState, TokenEntry,
 };
 use crate::token::TaskClaims;
 
@@ -140,20 +140,21 @@ impl Broker {
                         known.push(id);
                     }
                 }
+                SubtreeClose::Closed(tasks) if tasks.is_empty() => {
+                    // Nothing was open: a close that failed after its store step is finished
+                    // by its retry, which sets the status bits of the subtree's tokens again
+                    // (setting a bit twice is harmless).
+                    self.mark_subtree_status_revoked(root, now).await?;
+                    return Ok(ClosedTree::default());
+                }
                 SubtreeClose::Closed(tasks) => {
                     let mut live_tokens = 0;
                     for t in &tasks {
                         if !known.contains(&t.id) {
                             self.publish_task_end(&t.id, t.deadline, now).await?;
                         }
-                        live_tokens += self
-                            .store
-                            .task_tokens(&t.id)
-                            .await
-                            .map_err(|e| self.fail(e))?
-                            .iter()
-                            .filter(|tok| tok.exp > now)
-                            .count();
+                        // Once closed, no token can be minted into the task: this sees all.
+                        live_tokens += self.mark_status_revoked(&t.id, now).await?;
                     }
                     return Ok(ClosedTree { tasks, live_tokens });
                 }
@@ -193,6 +194,43 @@ impl Broker {
             );
         }
         Ok(closed)
+    }
+
+    /// Sets the status-list bits of the live tokens of `root` and of every task delegated
+    /// from it (at most [`MAX_TREE_NODES`] tasks).
+    async fn mark_subtree_status_revoked(&self, root: &TaskId, now: i64) -> Result<(), BrokerError> {
+        let mut queue = vec![root.clone()];
+        let mut seen = 0;
+        while let Some(id) = queue.pop() {
+            seen += 1;
+            if seen > MAX_TREE_NODES {
+                break;
+            }
+            self.mark_status_revoked(&id, now).await?;
+            queue.extend(
+                self.store
+                    .task_children(&id)
+                    .await
+                    .map_err(|e| self.fail(e))?,
+            );
+        }
+        Ok(())
+    }
+
+    /// Sets the status-list bit of every live token of the task (SPEC §4.6); returns how
+    /// many live tokens it has.
+    async fn mark_status_revoked(&self, id: &TaskId, now: i64) -> Result<usize, BrokerError> {
+        let live: Vec<String> = self
+            .store
+            .task_tokens(id)
+            .await
+            .map_err(|e| self.fail(e))?
+            .into_iter()
+            .filter(|t| t.exp > now)
+            .map(|t| t.jti)
+            .collect();
+        self.status.revoke(&live).await.map_err(|e| self.fail(e))?;
+        Ok(live.len())
     }
 
     /// A holder of one of the task's tokens ends the task.

@@ -406,6 +406,7 @@ impl Broker {
                     .as_ref()
                     .map(ToString::to_string)
                     .unwrap_or_default(),
+                binding: if task.jkt.is_some() { "dpop" } else { "none" }.to_string(),
             };
             let principal = PolicyPrincipal::of_task_owner(task);
             let denied: Vec<String> = set

@@ -1897,3 +1897,58 @@ fn approvals_are_listed_approved_and_denied_from_the_command_line() {
     assert_ne!(code, Some(0));
     assert!(err.contains("404"), "{err}");
 }
+
+#[test]
+fn token_exchange_with_a_dpop_key_binds_the_token_and_answers_a_nonce_challenge() {
+    for env in [&[][..], &[("WRIT_DPOP__REQUIRE_NONCE", "true")][..]] {
+        let dev = start_dev_with(env);
+        let d = dev.dir.path();
+        let (ok, _, err) = run(writ()
+            .current_dir(d)
+            .args(["keys", "generate", "--alg", "ES256", "--out", "dpop.pem"]));
+        assert!(ok, "{err}");
+        let (ok, stdout, err) = run(writ().current_dir(d).args([
+            "token",
+            "exchange",
+            "--broker",
+            &dev.url,
+            "--scope",
+            "repo:read",
+            "--subject-token",
+            ".writ-dev/demo.svid",
+            "--dpop-key",
+            "dpop.pem",
+        ]));
+        assert!(ok, "{env:?}: {err}");
+        let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+        assert_eq!(v["token_type"], "DPoP");
+        let key = writ::token::keys::SigningKey::load(&d.join("dpop.pem")).unwrap();
+        let token = v["access_token"].as_str().unwrap();
+        let payload = token.split('.').nth(1).unwrap();
+        use base64::Engine;
+        let claims: serde_json::Value = serde_json::from_slice(
+            &base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(payload)
+                .unwrap(),
+        )
+        .unwrap();
+        // The key's kid is its RFC 7638 thumbprint: the token's cnf.jkt.
+        assert_eq!(claims["cnf"]["jkt"], key.kid.as_str());
+        // A file that is not a key is named in the error.
+        std::fs::write(d.join("not-a-key.pem"), "hello").unwrap();
+        let (ok, _, err) = run(writ().current_dir(d).args([
+            "token",
+            "exchange",
+            "--broker",
+            &dev.url,
+            "--scope",
+            "repo:read",
+            "--subject-token",
+            ".writ-dev/demo.svid",
+            "--dpop-key",
+            "not-a-key.pem",
+        ]));
+        assert!(!ok);
+        assert!(err.contains("--dpop-key"), "{err}");
+    }
+}

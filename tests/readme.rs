@@ -186,6 +186,12 @@ const SHELL: &[(&str, Use)] = &[
     ),
     ("--scope \"repo:read repo:admin\"", Use::Run { stdout: "" }),
     (
+        "--dpop-key agent-dpop.pem",
+        Use::Run {
+            stdout: "\"token_type\": \"DPoP\"",
+        },
+    ),
+    (
         "dev svid --spiffe-id spiffe://dev.writ.local/ci/job",
         Use::Run { stdout: "eyJ" },
     ),

@@ -50,6 +50,7 @@ fn task(owner: &str, created: i64) -> TaskRecord {
         on_behalf_of: None,
         act: None,
         approval: None,
+        jkt: None,
     }
 }
 
@@ -807,6 +808,103 @@ async fn policy_transitions(s: Arc<dyn Store>) {
     assert_eq!(s.advance_policy("B").await.unwrap().key(), ab2.key());
 }
 
+/// Status lists (SPEC §4.6): indexes in order within a list, a new list when full, bits
+/// set only for tokens with a slot (most significant bit first), lists gone once their last
+/// token has expired.
+async fn status_lists(s: Arc<dyn Store>) {
+    let mut slots = Vec::new();
+    for i in 0..5 {
+        let exp = NOW + 100 + i;
+        slots.push(
+            s.status_allocate(&format!("j{i}"), exp, 4, &format!("sl_fresh{i}"), NOW)
+                .await
+                .unwrap(),
+        );
+    }
+    let first = slots[0].list.clone();
+    assert_eq!(
+        first, "sl_fresh0",
+        "the first list is the fresh name offered"
+    );
+    let got: Vec<(String, u64)> = slots.iter().map(|x| (x.list.clone(), x.idx)).collect();
+    assert_eq!(
+        got,
+        vec![
+            (first.clone(), 0),
+            (first.clone(), 1),
+            (first.clone(), 2),
+            (first.clone(), 3),
+            ("sl_fresh4".to_string(), 0),
+        ],
+        "a full list rolls over to the fresh name"
+    );
+    let list = s.status_list(&first, NOW).await.unwrap().unwrap();
+    assert_eq!((list.size, list.last_exp), (4, NOW + 103));
+    assert!(list.bits.iter().all(|b| *b == 0));
+    assert_eq!(
+        s.status_revoke(&["j1".into(), "j3".into(), "unknown".into()])
+            .await
+            .unwrap(),
+        2
+    );
+    // Again: harmless.
+    assert_eq!(s.status_revoke(&["j1".into()]).await.unwrap(), 1);
+    let list = s.status_list(&first, NOW).await.unwrap().unwrap();
+    assert_eq!(list.bits, vec![0b0101_0000]);
+    let second = s.status_list("sl_fresh4", NOW).await.unwrap().unwrap();
+    assert!(second.bits.iter().all(|b| *b == 0), "other lists untouched");
+    assert_eq!(s.status_list("sl_unknown", NOW).await.unwrap(), None);
+    // Served until its last token has expired.
+    assert!(s.status_list(&first, NOW + 103).await.unwrap().is_some());
+    assert_eq!(s.status_list(&first, NOW + 104).await.unwrap(), None);
+}
+
+/// Indexes handed out at the same time never collide.
+async fn status_concurrent_allocation(s: Arc<dyn Store>) {
+    let mut handles = Vec::new();
+    for i in 0..60 {
+        let s = s.clone();
+        handles.push(tokio::spawn(async move {
+            let slot = s
+                .status_allocate(&format!("c{i}"), NOW + 300, 16, &format!("sl_c{i}"), NOW)
+                .await
+                .unwrap();
+            (slot.list, slot.idx)
+        }));
+    }
+    let mut seen = std::collections::HashSet::new();
+    for h in handles {
+        let (list, idx) = h.await.unwrap();
+        assert!(idx < 16);
+        assert!(seen.insert((list, idx)), "an index was handed out twice");
+    }
+    let lists: std::collections::HashSet<_> = seen.iter().map(|(l, _)| l.clone()).collect();
+    assert_eq!(lists.len(), 4, "60 indexes fill four lists of 16");
+}
+
+/// The DPoP replay cache is a claim: of proofs with one name sent at once, one is fresh.
+async fn dpop_replay_claims(s: Arc<dyn Store>) {
+    let mut handles = Vec::new();
+    for _ in 0..20 {
+        let s = s.clone();
+        handles.push(tokio::spawn(async move {
+            s.claim("dpop:proof-a", Duration::from_secs(121))
+                .await
+                .unwrap()
+        }));
+    }
+    let mut fresh = 0;
+    for h in handles {
+        fresh += usize::from(h.await.unwrap());
+    }
+    assert_eq!(fresh, 1);
+    assert!(
+        s.claim("dpop:proof-b", Duration::from_secs(121))
+            .await
+            .unwrap()
+    );
+}
+
 fn memory_store() -> Arc<dyn Store> {
     Arc::new(MemoryStore::new())
 }
@@ -943,4 +1041,7 @@ contract!(
     policy_transitions,
     approvals,
     concurrent_approval_writes_one_wins,
+    status_lists,
+    status_concurrent_allocation,
+    dpop_replay_claims,
 );

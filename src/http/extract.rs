@@ -62,6 +62,29 @@ impl<S: Send + Sync> FromRequestParts<S> for Authorization {
     }
 }
 
+/// The `DPoP` request header (RFC 9449 §4.1): none, exactly one proof, or a refusal (more
+/// than one header, or one that is not text), answered `invalid_dpop_proof` by the handler.
+#[derive(Debug, Clone)]
+pub struct DpopHeader(pub Result<Option<String>, BrokerError>);
+
+impl<S: Send + Sync> FromRequestParts<S> for DpopHeader {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        let mut all = parts.headers.get_all("dpop").iter();
+        let value = match (all.next(), all.next()) {
+            (None, _) => Ok(None),
+            (Some(_), Some(_)) => Err(BrokerError::invalid_dpop_proof(
+                "exactly one DPoP header is allowed",
+            )),
+            (Some(v), None) => v.to_str().map(|s| Some(s.to_string())).map_err(|_| {
+                BrokerError::invalid_dpop_proof("the DPoP header is not a compact JWS")
+            }),
+        };
+        Ok(DpopHeader(value))
+    }
+}
+
 /// A form-encoded body: content type checked, size bounded, split into name/value pairs.
 #[derive(Debug, Clone)]
 pub struct FormPairs(pub Vec<(String, String)>);

@@ -28,6 +28,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/oauth2/introspect"),
     ("POST", "/oauth2/revoke"),
     ("GET", "/oauth2/jwks"),
+    ("GET", "/oauth2/status/{list}"),
     ("GET", "/.well-known/oauth-authorization-server"),
     ("GET", "/v1/tasks/{task_id}"),
     ("POST", "/v1/tasks/{task_id}/end"),
@@ -78,6 +79,7 @@ fn routes(broker: &Arc<Broker>) -> Router<Arc<Broker>> {
         .route("/oauth2/introspect", post(oauth::introspect))
         .route("/oauth2/revoke", post(oauth::revoke))
         .route("/oauth2/jwks", get(oauth::jwks))
+        .route("/oauth2/status/{list}", get(oauth::status_list))
         .route(
             "/.well-known/oauth-authorization-server",
             get(oauth::metadata),

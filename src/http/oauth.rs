@@ -10,7 +10,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
 use super::error::{json_no_store, no_store};
-use super::extract::{Authorization, FormPairs, SourceIp};
+use super::extract::{Authorization, DpopHeader, FormPairs, SourceIp};
 use crate::broker::Broker;
 use crate::domain::{
     Audience, AudienceListError, MAX_AUDIENCES, MAX_PURPOSE_LEN, Scope, TaskId,
@@ -146,6 +146,7 @@ pub fn parse_exchange(
         source_ip,
         actor_token,
         approval_id,
+        dpop: None,
     })
 }
 
@@ -254,12 +255,14 @@ pub async fn token(
     State(broker): State<Arc<Broker>>,
     SourceIp(ip): SourceIp,
     auth: Authorization,
+    DpopHeader(dpop): DpopHeader,
     form: Result<FormPairs, BrokerError>,
 ) -> Response {
     let result = async {
         auth.refuse_client_credentials()?;
         let form = Form::new(form?.0, EXCHANGE_PARAMS, &["audience", "resource"])?;
-        let req = parse_exchange(&form, ip, &broker.limits.default_scope)?;
+        let mut req = parse_exchange(&form, ip, &broker.limits.default_scope)?;
+        req.dpop = dpop?;
         broker.exchange(req).await
     }
     .await;
@@ -270,13 +273,46 @@ pub async fn token(
     broker
         .metrics
         .inc("writ_exchanges_total", &[("outcome", outcome)]);
-    match result {
+    let mut resp = match result {
         Ok(ok) => {
             let mut resp = Json(ok).into_response();
             no_store(&mut resp);
             resp
         }
         Err(e) => e.into_response(),
+    };
+    // RFC 9449 §8: the nonce for the next proof, on every answer of the token endpoint.
+    if let Some(nonce) = broker.dpop_nonce()
+        && let Ok(v) = axum::http::HeaderValue::from_str(&nonce)
+    {
+        resp.headers_mut().insert("dpop-nonce", v);
+    }
+    resp
+}
+
+/// A token status list (draft-ietf-oauth-status-list, SPEC §4.6) as a signed
+/// `statuslist+jwt`; an unknown or expired list is 404.
+pub async fn status_list(
+    State(broker): State<Arc<Broker>>,
+    axum::extract::Path(list): axum::extract::Path<String>,
+) -> Response {
+    match broker.status.serve(&list, broker.now()).await {
+        Ok(Some(signed)) => {
+            let mut resp = signed.jwt.into_response();
+            let headers = resp.headers_mut();
+            headers.insert(
+                header::CONTENT_TYPE,
+                axum::http::HeaderValue::from_static(crate::token::status::MEDIA_TYPE),
+            );
+            if let Ok(v) =
+                axum::http::HeaderValue::from_str(&format!("max-age={}", signed.ttl_secs))
+            {
+                headers.insert(header::CACHE_CONTROL, v);
+            }
+            resp
+        }
+        Ok(None) => BrokerError::not_found("no such status list").into_response(),
+        Err(e) => broker.fail(e).into_response(),
     }
 }
 
@@ -318,6 +354,7 @@ pub async fn metadata(State(broker): State<Arc<Broker>>) -> Response {
         "token_endpoint_auth_methods_supported": ["none"],
         "subject_token_types_supported": [TYPE_JWT, TYPE_ID_TOKEN, TYPE_ACCESS_TOKEN],
         "access_token_signing_alg_values_supported": algs,
+        "dpop_signing_alg_values_supported": crate::token::dpop::SIGNING_ALGS,
     });
     if let (Some(scopes), Some(obj)) = (
         broker.policy.current().scopes_supported(),
@@ -359,6 +396,8 @@ pub async fn introspect(
         .inc("writ_introspections_total", &[("outcome", outcome)]);
     match result {
         Ok(Introspection::Active(c)) => {
+            let bound = c.cnf.as_ref().is_some_and(|v| v.get("jkt").is_some());
+            let token_type = if bound { "DPoP" } else { "Bearer" };
             let mut v = json!({
                 "active": true,
                 "scope": c.scope,
@@ -371,7 +410,7 @@ pub async fn introspect(
                 "nbf": c.nbf,
                 "jti": c.jti,
                 "txn": c.txn,
-                "token_type": "Bearer",
+                "token_type": token_type,
             });
             if let Some(obj) = v.as_object_mut() {
                 if let Some(cnf) = c.cnf {

@@ -64,6 +64,9 @@ struct CaseContext {
     on_behalf_of: String,
     #[serde(default)]
     parent_task: String,
+    /// `dpop`, `mtls` or `none` (the default).
+    #[serde(default)]
+    binding: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -207,6 +210,7 @@ fn check(set: &PolicySet, case: Case) -> Result<(), String> {
         now: case.context.now,
         on_behalf_of: case.context.on_behalf_of,
         parent_task: case.context.parent_task,
+        binding: case.context.binding.unwrap_or_else(|| "none".to_string()),
     };
     let d = set.decide(&principal, action, &case.scope, &ctx);
     let got = if d.allowed { "allow" } else { "deny" };

@@ -139,6 +139,8 @@ pub struct PolicyContext {
     pub on_behalf_of: String,
     /// Delegation: the id of the parent task ("" otherwise).
     pub parent_task: String,
+    /// How the token is bound to its holder: `dpop`, `mtls` or `none` (SPEC §4.5).
+    pub binding: String,
 }
 
 /// The decision for one scope.
@@ -548,6 +550,7 @@ impl PolicySet {
             ("now".to_string(), RestrictedExpression::new_long(ctx.now)),
             ("on_behalf_of".to_string(), s(&ctx.on_behalf_of)),
             ("parent_task".to_string(), s(&ctx.parent_task)),
+            ("binding".to_string(), s(&ctx.binding)),
         ])
         .map_err(|e| RequestError::Context(Box::new(e)))?;
         Ok((puid, entities, context))

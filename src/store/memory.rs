@@ -13,8 +13,8 @@ use parking_lot::Mutex;
 
 use super::{
     ApprovalRecord, AuditHead, BlockRecord, DelegateOutcome, FeedCursor, FeedEvent, MAX_TREE_NODES,
-    MintOutcome, PolicyTransition, Store, StoreError, SubtreeClose, TaskFilter, TaskRecord,
-    TaskState, TokenEntry,
+    MintOutcome, PolicyTransition, StatusSlot, Store, StoreError, StoredList, SubtreeClose,
+    TaskFilter, TaskRecord, TaskState, TokenEntry,
 };
 use crate::domain::{Subject, TaskId};
 
@@ -54,8 +54,26 @@ struct Shard {
     inserts: u32,
 }
 
+/// The status lists of this process (SPEC §4.6).
+#[derive(Debug, Default)]
+struct StatusLists {
+    current: Option<String>,
+    lists: HashMap<String, MemList>,
+    /// Token id -> (list, index, expiry).
+    slots: HashMap<String, (String, u64, i64)>,
+}
+
+#[derive(Debug)]
+struct MemList {
+    size: u32,
+    next: u64,
+    last_exp: i64,
+    bits: Vec<u8>,
+}
+
 #[derive(Debug)]
 pub struct MemoryStore {
+    status: Mutex<StatusLists>,
     shards: Vec<Mutex<Shard>>,
     hasher: std::collections::hash_map::RandomState,
     feed: Mutex<Feed>,
@@ -71,6 +89,7 @@ pub struct MemoryStore {
 impl Default for MemoryStore {
     fn default() -> Self {
         MemoryStore {
+            status: Mutex::new(StatusLists::default()),
             shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
             hasher: std::collections::hash_map::RandomState::new(),
             feed: Mutex::new(Feed::default()),
@@ -141,7 +160,89 @@ impl Store for MemoryStore {
         let before = approvals.len();
         approvals.retain(|_, a| a.forget_at() > now);
         removed += before - approvals.len();
+        let mut status = self.status.lock();
+        status.slots.retain(|_, (_, _, exp)| *exp >= now);
+        status.lists.retain(|_, l| l.last_exp >= now);
         Ok(u64::try_from(removed).unwrap_or(u64::MAX))
+    }
+
+    async fn status_allocate(
+        &self,
+        jti: &str,
+        exp: i64,
+        size: u32,
+        fresh_list: &str,
+        now: i64,
+    ) -> Result<StatusSlot, StoreError> {
+        let mut st = self.status.lock();
+        let st = &mut *st;
+        let usable = st.current.as_ref().and_then(|c| {
+            st.lists
+                .get(c)
+                .filter(|l| l.last_exp >= now && l.next < u64::from(l.size))
+                .map(|_| c.clone())
+        });
+        let list = match usable {
+            Some(c) => c,
+            None => {
+                st.lists.insert(
+                    fresh_list.to_string(),
+                    MemList {
+                        size,
+                        next: 0,
+                        last_exp: exp,
+                        bits: Vec::new(),
+                    },
+                );
+                st.current = Some(fresh_list.to_string());
+                fresh_list.to_string()
+            }
+        };
+        let l = st
+            .lists
+            .get_mut(&list)
+            .ok_or_else(|| StoreError::invalid("status list vanished"))?;
+        let idx = l.next;
+        l.next += 1;
+        l.last_exp = l.last_exp.max(exp);
+        st.slots.insert(jti.to_string(), (list.clone(), idx, exp));
+        Ok(StatusSlot { list, idx })
+    }
+
+    async fn status_revoke(&self, jtis: &[String]) -> Result<u64, StoreError> {
+        let mut st = self.status.lock();
+        let st = &mut *st;
+        let mut set = 0;
+        for jti in jtis {
+            let Some((list, idx, _)) = st.slots.get(jti) else {
+                continue;
+            };
+            let Some(l) = st.lists.get_mut(list) else {
+                continue;
+            };
+            let byte = usize::try_from(idx / 8).unwrap_or(usize::MAX);
+            if byte >= l.bits.len() {
+                l.bits.resize(byte.saturating_add(1), 0);
+            }
+            if let Some(b) = l.bits.get_mut(byte) {
+                *b |= 0x80 >> (idx % 8);
+                set += 1;
+            }
+        }
+        Ok(set)
+    }
+
+    async fn status_list(&self, list: &str, now: i64) -> Result<Option<StoredList>, StoreError> {
+        let st = self.status.lock();
+        Ok(st
+            .lists
+            .get(list)
+            .filter(|l| l.last_exp >= now)
+            .map(|l| StoredList {
+                size: l.size,
+                bits: l.bits.clone(),
+                last_exp: l.last_exp,
+            }))
     }
 
     async fn create_task(&self, task: &TaskRecord, first: &TokenEntry) -> Result<(), StoreError> {

@@ -112,6 +112,10 @@ pub struct TaskRecord {
     /// task's scopes need no new approval.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub approval: Option<String>,
+    /// The DPoP key (RFC 7638 thumbprint) the task's tokens are bound to: every token minted
+    /// into the task must be bound to it (SPEC §4.5).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jkt: Option<String>,
 }
 
 impl TaskRecord {
@@ -381,6 +385,25 @@ impl ApprovalRecord {
             ..self.clone()
         }
     }
+}
+
+/// A token's place in a status list (SPEC §4.6), as the store allocated it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StatusSlot {
+    pub list: String,
+    pub idx: u64,
+}
+
+/// A status list as the store keeps it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredList {
+    /// Indexes the list holds.
+    pub size: u32,
+    /// The revoked bits, index `i` at bit `7 - i % 8` of byte `i / 8` (most significant
+    /// first, as Redis `SETBIT` numbers them); as long as the last byte with a bit set.
+    pub bits: Vec<u8>,
+    /// When the last token with an index in this list expires.
+    pub last_exp: i64,
 }
 
 /// Where a reader of the feed is.
@@ -659,6 +682,27 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     async fn probe_feed(&self) -> Result<(), StoreError> {
         Ok(())
     }
+
+    /// Allocates the next index of the current status list for the token `jti` expiring at
+    /// `exp`, and remembers where it put it until `exp`. When the current list has `size`
+    /// indexes already (or has expired), a new list named `fresh_list` becomes current.
+    /// Indexes are never handed out twice, whichever replica asks.
+    async fn status_allocate(
+        &self,
+        jti: &str,
+        exp: i64,
+        size: u32,
+        fresh_list: &str,
+        now: i64,
+    ) -> Result<StatusSlot, StoreError>;
+
+    /// Sets the revoked bit of each of these tokens that has a slot; returns how many it
+    /// set (a token without one, or past its expiry, is skipped). Setting a bit twice is
+    /// harmless.
+    async fn status_revoke(&self, jtis: &[String]) -> Result<u64, StoreError>;
+
+    /// A status list, while it has a token that has not expired at `now`.
+    async fn status_list(&self, list: &str, now: i64) -> Result<Option<StoredList>, StoreError>;
 
     /// The eviction policy of the store, when it has one and lets this broker read it.
     async fn eviction_policy(&self) -> Result<Option<String>, StoreError> {

@@ -37,7 +37,8 @@ use redis::{
 
 use super::{
     ApprovalRecord, AuditHead, BlockRecord, DelegateOutcome, FeedCursor, FeedEvent, MintOutcome,
-    PolicyTransition, Store, StoreError, SubtreeClose, TaskFilter, TaskRecord, TaskState, TokenEntry,
+    PolicyTransition, StatusSlot, Store, StoreError, StoredList, SubtreeClose, TaskFilter,
+    TaskRecord, TaskState, TokenEntry,
 };
 use crate::domain::{Subject, TaskId};
 
@@ -110,6 +111,8 @@ pub struct RedisStore {
     advance: Script,
     head: Script,
     approval: Script,
+    status_alloc: Script,
+    status_revoke: Script,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -285,6 +288,8 @@ struct Rec {
     ac: Option<serde_json::Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     ap: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    jk: Option<String>,
 }
 
 impl Rec {
@@ -306,6 +311,7 @@ impl Rec {
             ob: task.on_behalf_of.clone(),
             ac: task.act.clone(),
             ap: task.approval.clone(),
+            jk: task.jkt.clone(),
         }
     }
 }
@@ -421,6 +427,69 @@ fn parse_approval(id: &str, raw: &str) -> Result<ApprovalRecord, StoreError> {
     serde_json::from_str(json).map_err(|e| StoreError::corrupt(format!("approval `{id}`"), e))
 }
 
+/// Allocates a status index (SPEC §4.6). All status keys share the `{status}` hash tag, so
+/// the script runs on one slot: KEYS[1] is the current list's name; the others are built
+/// from ARGV[1] (the tagged prefix) and the list name. A list is a hash `m:<list>` (`n`
+/// indexes handed out, `s` size, `e` the last token expiry) kept until that expiry; a token's
+/// slot is `j:<jti>` = `<list> <idx>`, kept until the token expires. The current list is
+/// replaced by ARGV[2] when it is full or has expired.
+/// ARGV: 1 prefix, 2 fresh list, 3 size, 4 jti, 5 exp, 6 now.
+const STATUS_ALLOC_LUA: &str = r"
+local p = ARGV[1]
+local size = tonumber(ARGV[3])
+local exp = tonumber(ARGV[5])
+local now = tonumber(ARGV[6])
+local cur = redis.call('GET', KEYS[1])
+local n = nil
+if cur and redis.call('EXISTS', p .. 'm:' .. cur) == 1 then
+  n = redis.call('HINCRBY', p .. 'm:' .. cur, 'n', 1)
+  if n > tonumber(redis.call('HGET', p .. 'm:' .. cur, 's') or '0') then n = nil end
+end
+if not n then
+  cur = ARGV[2]
+  redis.call('SET', KEYS[1], cur)
+  redis.call('HSET', p .. 'm:' .. cur, 's', size, 'e', exp)
+  n = redis.call('HINCRBY', p .. 'm:' .. cur, 'n', 1)
+end
+local m = p .. 'm:' .. cur
+local e = tonumber(redis.call('HGET', m, 'e') or '0')
+if exp > e then
+  e = exp
+  redis.call('HSET', m, 'e', exp)
+end
+local keep = math.max(e - now, 1) + 60
+redis.call('EXPIRE', m, keep)
+if redis.call('EXISTS', p .. 'b:' .. cur) == 1 then redis.call('EXPIRE', p .. 'b:' .. cur, keep) end
+redis.call('SET', p .. 'j:' .. ARGV[4], cur .. ' ' .. (n - 1), 'EX', math.max(exp - now, 1) + 60)
+return {cur, n - 1}
+";
+
+/// Sets the revoked bit of each token (ARGV[2..]) that has a slot, in its list's bitmap
+/// `b:<list>`, kept as long as the list. KEYS[1] (the current list's name) only routes the
+/// script to the `{status}` slot. ARGV[1] is the tagged prefix.
+const STATUS_REVOKE_LUA: &str = r"
+local p = ARGV[1]
+local set = 0
+for i = 2, #ARGV do
+  local slot = redis.call('GET', p .. 'j:' .. ARGV[i])
+  if slot then
+    local sp = string.find(slot, ' ', 1, true)
+    local list = string.sub(slot, 1, sp - 1)
+    local idx = tonumber(string.sub(slot, sp + 1))
+    local ttl = redis.call('TTL', p .. 'm:' .. list)
+    if ttl > 0 then
+      redis.call('SETBIT', p .. 'b:' .. list, idx, 1)
+      redis.call('EXPIRE', p .. 'b:' .. list, ttl)
+      set = set + 1
+    end
+  end
+end
+return set
+";
+
+/// Most tokens one status script marks: a cascade of thousands is split into several.
+const STATUS_REVOKE_BATCH: usize = 500;
+
 impl RedisStore {
     /// Connects to a standalone server (`url`) or a cluster (`nodes`).
     pub async fn connect(
@@ -473,6 +542,8 @@ impl RedisStore {
             advance: Script::new(ADVANCE_LUA),
             head: Script::new(HEAD_LUA),
             approval: Script::new(APPROVAL_LUA),
+            status_alloc: Script::new(STATUS_ALLOC_LUA),
+            status_revoke: Script::new(STATUS_REVOKE_LUA),
         })
     }
 
@@ -547,6 +618,11 @@ impl RedisStore {
 
     fn k_audit_head(&self, log_id: &str) -> String {
         format!("{}{{audit:{log_id}}}:head", self.prefix)
+    }
+
+    /// The prefix of every status key: one hash tag, one slot.
+    fn k_status(&self) -> String {
+        format!("{}{{status}}:", self.prefix)
     }
 
     fn conn(&self) -> Conn {
@@ -700,6 +776,7 @@ impl RedisStore {
             on_behalf_of: r.ob,
             act: r.ac,
             approval: r.ap,
+            jkt: r.jk,
         };
         task.state = match fields.get("s").map(String::as_str) {
             Some("open") | None => TaskState::Open,
@@ -1229,6 +1306,72 @@ impl Store for RedisStore {
             )
             .await?;
         Ok(count)
+    }
+
+    async fn status_allocate(
+        &self,
+        jti: &str,
+        exp: i64,
+        size: u32,
+        fresh_list: &str,
+        now: i64,
+    ) -> Result<StatusSlot, StoreError> {
+        let p = self.k_status();
+        let (list, idx): (String, u64) = self
+            .run(
+                self.status_alloc
+                    .key(format!("{p}cur"))
+                    .arg(&p)
+                    .arg(fresh_list)
+                    .arg(size)
+                    .arg(jti)
+                    .arg(exp)
+                    .arg(now),
+                &mut self.conn(),
+            )
+            .await?;
+        Ok(StatusSlot { list, idx })
+    }
+
+    async fn status_revoke(&self, jtis: &[String]) -> Result<u64, StoreError> {
+        let p = self.k_status();
+        let mut set = 0;
+        for batch in jtis.chunks(STATUS_REVOKE_BATCH) {
+            let mut inv = self.status_revoke.key(format!("{p}cur"));
+            inv.arg(&p);
+            for jti in batch {
+                inv.arg(jti);
+            }
+            let n: u64 = self.run(&inv, &mut self.conn()).await?;
+            set += n;
+        }
+        Ok(set)
+    }
+
+    async fn status_list(&self, list: &str, now: i64) -> Result<Option<StoredList>, StoreError> {
+        let p = self.k_status();
+        let mut pipe = redis::pipe();
+        pipe.cmd("HMGET")
+            .arg(format!("{p}m:{list}"))
+            .arg("s")
+            .arg("e")
+            .cmd("GET")
+            .arg(format!("{p}b:{list}"));
+        let ((size, last_exp), bits): ((Option<u32>, Option<i64>), Option<Vec<u8>>) = pipe
+            .query_async(&mut self.conn())
+            .await
+            .map_err(unavailable)?;
+        let (Some(size), Some(last_exp)) = (size, last_exp) else {
+            return Ok(None);
+        };
+        if last_exp < now {
+            return Ok(None);
+        }
+        Ok(Some(StoredList {
+            size,
+            bits: bits.unwrap_or_default(),
+            last_exp,
+        }))
     }
 
     async fn claim(&self, name: &str, ttl: Duration) -> Result<bool, StoreError> {

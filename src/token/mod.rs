@@ -1,8 +1,10 @@
 //! Task tokens (RFC 9068 JWT access tokens): claims, signing, local verification.
 
 pub mod crypto;
+pub mod dpop;
 pub mod jwt;
 pub mod keys;
+pub mod status;
 
 use jsonwebtoken::{DecodingKey, Header};
 use serde::{Deserialize, Serialize};
@@ -54,6 +56,9 @@ pub struct TaskClaims {
     pub cnf: Option<Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub act: Option<Value>,
+    /// Where the token's revocation bit is (SPEC §4.6).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<status::StatusClaim>,
 }
 
 #[non_exhaustive]
@@ -180,6 +185,7 @@ mod tests {
             exp,
             cnf: None,
             act: None,
+            status: None,
         }
     }
 

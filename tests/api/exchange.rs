@@ -141,6 +141,7 @@ async fn config_max_ttl_is_a_hard_ceiling() {
         source_ip: None,
         actor_token: None,
         approval_id: None,
+        dpop: None,
     };
     let resp = broker.exchange(req).await.unwrap();
     assert_eq!(resp.expires_in, 60);
@@ -653,6 +654,7 @@ async fn default_audience_applies_when_none_is_requested() {
         source_ip: None,
         actor_token: None,
         approval_id: None,
+        dpop: None,
     };
     let resp = broker.exchange(req).await.unwrap();
     assert_eq!(

@@ -308,6 +308,8 @@ async fn the_openapi_description_matches_the_routes_served() {
         "access_denied",
         "not_found",
         "temporarily_unavailable",
+        "invalid_dpop_proof",
+        "use_dpop_nonce",
     ] {
         assert!(codes.contains(&code.to_string()), "{code}");
     }

@@ -8,7 +8,8 @@ WRIT=${WRIT_BIN:-$ROOT/target/debug/writ}
 
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -c "import jwt, jwcrypto, schemathesis, requests" 2>/dev/null || .venv/bin/pip install -q --disable-pip-version-check pyjwt jwcrypto cryptography schemathesis requests
-if [ ! -d tests/interop/node/node_modules/oidc-provider ] || [ ! -x tests/interop/node/node_modules/.bin/tsc ]; then
+if [ ! -d tests/interop/node/node_modules/oidc-provider ] || [ ! -x tests/interop/node/node_modules/.bin/tsc ] \
+  || [ ! -d tests/interop/node/node_modules/dpop ] || [ ! -d tests/interop/node/node_modules/@sd-jwt/jwt-status-list ]; then
   (cd tests/interop/node && npm ci --no-audit --no-fund --loglevel=error)
 fi
 
@@ -28,6 +29,8 @@ PORT2=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); p
 sed -e "s|127.0.0.1:$PORT\"|127.0.0.1:$PORT2\"|" \
     -e "s|issuer = \"http://127.0.0.1:$PORT2\"|issuer = \"http://127.0.0.1:$PORT2/writ\"|" \
     -e "s|decisions.jsonl|decisions-path.jsonl|" "$work/writ.toml" >"$work/writ-path.toml"
+# The second broker also requires DPoP nonces (RFC 9449 §8), for the DPoP suite's challenge.
+printf '\n[dpop]\nrequire_nonce = true\n' >>"$work/writ-path.toml"
 "$WRIT" serve --config "$work/writ-path.toml" 2>"$work/serve-path.log" &
 PID2=$!
 for port in "$PORT" "$PORT2"; do
@@ -72,6 +75,7 @@ else
 fi
 node tests/interop/node/test.mjs || status=1
 node tests/interop/node/oidc.mjs || status=1
+node tests/interop/node/dpop.mjs || status=1
 # A bounded schemathesis run against the served OpenAPI description: no 5xx, every status
 # code and content type as described, every response valid against its schema.
 .venv/bin/schemathesis run "$BROKER/openapi.json" -H "Authorization: Bearer $(cat "$work/admin-token")" \
