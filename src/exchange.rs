@@ -423,7 +423,8 @@ impl Broker {
             None => match &who.parent {
                 Some(parent) => {
                     let id = TaskId::generate_child(&parent.id).map_err(|e| self.fail(e))?;
-                    let mut task = self.new_task(id, req, who, ask, &decision.version, deadline, now);
+                    let mut task =
+                        self.new_task(id, req, who, ask, &decision.version, deadline, now);
                     task.approval = approved.map(|a| a.id);
                     let outcome = self.open_delegated_task(&task, &token, now).await?;
                     if let Some(refusal) = Refusal::delegated(&outcome, self.limits.max_tokens) {
@@ -433,7 +434,8 @@ impl Broker {
                 }
                 None => {
                     let id = TaskId::generate().map_err(|e| self.fail(e))?;
-                    let mut task = self.new_task(id, req, who, ask, &decision.version, deadline, now);
+                    let mut task =
+                        self.new_task(id, req, who, ask, &decision.version, deadline, now);
                     task.approval = approved.map(|a| a.id);
                     self.open_task(&task, &token).await?;
                     task

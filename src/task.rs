@@ -198,7 +198,11 @@ impl Broker {
 
     /// Sets the status-list bits of the live tokens of `root` and of every task delegated
     /// from it (at most [`MAX_TREE_NODES`] tasks).
-    async fn mark_subtree_status_revoked(&self, root: &TaskId, now: i64) -> Result<(), BrokerError> {
+    async fn mark_subtree_status_revoked(
+        &self,
+        root: &TaskId,
+        now: i64,
+    ) -> Result<(), BrokerError> {
         let mut queue = vec![root.clone()];
         let mut seen = 0;
         while let Some(id) = queue.pop() {
