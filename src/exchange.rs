@@ -84,6 +84,8 @@ struct Grant {
     audience: Vec<String>,
     /// The root task's owner: the grant's `sub`.
     on_behalf_of: Subject,
+    /// The grant's `exp`: what is delegated from it never outlives it.
+    exp: i64,
 }
 
 /// What is asked, resolved: the audiences (or the default), the scopes and the TTL wanted,
@@ -390,6 +392,12 @@ impl Broker {
                 parent.as_ref().map_or(max, |p| p.deadline.min(max))
             }
         };
+        // A delegated task never outlives the grant it was delegated from, nor its parent:
+        // a grant for 30 s is not traded for a token of 300 s (SPEC §4.4).
+        let deadline = match &who.grant {
+            Some(g) if existing.is_none() => deadline.min(g.exp),
+            _ => deadline,
+        };
         // TTL = min(request, policy cap, tokens.max_ttl, task deadline).
         let ttl = ask
             .ttl_secs
@@ -563,6 +571,7 @@ impl Broker {
                     .collect(),
                 audience: claims.aud.to_vec(),
                 on_behalf_of: Subject::from_trusted(claims.sub),
+                exp: claims.exp,
             }),
         })
     }

@@ -162,6 +162,41 @@ async fn a_received_token_cannot_be_widened_by_its_resource_server() {
         .unwrap()
         .unwrap();
     assert!(child["exp"].as_i64().unwrap() <= parent.deadline);
+
+    // A grant for 30 s delegates nothing that lives longer: neither the child's token, asked
+    // for 300 s, nor its task.
+    let (s, v) = app
+        .exchange(
+            &app.svid(AGENT),
+            "tickets:read",
+            &[
+                ("task_id", &task),
+                ("audience", SUB),
+                ("expires_in", "30"),
+            ],
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let short = v["access_token"].as_str().unwrap().to_string();
+    let short_exp = claims_of(&short)["exp"].as_i64().unwrap();
+    let (s, v) = delegate_with(
+        &app,
+        &short,
+        Some(&app.svid(SUB)),
+        "tickets:read",
+        &[("audience", TICKETS), ("expires_in", "300")],
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    let child = claims_of(v["access_token"].as_str().unwrap());
+    assert!(child["exp"].as_i64().unwrap() <= short_exp, "{child}");
+    let child_task = app
+        .broker
+        .get_task(&TaskId::parse(v["task_id"].as_str().unwrap()).unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(child_task.deadline <= short_exp);
 }
 
 /// Ends `parent` while `threads` delegations from `g` run; returns the child tasks created.

@@ -334,3 +334,49 @@ async fn two_replicas_share_indexes_and_bits() {
     assert_eq!(s, 200, "{v}");
     assert_eq!(bit(&a, &t).await, 1);
 }
+
+/// Ending a task sets the bits of every token of the tree delegated from it, at any depth,
+/// and revoking a grant sets the bits of the tasks delegated from it: an offline verifier
+/// learns of the cascade as an introspecting one does.
+#[tokio::test]
+async fn a_delegation_cascade_sets_the_bits_of_the_whole_tree() {
+    use crate::delegation::{SUB, delegate_with, grant, open};
+    const SUB2: &str = "spiffe://example.org/agent/sub/second";
+    let app = spawn_app().await;
+    let (root, task) = open(&app, "repo:read", API).await;
+    let g = grant(&app, AGENT, &task, SUB, "repo:read").await;
+    let (s, v) = delegate_with(&app, &g, Some(&app.svid(SUB)), "repo:read", &[]).await;
+    assert_eq!(s, 200, "{v}");
+    let child = v["access_token"].as_str().unwrap().to_string();
+    let child_task = v["task_id"].as_str().unwrap().to_string();
+    let g2 = grant(&app, SUB, &child_task, SUB2, "repo:read").await;
+    let (s, v) = delegate_with(&app, &g2, Some(&app.svid(SUB2)), "repo:read", &[]).await;
+    assert_eq!(s, 200, "{v}");
+    let grandchild = v["access_token"].as_str().unwrap().to_string();
+    for t in [&root, &g, &child, &g2, &grandchild] {
+        assert_eq!(bit(&app, t).await, 0);
+    }
+    let (s, v) = app.end_task(&task, &root).await;
+    assert_eq!(s, 200, "{v}");
+    for (name, t) in [
+        ("root", &root),
+        ("grant", &g),
+        ("child", &child),
+        ("grant 2", &g2),
+        ("grandchild", &grandchild),
+    ] {
+        assert_eq!(bit(&app, t).await, 1, "{name}");
+    }
+
+    // A grant revoked by RFC 7009: its own bit and those of the tasks delegated from it.
+    let (kept, task) = open(&app, "repo:read", API).await;
+    let g = grant(&app, AGENT, &task, SUB, "repo:read").await;
+    let (s, v) = delegate_with(&app, &g, Some(&app.svid(SUB)), "repo:read", &[]).await;
+    assert_eq!(s, 200, "{v}");
+    let child = v["access_token"].as_str().unwrap().to_string();
+    let (s, _, _) = app.post_form("/oauth2/revoke", &[("token", &g)]).await;
+    assert_eq!(s, 200);
+    assert_eq!(bit(&app, &g).await, 1);
+    assert_eq!(bit(&app, &child).await, 1);
+    assert_eq!(bit(&app, &kept).await, 0, "the parent's own token stays valid");
+}
