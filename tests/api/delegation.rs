@@ -169,11 +169,7 @@ async fn a_received_token_cannot_be_widened_by_its_resource_server() {
         .exchange(
             &app.svid(AGENT),
             "tickets:read",
-            &[
-                ("task_id", &task),
-                ("audience", SUB),
-                ("expires_in", "30"),
-            ],
+            &[("task_id", &task), ("audience", SUB), ("expires_in", "30")],
         )
         .await;
     assert_eq!(s, 200, "{v}");

@@ -378,5 +378,9 @@ async fn a_delegation_cascade_sets_the_bits_of_the_whole_tree() {
     assert_eq!(s, 200);
     assert_eq!(bit(&app, &g).await, 1);
     assert_eq!(bit(&app, &child).await, 1);
-    assert_eq!(bit(&app, &kept).await, 0, "the parent's own token stays valid");
+    assert_eq!(
+        bit(&app, &kept).await,
+        0,
+        "the parent's own token stays valid"
+    );
 }
