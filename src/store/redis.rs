@@ -592,6 +592,15 @@ impl RedisStore {
         format!("{}{{feed}}:p:{kind}:{id}", self.prefix)
     }
 
+    /// Every field of the hash `key`.
+    async fn hash_all(&self, key: String) -> Result<HashMap<String, String>, StoreError> {
+        redis::cmd("HGETALL")
+            .arg(key)
+            .query_async(&mut self.conn())
+            .await
+            .map_err(unavailable)
+    }
+
     fn k_approvals(&self) -> String {
         format!("{}{{apr}}:all", self.prefix)
     }
@@ -1569,11 +1578,7 @@ impl Store for RedisStore {
     }
 
     async fn list_approvals(&self) -> Result<Vec<ApprovalRecord>, StoreError> {
-        let raw: HashMap<String, String> = redis::cmd("HGETALL")
-            .arg(self.k_approvals())
-            .query_async(&mut self.conn())
-            .await
-            .map_err(unavailable)?;
+        let raw = self.hash_all(self.k_approvals()).await?;
         let mut out = Vec::with_capacity(raw.len());
         for (id, v) in &raw {
             out.push(parse_approval(id, v)?);
@@ -1587,11 +1592,7 @@ impl Store for RedisStore {
     }
 
     async fn list_blocks(&self) -> Result<Vec<BlockRecord>, StoreError> {
-        let raw: HashMap<String, String> = redis::cmd("HGETALL")
-            .arg(self.k_blocks())
-            .query_async(&mut self.conn())
-            .await
-            .map_err(unavailable)?;
+        let raw = self.hash_all(self.k_blocks()).await?;
         let mut out = Vec::with_capacity(raw.len());
         for (id, v) in &raw {
             let record: BlockRecord = serde_json::from_str(v)
