@@ -358,9 +358,9 @@ impl Broker {
             )
             .into());
         }
-        let asked = asked(req, who, ask);
+        // What an approval binds is built only for a request that has to do with one.
         let approved = match &req.approval_id {
-            Some(id) => Some(self.poll_approval(id, &asked, now).await?),
+            Some(id) => Some(self.poll_approval(id, &asked(req, who, ask), now).await?),
             None => None,
         };
         let existing = self.guards(req, who, ask, now).await?;
@@ -370,7 +370,7 @@ impl Broker {
             let gated = std::mem::take(&mut decision.gated);
             return Err(Stop::Answered(
                 self.hold_for_approval(
-                    asked,
+                    asked(req, who, ask),
                     gated,
                     decision.policies,
                     decision.version,
