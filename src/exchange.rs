@@ -290,6 +290,8 @@ impl Broker {
         if !self.revocations.is_fresh() {
             return Err(BrokerError::unavailable());
         }
+        // A sync of the decision log started meanwhile waits for this request's record.
+        let coming = self.audit.coming();
         let now = self.now();
         let binding = self.dpop_binding(req.dpop.as_deref(), now).await?;
         let who = self.authenticate(&req, now).await?;
@@ -311,7 +313,10 @@ impl Broker {
             detail: delegation_detail(&who),
             ..audit::Entry::default()
         };
-        match self.grant(&req, &who, &ask, now, entry.clone()).await {
+        match self
+            .grant(&req, &who, &ask, now, entry.clone(), &coming)
+            .await
+        {
             Ok(response) => Ok(response),
             Err(Stop::Failed(e) | Stop::Answered(e)) => Err(e),
             Err(Stop::Refused(r)) => Err(self
@@ -338,6 +343,7 @@ impl Broker {
         ask: &Ask,
         now: i64,
         entry: audit::Entry,
+        coming: &audit::Coming<'_>,
     ) -> Result<TokenResponse, Stop> {
         if ask.audience.is_empty() {
             return Err(Refusal::target(
@@ -450,7 +456,9 @@ impl Broker {
                 }
             },
         };
-        let seq = self.record_grant(entry, who, ask, &task, &token, ttl, decision)?;
+        let seq = self.record_grant(entry, who, ask, &task, &token, ttl, decision);
+        coming.written();
+        let seq = seq?;
         // Signed while the record is on its way to disk, but durable before issued (SPEC §6):
         // the token leaves only once its record is synced; concurrent exchanges share one
         // fsync. A token whose record never became durable is dropped unsent.

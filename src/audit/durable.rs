@@ -12,7 +12,7 @@
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
@@ -33,6 +33,8 @@ struct Shared {
     fail_next: AtomicBool,
     fsyncs: AtomicU64,
     stop: AtomicBool,
+    /// Requests on their way to a record that will be waited for (see [`Coming`]).
+    coming: AtomicUsize,
 }
 
 /// Who waits for which `seq`: woken with `Ok` once it is on disk, `Err` if a sync failed.
@@ -99,6 +101,7 @@ impl Durability {
             fail_next: AtomicBool::new(false),
             fsyncs: AtomicU64::new(0),
             stop: AtomicBool::new(false),
+            coming: AtomicUsize::new(0),
         });
         let s = shared.clone();
         std::thread::Builder::new()
@@ -151,6 +154,25 @@ impl Durability {
         }
     }
 
+    /// Announces a request that is about to write a record and wait for it: a sync under
+    /// way is held back for it (at most [`MAX_GATHER`]) until the guard is written or dropped.
+    pub(super) fn coming(&self) -> Coming<'_> {
+        if let Some(s) = &self.shared {
+            s.coming.fetch_add(1, Ordering::AcqRel);
+        }
+        Coming {
+            shared: self.shared.as_deref(),
+            done: AtomicBool::new(false),
+        }
+    }
+
+    #[cfg(test)]
+    pub(super) fn coming_count(&self) -> usize {
+        self.shared
+            .as_ref()
+            .map_or(0, |s| s.coming.load(Ordering::Acquire))
+    }
+
     /// Waits until every record up to `seq` is on disk.
     pub(super) async fn commit(&self, seq: u64) -> Result<(), AuditError> {
         self.start_commit(seq).wait().await
@@ -194,6 +216,29 @@ fn sync_failed() -> AuditError {
     AuditError::NotDurable("a sync failed".into())
 }
 
+/// A request on its way to a record: counted until [`Coming::written`] or drop.
+pub struct Coming<'a> {
+    shared: Option<&'a Shared>,
+    done: AtomicBool,
+}
+
+impl Coming<'_> {
+    /// The record is written (or will not be): a sync no longer waits for it.
+    pub fn written(&self) {
+        if let Some(s) = self.shared
+            && !self.done.swap(true, Ordering::AcqRel)
+        {
+            s.coming.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+impl Drop for Coming<'_> {
+    fn drop(&mut self) {
+        self.written();
+    }
+}
+
 /// A commit under way: [`Pending::wait`] returns once the record is on disk.
 #[must_use = "a record is durable only once `wait` has returned Ok"]
 pub struct Pending(Wait);
@@ -230,18 +275,28 @@ fn wake(s: &Shared, failed: bool) -> usize {
     n
 }
 
-/// The longest a sync is held back to gather more records.
-const MAX_GATHER: Duration = Duration::from_millis(2);
+/// The longest a sync is held back for requests on their way to a record.
+const MAX_GATHER: Duration = Duration::from_millis(3);
+/// How often a held-back sync looks whether they have written it.
+const GATHER_STEP: Duration = Duration::from_micros(100);
+/// Under load, how long a held-back sync waits for one more record before it starts.
+const ARRIVAL_STEP: Duration = Duration::from_micros(500);
+/// The group size from which a sync counts as under load. Requests queued behind busy
+/// workers have not announced themselves yet, so under load the records that keep
+/// arriving are the better sign that more are on their way.
+const BUSY_GROUP: usize = 4;
 
 /// The sync thread: syncs while someone waits, until the log is dropped.
 ///
-/// Under concurrency (the last sync covered more than one waiter) the next sync is held
-/// back for about as long as the last one took, at most [`MAX_GATHER`], so that it covers
-/// the records written meanwhile too: each fdatasync costs CPU and device round trips, and
-/// fewer, larger groups keep that cost per token low. A lone waiter is synced at once.
+/// A sync is held back while requests that will wait for their record are still on their
+/// way to writing it ([`Durability::coming`]), for at most [`MAX_GATHER`], so that one
+/// sync covers them too: each fdatasync costs CPU (the device round trip, the journal
+/// commit, the wake-ups), and a few large groups keep that cost per token low. When every
+/// such request is already waiting, or there is only one, the sync starts at once. Under
+/// load (the last group was large) it is held back further while records keep arriving,
+/// [`ARRIVAL_STEP`] at a time.
 fn syncer(s: &Shared) {
-    let mut last_group = 0usize;
-    let mut last_took = Duration::ZERO;
+    let mut last_group = 0;
     loop {
         {
             let mut waiting = s.waiting.lock();
@@ -256,18 +311,14 @@ fn syncer(s: &Shared) {
                 s.want.wait(&mut waiting);
             }
         }
-        if last_group > 1 {
-            std::thread::sleep(last_took.min(MAX_GATHER));
-        }
+        gather(s, last_group);
         // Everything written before the sync starts is covered by it.
         let target = s.written.load(Ordering::Acquire);
-        let started = Instant::now();
         let result = if s.fail_next.swap(false, Ordering::AcqRel) {
             Err(std::io::Error::other("injected sync failure"))
         } else {
             s.file.sync_data()
         };
-        last_took = started.elapsed();
         s.fsyncs.fetch_add(1, Ordering::Relaxed);
         match result {
             Ok(()) => {
@@ -280,5 +331,27 @@ fn syncer(s: &Shared) {
                 last_group = wake(s, true);
             }
         }
+    }
+}
+
+/// Holds a sync back while requests are on their way to a record, and, under load (the
+/// last sync covered more than [`BUSY_GROUP`] waiters), while records keep arriving (see
+/// [`syncer`]).
+fn gather(s: &Shared, last_group: usize) {
+    let deadline = Instant::now() + MAX_GATHER;
+    while s.coming.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
+        std::thread::sleep(GATHER_STEP);
+    }
+    if last_group <= BUSY_GROUP {
+        return;
+    }
+    let mut seen = s.written.load(Ordering::Acquire);
+    while Instant::now() < deadline {
+        std::thread::sleep(ARRIVAL_STEP);
+        let now = s.written.load(Ordering::Acquire);
+        if now == seen {
+            return;
+        }
+        seen = now;
     }
 }

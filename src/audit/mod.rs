@@ -40,7 +40,7 @@ use crate::domain::{Clock, SystemClock, sha256_hex};
 use crate::store::AuditHead;
 use crate::token::keys::KeySet;
 
-pub use durable::Pending;
+pub use durable::{Coming, Pending};
 pub use verify::{Break, Report, Verification, VerifyOptions, verify_file, verify_reader};
 
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
@@ -592,6 +592,12 @@ impl AuditLog {
     /// discard logs have nothing to sync.
     pub async fn commit(&self, seq: u64) -> Result<(), AuditError> {
         self.durability.commit(seq).await
+    }
+
+    /// Announces a request that will write a record and wait for it to be durable, so that
+    /// the sync under way covers it too (group commit).
+    pub fn coming(&self) -> durable::Coming<'_> {
+        self.durability.coming()
     }
 
     /// Starts the commit of `seq` now; the record is durable once the returned
