@@ -32,11 +32,15 @@ pub(super) enum FetchError {
     TooLarge,
     #[error("the JWKS is not a JSON object with `keys`")]
     Malformed,
+    #[error("the last JWKS fetch failed, less than the refresh interval ago")]
+    Recent,
 }
 
 struct State {
     keys: Arc<HashMap<String, Arc<Key>>>,
     fetched_at: Option<Instant>,
+    /// The last fetch failed: a key the cache does not hold may be one the broker has.
+    failed: bool,
 }
 
 pub(super) struct Jwks {
@@ -57,6 +61,7 @@ impl Jwks {
             state: RwLock::new(State {
                 keys: Arc::new(HashMap::new()),
                 fetched_at: None,
+                failed: false,
             }),
             fetching: tokio::sync::Mutex::new(()),
         }
@@ -73,13 +78,21 @@ impl Jwks {
         if let Some(k) = self.cached(kid) {
             return Ok(Some(k));
         }
-        let recent = self
-            .state
-            .read()
-            .fetched_at
-            .is_some_and(|t| t.elapsed() < self.min_refresh);
+        let (recent, failed) = {
+            let state = self.state.read();
+            let recent = state
+                .fetched_at
+                .is_some_and(|t| t.elapsed() < self.min_refresh);
+            (recent, state.failed)
+        };
         if recent {
-            return Ok(None);
+            // Not asked again so soon; without a good answer, the key cannot be called
+            // unknown (503, not 401).
+            return if failed {
+                Err(FetchError::Recent)
+            } else {
+                Ok(None)
+            };
         }
         self.fetch().await?;
         Ok(self.cached(kid))
@@ -101,6 +114,7 @@ impl Jwks {
         // A failed fetch counts too: the broker is not asked again before `min_refresh`,
         // and the keys already held stay.
         state.fetched_at = Some(Instant::now());
+        state.failed = result.is_err();
         state.keys = Arc::new(result?);
         Ok(())
     }

@@ -329,12 +329,16 @@ async fn the_jwks_is_fetched_again_only_for_an_unknown_kid_and_at_most_every_min
     let e = check(&v, &b.token(&fake::key("k3"), 3)).await.unwrap_err();
     assert_eq!(e.code, ErrorCode::InvalidToken);
 
-    // A JWKS that cannot be fetched, for a key not held: 503, not a pass.
+    // A JWKS that cannot be fetched, for a key not held: 503, not a pass; and still 503,
+    // not "unknown key", while the verifier waits before asking again.
     *b.jwks.lock() = serde_json::json!("not a jwks");
-    let v = b.verifier(0);
-    let e = check(&v, &b.token(&k1, 3)).await.unwrap_err();
-    assert_eq!(e.code, ErrorCode::Unavailable);
-    assert_eq!(e.status(), 503);
+    let v = b.verifier(3600);
+    let before = b.hits().0;
+    for _ in 0..2 {
+        let e = check(&v, &b.token(&k1, 3)).await.unwrap_err();
+        assert_eq!((e.code, e.status()), (ErrorCode::Unavailable, 503));
+    }
+    assert_eq!(b.hits().0, before + 1);
 }
 
 #[tokio::test]
