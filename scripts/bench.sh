@@ -9,7 +9,8 @@
 #   6. trips: re-evaluation of 10,000 open tasks on Redis; exchange throughput, trips on vs off
 #   7. delegation exchanges/s next to plain exchanges/s, memory and Redis (scripts/bench/delegation.sh)
 #   8. approval gates: exchange throughput, approvals on vs off; polls of 1,000 pending approvals
-#   9. DPoP: exchange with vs without a proof; status-list serving; revocation -> bit (scripts/bench/dpop_status.sh)
+#   9. DPoP: exchange with vs without a proof; status-list serving; revocation -> bit;
+#      resource-server verifier checks/s on one core, bound token, warm caches (scripts/bench/dpop_status.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -36,6 +36,25 @@ echo "== cargo clippy"
 clear_devnull
 cargo clippy --all-targets --locked --features fuzzing -- -D warnings
 
+# The resource-server verifier alone (SPEC §9): it builds, lints and passes its tests without
+# the broker, and none of the broker's server dependencies is in its tree.
+echo "== cargo clippy / test --no-default-features --features verify"
+clear_devnull
+cargo clippy --all-targets --locked --no-default-features --features verify -- -D warnings
+clear_devnull
+cargo test --all-targets --locked --no-default-features --features verify
+clear_devnull
+# reqwest (the verifier's HTTP client) brings hyper's client side and tower-http's
+# follow-redirect; the broker's server side must not come with them.
+verify_tree=$(cargo tree --locked --no-default-features --features verify -e normal -f '{p} {f}' --prefix none | sort -u)
+server_deps=$(echo "$verify_tree" | awk '{print $1}' \
+  | grep -xE 'axum|axum-core|redis|cedar-policy|clap|clap_complete|tracing-subscriber|miette|toml|spiffe|rsa|rustix' || true)
+server_features=$(echo "$verify_tree" | grep -E '^hyper .*[ ,]server(,|$)|^tower-http .*(limit|request-id)' || true)
+if [ -n "$server_deps$server_features" ]; then
+  echo "the verify build pulls in the broker's server dependencies: $server_deps $server_features" >&2
+  exit 1
+fi
+
 echo "== cargo test (with the fuzz regression tests)"
 clear_devnull
 cargo test --all-targets --locked --features fuzzing
@@ -70,7 +89,7 @@ if [ ! -x .venv-chart/bin/checkov ] || ! .venv-chart/bin/python -c "import helm_
   .venv-chart/bin/pip install -q --disable-pip-version-check helm-python-sdk kubernetes-validate checkov
 fi
 clear_devnull
-cargo build --quiet --locked --bin writ
+cargo build --quiet --locked --bin writ --example resource_server
 WRIT_BIN=target/debug/writ .venv-chart/bin/python tests/chart/test_chart.py
 
 echo "== interop: PyJWT/jwcrypto, oauth4webapi/jose, oidc-provider; schemathesis on /openapi.json"

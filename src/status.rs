@@ -46,6 +46,9 @@ pub struct SignedList {
 struct Cached {
     bits: Vec<u8>,
     signed_at: Instant,
+    /// The `iat` it was signed with: reused only within that second of the broker's clock,
+    /// so that a served list's `exp` (`iat` + `ttl`) is always ahead of now.
+    iat: i64,
     jwt: String,
 }
 
@@ -138,6 +141,7 @@ impl StatusLists {
         };
         if let Some(c) = self.cache.lock().get(list)
             && c.bits == stored.bits
+            && c.iat == now
             && c.signed_at.elapsed() < RESIGN_AFTER
         {
             return Ok(Some(SignedList {
@@ -166,6 +170,7 @@ impl StatusLists {
             Arc::new(Cached {
                 bits: stored.bits,
                 signed_at: Instant::now(),
+                iat: now,
                 jwt: jwt.clone(),
             }),
         );

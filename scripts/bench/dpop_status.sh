@@ -3,6 +3,8 @@
 #   - exchange req/s without and with a DPoP proof, same run, same client (replica A)
 #   - status-list serving req/s (replica B)
 #   - revocation at A (RFC 7009) -> the bit set in B's served list, p50/p99 over 1,000
+#   - the resource-server verifier (writ::verify): checks/s on one core for a DPoP-bound
+#     token with warm JWKS and status-list caches (examples/verify_bench.rs)
 # Runs alone (`scripts/bench/dpop_status.sh`) or from scripts/bench.sh.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -14,9 +16,9 @@ command -v redis-server >/dev/null 2>&1 || {
 # broker's): release by default.
 PROFILE=${BENCH_PROFILE:-release}
 if [ "$PROFILE" = release ]; then
-  cargo build --release --quiet --bin writ --example dpop_status_bench
+  cargo build --release --quiet --bin writ --example dpop_status_bench --example verify_bench
 else
-  cargo build --quiet --bin writ --example dpop_status_bench
+  cargo build --quiet --bin writ --example dpop_status_bench --example verify_bench
 fi
 WRIT=$ROOT/target/$PROFILE/writ
 # shellcheck source=scripts/bench/lib.sh
@@ -66,3 +68,6 @@ echo "== DPoP and status lists ($PROFILE build): two replicas on Redis, ${BENCH_
 BROKER_A="http://127.0.0.1:$PA" BROKER_B="http://127.0.0.1:$PB" SVID="$work/.writ-dev/demo.svid" \
   DURATION="$(d=${BENCH_DURATION:-10s}; echo "${d%s}")" CONCURRENCY="${BENCH_CONNECTIONS:-32}" \
   "target/$PROFILE/examples/dpop_status_bench"
+
+echo "== resource-server verifier ($PROFILE build): one core, DPoP-bound token, warm caches, a fresh proof per check"
+CHECKS="${VERIFY_CHECKS:-20000}" "target/$PROFILE/examples/verify_bench"

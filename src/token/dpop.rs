@@ -164,6 +164,7 @@ pub fn check(proof: &str, expect: &Expect<'_>) -> Result<Proof, ProofError> {
 
 /// The client side: a proof for `htm` `htu` at `now`, signed with `key` (a key `writ keys
 /// generate` wrote), with the server's `nonce` and the access token's hash when given.
+#[cfg(feature = "server")]
 pub fn make_proof(
     key: &super::keys::SigningKey,
     htm: &str,

@@ -28,3 +28,9 @@ mod rotation;
 mod serving;
 mod status;
 mod trips;
+mod verify;
+
+// The example resource server, started by the verifier tests (its `main` is unused here).
+#[allow(dead_code)]
+#[path = "../../examples/resource_server.rs"]
+mod resource_server;

@@ -384,3 +384,27 @@ async fn a_delegation_cascade_sets_the_bits_of_the_whole_tree() {
         "the parent's own token stays valid"
     );
 }
+
+/// A served list is never already expired: with `ttl = 1s`, a list signed at one second is
+/// not served again once the broker's clock has reached its `exp`, even within the second
+/// during which unchanged bits reuse a signature.
+#[tokio::test]
+async fn a_served_list_is_never_past_its_exp() {
+    let app = app_with("[status]\nttl = \"1s\"\n").await;
+    let (token, _) = app.task_token(AGENT, "repo:read").await;
+    let (path, _) = slot(&token);
+    for _ in 0..3 {
+        let resp = app
+            .http
+            .get(format!("{}{path}", app.base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 200);
+        let claims = claims_of(&resp.text().await.unwrap());
+        let now = writ::domain::Clock::now(app.clock.as_ref());
+        assert_eq!(claims["iat"].as_i64().unwrap(), now, "{claims}");
+        assert!(claims["exp"].as_i64().unwrap() > now, "{claims} at {now}");
+        app.clock.advance(1);
+    }
+}

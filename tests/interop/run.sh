@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Runs the interop suites (Python: PyJWT/jwcrypto; Node: oauth4webapi/jose) against a real
-# `writ serve` on a loopback port. Installs the clients locally (.venv, node_modules).
+# Runs the interop suites (Python: PyJWT/jwcrypto; Node: oauth4webapi/jose, dpop) against a
+# real `writ serve` on a loopback port, and the example resource server in front of it.
+# Installs the clients locally (.venv, node_modules).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
@@ -14,7 +15,7 @@ if [ ! -d tests/interop/node/node_modules/oidc-provider ] || [ ! -x tests/intero
 fi
 
 work=$(mktemp -d)
-trap 'kill ${PID:-} ${PID2:-} 2>/dev/null || true; rm -rf "$work"' EXIT
+trap 'kill ${PID:-} ${PID2:-} ${PID3:-} 2>/dev/null || true; rm -rf "$work"' EXIT
 PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 "$WRIT" keys generate --alg ES256 --out "$work/signing.pem" >/dev/null
 OP_PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
@@ -39,7 +40,22 @@ for port in "$PORT" "$PORT2"; do
     sleep 0.05
   done
 done
+# The example resource server (examples/resource_server.rs, writ::verify) in front of the
+# first broker, for node/verify.mjs. RS_BIN runs another build of it.
+if [ -z "${RS_BIN:-}" ]; then
+  cargo build --quiet --locked --example resource_server
+  RS_BIN=$ROOT/target/debug/examples/resource_server
+fi
+RS_PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+RS_LOG=warn "$RS_BIN" --broker "http://127.0.0.1:$PORT" --audience https://api.interop.test \
+  --listen "127.0.0.1:$RS_PORT" >"$work/rs.out" 2>"$work/rs.log" &
+PID3=$!
+for _ in $(seq 1 200); do
+  python3 -c "import urllib.request,sys; urllib.request.urlopen('http://127.0.0.1:$RS_PORT/healthz', timeout=1)" 2>/dev/null && break
+  sleep 0.05
+done
 export BROKER="http://127.0.0.1:$PORT" BROKER_PATH="http://127.0.0.1:$PORT2/writ" WORK="$work" OP_PORT
+export RS="http://127.0.0.1:$RS_PORT"
 status=0
 .venv/bin/python tests/interop/python/test_interop.py || status=1
 # Approval gates: a device-flow style polling loop (RFC 8628 §3.4-3.5) written with `requests`.
@@ -76,6 +92,7 @@ fi
 node tests/interop/node/test.mjs || status=1
 node tests/interop/node/oidc.mjs || status=1
 node tests/interop/node/dpop.mjs || status=1
+node tests/interop/node/verify.mjs || { status=1; cat "$work/rs.log"; }
 # A bounded schemathesis run against the served OpenAPI description: no 5xx, every status
 # code and content type as described, every response valid against its schema.
 .venv/bin/schemathesis run "$BROKER/openapi.json" -H "Authorization: Bearer $(cat "$work/admin-token")" \

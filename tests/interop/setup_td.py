@@ -87,5 +87,8 @@ principals = ["spiffe://interop.test/resource/*"]
 token_sha256 = ["{hashlib.sha256(approver.encode()).hexdigest()}"]
 interval = "1s"
 ttl = "2m"
+[status]
+# Short, so that the resource-server suite (node/verify.mjs) sees a revocation quickly.
+ttl = "2s"
 """
 )
