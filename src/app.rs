@@ -60,7 +60,7 @@ async fn serve_optional(
     stopping: tokio::sync::watch::Receiver<bool>,
 ) {
     if let Some(l) = listener {
-        serve(l, router, limits, broker, name, stopping).await;
+        serve(l, router, limits, broker, name, None, stopping).await;
     }
 }
 
@@ -144,6 +144,7 @@ impl Application {
             limits,
             b.clone(),
             "main",
+            b.tls.clone(),
             stopping_rx.clone(),
         );
         let metrics = serve_optional(
@@ -261,12 +262,21 @@ fn spawn_policy_start_check(broker: Arc<Broker>) -> tokio::task::JoinHandle<()> 
 }
 
 /// Re-reads trust bundle files once a second; cached credentials are verified again after
-/// a change.
+/// a change. The main listener's certificate files too: new handshakes use the new pair.
 fn spawn_bundle_reloader(b: Arc<Broker>) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             tick.tick().await;
+            if let Some(tls) = &b.tls {
+                match tls.reload_if_changed() {
+                    Ok(true) => tracing::info!("server.tls certificate reloaded"),
+                    Ok(false) => {}
+                    Err(e) => {
+                        tracing::error!(error = %e, "server.tls certificate refused; the previous one keeps serving")
+                    }
+                }
+            }
             for (td, bundle) in b.identity.svid.bundles() {
                 match bundle.reload_if_changed() {
                     Ok(true) => {

@@ -62,6 +62,8 @@ pub mod status;
 pub mod store;
 #[cfg(feature = "server")]
 pub mod task;
+#[cfg(feature = "server")]
+pub mod tls;
 #[cfg(feature = "verify")]
 pub mod token;
 #[cfg(feature = "server")]

@@ -11,6 +11,8 @@ use jsonwebtoken::jwk::{Jwk, KeyAlgorithm};
 use jsonwebtoken::{Algorithm, DecodingKey};
 use serde::Deserialize;
 
+use super::x509::X509Authorities;
+
 /// Largest bundle file read.
 pub const MAX_BUNDLE_BYTES: u64 = 1024 * 1024;
 
@@ -118,10 +120,21 @@ fn read_bounded(path: &Path) -> Result<Vec<u8>, BundleError> {
     std::fs::read(path).map_err(|e| rerr(e.to_string()))
 }
 
+/// Both parts of a SPIFFE bundle: its JWT authorities and its X.509 authorities.
+fn parse_bundle(text: &[u8], name: &str) -> Result<(JwtBundle, X509Authorities), BundleError> {
+    let jwt = parse_jwt_bundle(text, name)?;
+    let x509 = super::x509::parse_x509_authorities(text).map_err(|reason| BundleError::Parse {
+        path: name.to_string(),
+        reason,
+    })?;
+    Ok((jwt, x509))
+}
+
 /// A bundle backed by a file, swapped atomically when the file changes and still parses.
 pub struct FileBundle {
     path: PathBuf,
     current: ArcSwap<JwtBundle>,
+    x509: ArcSwap<X509Authorities>,
     stamp: parking_lot::Mutex<Option<FileStamp>>,
 }
 
@@ -129,16 +142,22 @@ impl FileBundle {
     pub fn load(path: &Path) -> Result<Self, BundleError> {
         let st = stamp(path);
         let text = read_bounded(path)?;
-        let bundle = parse_jwt_bundle(&text, &path.display().to_string())?;
+        let (bundle, x509) = parse_bundle(&text, &path.display().to_string())?;
         Ok(FileBundle {
             path: path.to_path_buf(),
             current: ArcSwap::from_pointee(bundle),
+            x509: ArcSwap::from_pointee(x509),
             stamp: parking_lot::Mutex::new(st),
         })
     }
 
     pub fn current(&self) -> arc_swap::Guard<Arc<JwtBundle>> {
         self.current.load()
+    }
+
+    /// The X.509 authorities (`x509-svid` keys) of the bundle.
+    pub fn x509(&self) -> Arc<X509Authorities> {
+        self.x509.load_full()
     }
 
     /// Re-reads the file when its size or modification time changed. A file that no longer
@@ -152,8 +171,9 @@ impl FileBundle {
         *last = now;
         drop(last);
         let text = read_bounded(&self.path)?;
-        let bundle = parse_jwt_bundle(&text, &self.path.display().to_string())?;
+        let (bundle, x509) = parse_bundle(&text, &self.path.display().to_string())?;
         self.current.store(Arc::new(bundle));
+        self.x509.store(Arc::new(x509));
         Ok(true)
     }
 
