@@ -189,12 +189,18 @@ impl Application {
     }
 }
 
-/// Policy hot reload (file changes and SIGHUP) and trust bundle re-reads.
+/// Policy hot reload (file changes and SIGHUP), trust bundle re-reads and trust sources.
 pub fn spawn_background(broker: Arc<Broker>) -> Vec<tokio::task::JoinHandle<()>> {
-    vec![
+    let sources = broker
+        .identity
+        .source_tasks()
+        .into_iter()
+        .map(|t| tokio::spawn(t.run()));
+    let mut tasks = vec![
         spawn_policy_watcher(broker.clone()),
         spawn_policy_start_check(broker.clone()),
         spawn_bundle_reloader(broker.clone()),
+        spawn_bundle_change_follower(broker.clone()),
         spawn_approval_sweeper(broker.clone()),
         tokio::spawn(crate::revocation::follow(
             broker.store.clone(),
@@ -202,7 +208,9 @@ pub fn spawn_background(broker: Arc<Broker>) -> Vec<tokio::task::JoinHandle<()>>
             broker.clock.clone(),
         )),
         spawn_log_maintenance(broker),
-    ]
+    ];
+    tasks.extend(sources);
+    tasks
 }
 
 /// Expires approval requests nobody decided in time (recorded once, by whichever replica
@@ -260,8 +268,7 @@ fn spawn_policy_start_check(broker: Arc<Broker>) -> tokio::task::JoinHandle<()> 
     })
 }
 
-/// Re-reads trust bundle files once a second; cached credentials are verified again after
-/// a change.
+/// Re-reads trust bundle files once a second.
 fn spawn_bundle_reloader(b: Arc<Broker>) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -269,16 +276,24 @@ fn spawn_bundle_reloader(b: Arc<Broker>) -> tokio::task::JoinHandle<()> {
             tick.tick().await;
             for (td, bundle) in b.identity.svid.bundles() {
                 match bundle.reload_if_changed() {
-                    Ok(true) => {
-                        tracing::info!(trust_domain = td, "trust bundle reloaded");
-                        b.forget_verified_credentials();
-                    }
+                    Ok(true) => tracing::info!(trust_domain = td, "trust bundle reloaded"),
                     Ok(false) => {}
                     Err(e) => {
                         tracing::error!(trust_domain = td, error = %e, "trust bundle refused; the previous one keeps serving")
                     }
                 }
             }
+        }
+    })
+}
+
+/// Cached credentials are verified again whenever a trust domain's bundle or readiness
+/// changes: a trust domain that fails closed refuses what was cached for it too.
+fn spawn_bundle_change_follower(b: Arc<Broker>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut changes = b.identity.bundle_changes();
+        while changes.changed().await.is_ok() {
+            b.forget_verified_credentials();
         }
     })
 }

@@ -1952,3 +1952,43 @@ fn token_exchange_with_a_dpop_key_binds_the_token_and_answers_a_nonce_challenge(
         assert!(err.contains("--dpop-key"), "{err}");
     }
 }
+
+#[test]
+fn config_check_reads_a_bundle_endpoint_ca_and_connects_to_no_trust_source() {
+    let dir = tempfile::tempdir().unwrap();
+    let td = |extra: &str| {
+        format!(
+            "[[spiffe.trust_domains]]\nname = \"fed.test\"\naudience = \"writ\"\n\
+             bundle_endpoint = \"https://127.0.0.1:{}/bundle\"\n{extra}\
+             [[spiffe.trust_domains]]\nname = \"wl.test\"\naudience = \"writ\"\n\
+             workload_api = \"unix://{}/nobody.sock\"\n",
+            free_port(),
+            dir.path().display()
+        )
+    };
+    // Nothing listens on the endpoint or the socket: config check is offline.
+    let cfg = write_config(dir.path(), &td(""));
+    let (ok, stdout, err) = run(writ().args(["config", "check", "--config"]).arg(&cfg));
+    assert!(ok, "{err}");
+    assert!(stdout.contains("config ok"), "{stdout}");
+    // The endpoint's extra CA file is read and must hold PEM certificates.
+    let ca = dir.path().join("ca.pem");
+    let cfg = write_config(
+        dir.path(),
+        &td(&format!("bundle_endpoint_ca = \"{}\"\n", ca.display())),
+    );
+    let (ok, _, err) = run(writ().args(["config", "check", "--config"]).arg(&cfg));
+    assert!(!ok);
+    assert!(
+        err.contains("`spiffe.trust_domains[0].bundle_endpoint_ca`") && err.contains("cannot read"),
+        "{err}"
+    );
+    std::fs::write(&ca, "not a certificate\n").unwrap();
+    let (ok, _, err) = run(writ().args(["config", "check", "--config"]).arg(&cfg));
+    assert!(!ok);
+    assert!(
+        err.contains("`spiffe.trust_domains[0].bundle_endpoint_ca`")
+            && err.contains("no PEM certificate"),
+        "{err}"
+    );
+}

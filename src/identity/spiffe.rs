@@ -6,7 +6,7 @@ use std::sync::Arc;
 use jsonwebtoken::Algorithm;
 use spiffe::SpiffeId;
 
-use super::bundles::FileBundle;
+use super::bundles::DomainBundle;
 use super::{IdentityError, MAX_SKEW_SECS, MAX_SUBJECT_TOKEN_BYTES};
 use crate::token::jwt::ParsedJwt;
 
@@ -26,7 +26,7 @@ pub const JWT_SVID_ALGS: [Algorithm; 8] = [
 /// One configured trust domain.
 pub struct TrustDomain {
     pub audience: String,
-    pub bundle: Arc<FileBundle>,
+    pub bundle: Arc<DomainBundle>,
 }
 
 /// A verified JWT-SVID.
@@ -49,7 +49,12 @@ impl JwtSvidVerifier {
         self.domains.is_empty()
     }
 
-    pub fn bundles(&self) -> impl Iterator<Item = (&str, &Arc<FileBundle>)> {
+    /// The trust domain's bundle holder (its JWT and X.509 authorities), by name.
+    pub fn domain(&self, name: &str) -> Option<&Arc<DomainBundle>> {
+        self.domains.get(name).map(|d| &d.bundle)
+    }
+
+    pub fn bundles(&self) -> impl Iterator<Item = (&str, &Arc<DomainBundle>)> {
         self.domains.iter().map(|(k, v)| (k.as_str(), &v.bundle))
     }
 
@@ -93,7 +98,15 @@ impl JwtSvidVerifier {
             .domains
             .get(spiffe_id.trust_domain_name())
             .ok_or(IdentityError::UntrustedDomain)?;
-        let bundle = td.bundle.current();
+        // A trust domain whose source cannot be read fails closed (503: the broker cannot
+        // decide), whatever the token.
+        let bundle = td
+            .bundle
+            .current()
+            .map_err(|reason| IdentityError::TrustDomainNotReady {
+                trust_domain: spiffe_id.trust_domain_name().to_string(),
+                reason,
+            })?;
         let authority = bundle
             .authorities
             .get(kid)

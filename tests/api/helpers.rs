@@ -100,6 +100,8 @@ pub struct Options {
     pub server_extra: String,
     pub max_tokens: u32,
     pub signing_alg: KeyAlg,
+    /// Cedar policies added next to [`POLICY`] (for trust domains other than `example.org`).
+    pub extra_policy: String,
 }
 
 impl Default for Options {
@@ -109,6 +111,7 @@ impl Default for Options {
             server_extra: String::new(),
             max_tokens: 50,
             signing_alg: KeyAlg::Es256,
+            extra_policy: String::new(),
         }
     }
 }
@@ -126,6 +129,9 @@ pub async fn spawn_app_with(opts: Options) -> TestApp {
     write_bundle(&p("bundle.json"), &[&svid_key]);
     std::fs::create_dir_all(p("policies")).unwrap();
     std::fs::write(p("policies/test.cedar"), POLICY).unwrap();
+    if !opts.extra_policy.is_empty() {
+        std::fs::write(p("policies/extra.cedar"), &opts.extra_policy).unwrap();
+    }
     let config_text = format!(
         r#"
 [server]
