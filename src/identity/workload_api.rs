@@ -89,6 +89,29 @@ impl X509SvidWatch {
     }
 }
 
+impl X509SvidWatch {
+    /// Hands every SVID to `apply` (the current one first, then each rotation) until the
+    /// Workload API task ends: the hook for a hot-swappable TLS identity. An SVID that
+    /// `apply` refuses is logged and skipped; what it installed before keeps serving.
+    pub async fn apply_each<E: std::fmt::Display>(
+        mut self,
+        apply: impl Fn(&X509SvidMaterial) -> Result<(), E>,
+    ) {
+        let mut next = self.rx.borrow_and_update().clone();
+        loop {
+            if let Some(svid) = &next
+                && let Err(e) = apply(svid)
+            {
+                tracing::error!(spiffe_id = %svid.spiffe_id, error = %e, "X509-SVID from the Workload API not installed; the previous one keeps serving");
+            }
+            if self.rx.changed().await.is_err() {
+                return;
+            }
+            next = self.rx.borrow_and_update().clone();
+        }
+    }
+}
+
 async fn follow(endpoint: String, tx: watch::Sender<Option<Arc<X509SvidMaterial>>>) {
     let mut backoff = Backoff::new(WORKLOAD_API_BACKOFF.0, WORKLOAD_API_BACKOFF.1);
     while !tx.is_closed() {

@@ -454,6 +454,17 @@ async fn the_brokers_own_x509_svid_is_followed_through_rotations_and_outages() {
     let dir = tempfile::tempdir().unwrap();
     let mut wapi = WorkloadApi::start(dir.path(), "spiffe://wl.test/writ", &[]);
     let (mut watch, task) = X509SvidWatch::spawn(wapi.url());
+    // What a TLS server installs: every SVID in turn; one it refuses is skipped.
+    let installed = std::sync::Arc::new(parking_lot::Mutex::new(Vec::<Vec<u8>>::new()));
+    let sink = installed.clone();
+    let applier = tokio::spawn(watch.clone().apply_each(move |svid| {
+        let leaf = svid.cert_chain.first().cloned().unwrap_or_default();
+        if leaf.is_empty() {
+            return Err("no leaf");
+        }
+        sink.lock().push(leaf);
+        Ok(())
+    }));
     let first = watch.first(Duration::from_secs(10)).await.unwrap();
     let (cert, key) = wapi.svid_der();
     assert_eq!(first.spiffe_id, "spiffe://wl.test/writ");
@@ -497,5 +508,22 @@ async fn the_brokers_own_x509_svid_is_followed_through_rotations_and_outages() {
         );
         let _ = tokio::time::timeout(Duration::from_millis(200), w.changed()).await;
     }
+    let start = Instant::now();
+    while installed.lock().last() != Some(&cert3) {
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "not installed: {:?}",
+            installed.lock().len()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let seen = installed.lock().clone();
+    assert_eq!(
+        seen.first(),
+        Some(&cert),
+        "the first SVID is installed first"
+    );
+    assert!(seen.contains(&cert2), "each rotation is installed");
     task.abort();
+    applier.abort();
 }
