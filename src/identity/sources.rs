@@ -53,6 +53,18 @@ impl Backoff {
     }
 }
 
+/// An error with its causes, `a: b: c` (what went wrong with TLS is in the causes).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cause = c.source();
+    }
+    out
+}
+
 /// A federation bundle endpoint of one trust domain.
 #[derive(Clone)]
 pub struct EndpointSource {
@@ -105,7 +117,7 @@ impl EndpointSource {
             .header(reqwest::header::ACCEPT, "application/json")
             .send()
             .await
-            .map_err(|e| format!("GET {url}: {}", crate::error::chain(&e)))?;
+            .map_err(|e| format!("GET {url}: {}", chain(&e)))?;
         if resp.status() != reqwest::StatusCode::OK {
             return Err(format!("GET {url} answered {}", resp.status()));
         }
@@ -116,7 +128,7 @@ impl EndpointSource {
         while let Some(chunk) = resp
             .chunk()
             .await
-            .map_err(|e| format!("GET {url}: {}", crate::error::chain(&e)))?
+            .map_err(|e| format!("GET {url}: {}", chain(&e)))?
         {
             if u64::try_from(body.len() + chunk.len()).unwrap_or(u64::MAX) > MAX_BUNDLE_BYTES {
                 return Err(format!("GET {url}: larger than {MAX_BUNDLE_BYTES} bytes"));
