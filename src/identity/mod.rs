@@ -168,8 +168,10 @@ impl IdentityVerifier {
         for (i, td) in config.spiffe.trust_domains.iter().enumerate() {
             let key = |k: &str| format!("spiffe.trust_domains[{i}].{k}");
             let bundle = if let Some(path) = &td.bundle_file {
-                bundles::DomainBundle::from_file(&td.name, path, changes.clone())
-                    .map_err(|e| ConfigError::new(key("bundle_file"), e.to_string()))?
+                Arc::new(
+                    bundles::DomainBundle::from_file(&td.name, path, changes.clone())
+                        .map_err(|e| ConfigError::new(key("bundle_file"), e.to_string()))?,
+                )
             } else if let Some(url) = &td.bundle_endpoint {
                 let (min, max, max_age) = td.refresh_bounds();
                 let http = sources::EndpointSource::client(td.bundle_endpoint_ca.as_deref())
@@ -187,14 +189,7 @@ impl IdentityVerifier {
                     refresh_min: min,
                     refresh_max: max,
                 }));
-                domains.insert(
-                    td.name.clone(),
-                    spiffe::TrustDomain {
-                        audience: td.audience.clone(),
-                        bundle: d,
-                    },
-                );
-                continue;
+                d
             } else if let Some(endpoint) = &td.workload_api {
                 let d = Arc::new(bundles::DomainBundle::pending(
                     &td.name,
@@ -210,14 +205,7 @@ impl IdentityVerifier {
                         domains: vec![d.clone()],
                     }),
                 }
-                domains.insert(
-                    td.name.clone(),
-                    spiffe::TrustDomain {
-                        audience: td.audience.clone(),
-                        bundle: d,
-                    },
-                );
-                continue;
+                d
             } else {
                 return Err(ConfigError::new(
                     key("bundle_file"),
@@ -229,7 +217,7 @@ impl IdentityVerifier {
                 td.name.clone(),
                 spiffe::TrustDomain {
                     audience: td.audience.clone(),
-                    bundle: Arc::new(bundle),
+                    bundle,
                 },
             );
         }
