@@ -143,6 +143,7 @@ async fn main() -> anyhow::Result<()> {
                     act: None,
                     approval: None,
                     jkt: None,
+                    x5t: None,
                 };
                 let jti = writ::domain::random_id("")?;
                 store

@@ -94,6 +94,7 @@ async fn main() -> anyhow::Result<()> {
                     act: None,
                     approval: None,
                     jkt: None,
+                    x5t: None,
                 };
                 let jti = writ::domain::random_id("")?;
                 b.store

@@ -10,6 +10,7 @@
 #   7. delegation exchanges/s next to plain exchanges/s, memory and Redis (scripts/bench/delegation.sh)
 #   8. approval gates: exchange throughput, approvals on vs off; polls of 1,000 pending approvals
 #   9. DPoP: exchange with vs without a proof; status-list serving; revocation -> bit (scripts/bench/dpop_status.sh)
+#  10. TLS: exchanges/s over plain HTTP, TLS and mTLS (X509-SVID), keep-alive and a handshake per request (scripts/bench/tls.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -138,3 +139,5 @@ echo "== approval gates (scripts/bench/approvals.sh)"
 BENCH_NO_BUILD=1 scripts/bench/approvals.sh
 echo "== DPoP cost, status-list serving, revocation -> status bit across replicas"
 scripts/bench/dpop_status.sh
+echo "== TLS and mTLS: exchanges over plain HTTP, TLS and mTLS, keep-alive and new connections"
+BENCH_DURATION="$DURATION" BENCH_CONNECTIONS="$CONNS" scripts/bench/tls.sh

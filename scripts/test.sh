@@ -81,7 +81,11 @@ clear_devnull
 cargo build --quiet --locked --bin writ
 WRIT_BIN=target/debug/writ .venv-chart/bin/python tests/chart/test_chart.py
 
-echo "== interop: PyJWT/jwcrypto, oauth4webapi/jose, oidc-provider; schemathesis on /openapi.json"
+echo "== interop: PyJWT/jwcrypto, oauth4webapi/jose, oidc-provider, mTLS (requests, ssl, curl); schemathesis on /openapi.json"
+# curl is one of the mTLS clients (--cert/--key).
+command -v curl >/dev/null 2>&1 || {
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq curl >/dev/null
+}
 clear_devnull
 WRIT_BIN=target/debug/writ bash tests/interop/run.sh
 

@@ -60,7 +60,7 @@ async fn serve_optional(
     stopping: tokio::sync::watch::Receiver<bool>,
 ) {
     if let Some(l) = listener {
-        serve(l, router, limits, broker, name, stopping).await;
+        serve(l, router, limits, broker, name, None, stopping).await;
     }
 }
 
@@ -144,6 +144,7 @@ impl Application {
             limits,
             b.clone(),
             "main",
+            b.tls.clone(),
             stopping_rx.clone(),
         );
         let metrics = serve_optional(
@@ -191,6 +192,7 @@ impl Application {
 
 /// Policy hot reload (file changes and SIGHUP), trust bundle re-reads and trust sources.
 pub fn spawn_background(broker: Arc<Broker>) -> Vec<tokio::task::JoinHandle<()>> {
+    let broker_for_tls = broker.clone();
     let sources = broker
         .identity
         .source_tasks()
@@ -210,7 +212,29 @@ pub fn spawn_background(broker: Arc<Broker>) -> Vec<tokio::task::JoinHandle<()>>
         spawn_log_maintenance(broker),
     ];
     tasks.extend(sources);
+    tasks.extend(spawn_tls_from_workload_api(&broker_for_tls));
     tasks
+}
+
+/// `[server.tls] workload_api`: the listener serves the broker's own X509-SVID, installed
+/// as the Workload API streams it (first, then each rotation). Handshakes fail until the
+/// first one arrives.
+fn spawn_tls_from_workload_api(broker: &Arc<Broker>) -> Vec<tokio::task::JoinHandle<()>> {
+    let endpoint = broker
+        .config
+        .server
+        .tls
+        .as_ref()
+        .and_then(|t| t.workload_api.clone());
+    let (Some(endpoint), Some(tls)) = (endpoint, broker.tls.clone()) else {
+        return Vec::new();
+    };
+    let (watch, follow) = crate::identity::workload_api::X509SvidWatch::spawn(endpoint);
+    let install = tokio::spawn(watch.apply_each(move |svid| {
+        tls.identity()
+            .set(svid.cert_chain.clone(), svid.key_pkcs8_der().to_vec())
+    }));
+    vec![follow, install]
 }
 
 /// Expires approval requests nobody decided in time (recorded once, by whichever replica
@@ -268,12 +292,22 @@ fn spawn_policy_start_check(broker: Arc<Broker>) -> tokio::task::JoinHandle<()> 
     })
 }
 
-/// Re-reads trust bundle files once a second.
+/// Re-reads trust bundle files once a second, and the main listener's certificate files:
+/// new handshakes use the new pair.
 fn spawn_bundle_reloader(b: Arc<Broker>) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             tick.tick().await;
+            if let Some(tls) = &b.tls {
+                match tls.reload_if_changed() {
+                    Ok(true) => tracing::info!("server.tls certificate reloaded"),
+                    Ok(false) => {}
+                    Err(e) => {
+                        tracing::error!(error = %e, "server.tls certificate refused; the previous one keeps serving")
+                    }
+                }
+            }
             for (td, bundle) in b.identity.svid.bundles() {
                 match bundle.reload_if_changed() {
                     Ok(true) => tracing::info!(trust_domain = td, "trust bundle reloaded"),

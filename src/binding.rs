@@ -1,6 +1,8 @@
 //! Sender-constrained tokens (SPEC §4.5): the DPoP proof of an exchange checked, its `jti`
 //! taken once across replicas, and the binding it gives the token (`cnf`, `token_type`,
 //! policy's `context.binding`). The proof checks themselves are in [`crate::token::dpop`].
+//! A request over mTLS with an X509-SVID binds the token to that certificate instead
+//! (RFC 8705 §3: `cnf["x5t#S256"]`).
 
 use std::time::Duration;
 
@@ -18,6 +20,8 @@ pub enum Binding {
     None,
     /// Bound to the DPoP key with this RFC 7638 thumbprint.
     Dpop { jkt: String },
+    /// Bound to the TLS client certificate with this SHA-256 thumbprint (RFC 8705 §3.1).
+    Mtls { x5t: String },
 }
 
 impl Binding {
@@ -26,25 +30,39 @@ impl Binding {
         match self {
             Binding::None => "none",
             Binding::Dpop { .. } => "dpop",
+            Binding::Mtls { .. } => "mtls",
         }
     }
 
     pub fn jkt(&self) -> Option<&str> {
         match self {
-            Binding::None => None,
             Binding::Dpop { jkt } => Some(jkt),
+            Binding::None | Binding::Mtls { .. } => None,
+        }
+    }
+
+    /// base64url(SHA-256) of the client certificate the token is bound to.
+    pub fn x5t(&self) -> Option<&str> {
+        match self {
+            Binding::Mtls { x5t } => Some(x5t),
+            Binding::None | Binding::Dpop { .. } => None,
         }
     }
 
     /// The token's `cnf` claim.
     pub fn cnf(&self) -> Option<Value> {
-        self.jkt().map(|jkt| json!({ "jkt": jkt }))
+        match self {
+            Binding::None => None,
+            Binding::Dpop { jkt } => Some(json!({ "jkt": jkt })),
+            Binding::Mtls { x5t } => Some(json!({ "x5t#S256": x5t })),
+        }
     }
 
-    /// `token_type` of the token response.
+    /// `token_type` of the token response: a certificate-bound token is still a `Bearer`
+    /// token on the wire (RFC 8705 §3).
     pub fn token_type(&self) -> &'static str {
         match self {
-            Binding::None => "Bearer",
+            Binding::None | Binding::Mtls { .. } => "Bearer",
             Binding::Dpop { .. } => "DPoP",
         }
     }

@@ -64,6 +64,8 @@ pub struct Broker {
     /// Server nonces for DPoP proofs (RFC 9449 §8), the same on every replica with the same
     /// signing key.
     pub dpop_nonces: crate::token::dpop::NonceKey,
+    /// TLS on the main listener (`[server.tls]`, SPEC §4.8).
+    pub tls: Option<Arc<crate::tls::TlsServer>>,
 }
 
 impl std::fmt::Debug for Broker {
@@ -105,6 +107,24 @@ pub fn load_keys(config: &Config) -> Result<KeySet, ConfigError> {
             "at least one signing key is required",
         )
     })
+}
+
+/// The main listener's TLS, when `[server.tls]` is set: its certificate and key loaded.
+pub fn load_tls(
+    config: &Config,
+    identity: &IdentityVerifier,
+) -> Result<Option<Arc<crate::tls::TlsServer>>, ConfigError> {
+    let Some(tls) = &config.server.tls else {
+        return Ok(None);
+    };
+    let server = crate::tls::TlsServer::from_config(tls)?;
+    if server.requests_client_certs() && !identity.svid.has_x509_authorities() {
+        tracing::warn!(
+            "server.tls.client_auth is optional but no trust domain bundle has X.509 \
+             authorities (x509-svid keys): every client certificate will be refused"
+        );
+    }
+    Ok(Some(Arc::new(server)))
 }
 
 /// Loads and validates the policy directory.
@@ -152,7 +172,8 @@ pub async fn check_config(config: &Config) -> Result<CheckReport, ConfigError> {
     TokenIssuer::new(config.server.issuer.clone(), keys)
         .map_err(|e| ConfigError::new("tokens.signing_keys", e.to_string()))?;
     let policies = load_policies(config)?;
-    IdentityVerifier::from_config(config)?;
+    let identity = IdentityVerifier::from_config(config)?;
+    load_tls(config, &identity)?;
     connect_store(config).await?;
     Ok(CheckReport {
         signing_keys,
@@ -179,6 +200,7 @@ impl Broker {
             .map_err(|e| ConfigError::new("tokens.signing_keys", e.to_string()))?;
         let policies = load_policies(&config)?;
         let identity = IdentityVerifier::from_config(&config)?;
+        let tls = load_tls(&config, &identity)?;
         let local_store = store.is_none() && config.store.backend == StoreBackend::Memory;
         let store: Arc<dyn Store> = match store {
             Some(s) => s,
@@ -238,6 +260,7 @@ impl Broker {
             DPOP_NONCE_WINDOW_SECS,
         );
         let broker = Broker {
+            tls,
             status,
             dpop_nonces,
             webhook,

@@ -230,13 +230,33 @@ pub struct MetricsConfig {
     pub listen: Option<String>,
 }
 
+/// `[server.tls]`: TLS on the main listener (SPEC §4.8).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsConfig {
-    pub cert: PathBuf,
-    pub key: PathBuf,
+    /// PEM certificate chain, leaf first.
     #[serde(default)]
-    pub client_ca: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    /// PEM private key of the leaf.
+    #[serde(default)]
+    pub key: Option<PathBuf>,
+    /// Serve with the broker's own X509-SVID from the SPIFFE Workload API.
+    #[serde(default)]
+    pub workload_api: Option<String>,
+    /// Ask TLS clients for an X509-SVID (`"optional"`) or not (`"none"`, the default).
+    #[serde(default)]
+    pub client_auth: ClientAuth,
+}
+
+/// Whether the main listener asks TLS clients for a certificate.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientAuth {
+    #[default]
+    None,
+    /// A client certificate is asked for, not required; one presented is verified as an
+    /// X509-SVID where a request relies on it.
+    Optional,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -763,11 +783,8 @@ impl Config {
             ));
         }
         self.validate_listeners()?;
-        if s.tls.is_some() {
-            return Err(ConfigError::new(
-                "server.tls",
-                "TLS termination is not built into this version; terminate TLS in front of Writ",
-            ));
+        if let Some(tls) = &s.tls {
+            validate_tls(tls)?;
         }
 
         Ok(())
@@ -1151,6 +1168,31 @@ impl Config {
             ));
         }
         Ok(())
+    }
+}
+
+/// `[server.tls]`: a certificate and key pair, or the Workload API, never both.
+fn validate_tls(tls: &TlsConfig) -> Result<(), ConfigError> {
+    if let Some(socket) = &tls.workload_api {
+        if tls.cert.is_some() || tls.key.is_some() {
+            return Err(ConfigError::new(
+                "server.tls.workload_api",
+                "give either workload_api or cert and key, not both",
+            ));
+        }
+        return check_workload_api_socket(socket)
+            .map_err(|m| ConfigError::new("server.tls.workload_api", m));
+    }
+    match (&tls.cert, &tls.key) {
+        (Some(_), Some(_)) => Ok(()),
+        (None, _) => Err(ConfigError::new(
+            "server.tls.cert",
+            "a PEM certificate chain is required (or workload_api)",
+        )),
+        (Some(_), None) => Err(ConfigError::new(
+            "server.tls.key",
+            "the PEM private key of server.tls.cert is required",
+        )),
     }
 }
 

@@ -139,6 +139,10 @@ impl BrokerError {
             "client authentication is not supported here; present a workload identity",
         )
     }
+    /// `invalid_client` (401): client authentication was required and failed (RFC 6749 §5.2).
+    pub fn client_auth_failed(d: impl Into<String>) -> Self {
+        Self::new(ErrorCode::InvalidClient, d)
+    }
     pub fn invalid_dpop_proof(d: impl Into<String>) -> Self {
         Self::new(ErrorCode::InvalidDpopProof, d)
     }
@@ -185,6 +189,8 @@ pub enum Failure {
     Token(#[from] TokenError),
     #[error("identity source unavailable")]
     Identity(#[from] IdentityError),
+    #[error("trust domain X.509 authorities unavailable")]
+    X509(#[from] crate::identity::x509::X509SvidError),
     #[error("cannot make a random id")]
     Random(#[from] crate::domain::RngError),
     #[error("status list operation failed")]
@@ -198,7 +204,7 @@ impl Failure {
             Failure::Store(_) => "store",
             Failure::Audit(_) => "audit",
             Failure::Token(_) => "signing",
-            Failure::Identity(_) => "identity",
+            Failure::Identity(_) | Failure::X509(_) => "identity",
             Failure::Random(_) => "random",
             Failure::Status(_) => "status",
         }
@@ -206,7 +212,7 @@ impl Failure {
 
     /// Logs the failure once with its cause chain, counts it, and gives the caller's answer.
     pub fn logged(self, metrics: &Metrics) -> BrokerError {
-        if matches!(self, Failure::Identity(_)) {
+        if matches!(self, Failure::Identity(_) | Failure::X509(_)) {
             // An issuer's discovery or JWKS out of reach: the broker answers 503 and keeps
             // serving every other identity, so a warning, not an error of its own parts.
             tracing::warn!(part = self.part(), error = %chain(&self), "{self}");

@@ -13,6 +13,7 @@ use crate::binding::Binding;
 use crate::broker::Broker;
 use crate::domain::{Audience, Scope, Subject, TaskId, TokenId, secs_i64};
 use crate::error::{BrokerError, ErrorCode};
+use crate::identity::x509::X509Svid;
 use crate::identity::{Accept, Source};
 use crate::policy::{PolicyAction, PolicyContext, PolicyPrincipal};
 use crate::store::{DelegateOutcome, MintOutcome, TaskRecord, TaskState, TokenEntry};
@@ -24,13 +25,33 @@ pub const GRANT_TYPE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
 pub const TYPE_JWT: &str = "urn:ietf:params:oauth:token-type:jwt";
 pub const TYPE_ID_TOKEN: &str = "urn:ietf:params:oauth:token-type:id_token";
 pub const TYPE_ACCESS_TOKEN: &str = "urn:ietf:params:oauth:token-type:access_token";
+/// `grant_type` of an OAuth client asking for a task token in its own name (RFC 6749 §4.4).
+pub const CLIENT_CREDENTIALS: &str = "client_credentials";
+/// `client_assertion_type` of a JWT client assertion (RFC 7523 §2.2).
+pub const JWT_BEARER_ASSERTION: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
 
-/// The kind of token presented as `subject_token`.
+/// Which grant the request uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flow {
+    /// Token exchange (RFC 8693).
+    Exchange,
+    /// Client credentials (RFC 6749 §4.4) with a client authenticated by `tls_client_auth`
+    /// (RFC 8705 §2) or a JWT-SVID client assertion (RFC 7523 §2.2).
+    ClientCredentials,
+}
+
+/// How the requester proves who it is: the kind of `subject_token`, or for a request with
+/// none, what stands in for it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SubjectTokenType {
     Jwt,
     IdToken,
     AccessToken,
+    /// No token: the X509-SVID the TLS client presented (an exchange without
+    /// `subject_token`, or `tls_client_auth`).
+    PeerCertificate,
+    /// A JWT-SVID `client_assertion` (client credentials).
+    ClientAssertion,
 }
 
 /// A parsed, well-formed exchange request.
@@ -51,6 +72,12 @@ pub struct ExchangeRequest {
     pub approval_id: Option<String>,
     /// The request's `DPoP` header, when it had exactly one (SPEC §4.5).
     pub dpop: Option<String>,
+    pub flow: Flow,
+    /// `client_id` of a client credentials request: when given, the authenticated client.
+    pub client_id: Option<String>,
+    /// The TLS client's certificate chain, when the request came over mTLS (not yet
+    /// verified).
+    pub peer: Option<crate::tls::PeerChain>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -75,6 +102,23 @@ struct Requester {
     act: Option<Value>,
     /// When the request is a delegation: the grant it presents.
     grant: Option<Grant>,
+}
+
+impl Requester {
+    /// A workload that asks in its own name.
+    fn of(id: &crate::identity::VerifiedIdentity) -> Self {
+        Requester {
+            subject: id.subject.clone(),
+            issuer: id.issuer(),
+            source: id.source,
+            principal: PolicyPrincipal::of_identity(id),
+            action: PolicyAction::Exchange,
+            depth: 0,
+            parent: None,
+            act: None,
+            grant: None,
+        }
+    }
 }
 
 /// A delegation grant (SPEC §4.4): a task token whose audience names the sub-agent.
@@ -291,8 +335,20 @@ impl Broker {
             return Err(BrokerError::unavailable());
         }
         let now = self.now();
-        let binding = self.dpop_binding(req.dpop.as_deref(), now).await?;
-        let who = self.authenticate(&req, now).await?;
+        let peer = self.peer_svid(&req, now)?;
+        let binding = match (&req.dpop, &peer) {
+            (Some(_), Some(_)) => {
+                return Err(BrokerError::invalid_request(
+                    "a token is bound either to a DPoP key or to the TLS client certificate: \
+                     send no DPoP header over mTLS",
+                ));
+            }
+            (None, Some((_, svid))) => Binding::Mtls {
+                x5t: svid.x5t_s256.clone(),
+            },
+            _ => self.dpop_binding(req.dpop.as_deref(), now).await?,
+        };
+        let who = self.authenticate(&req, peer.map(|(id, _)| id), now).await?;
         let ask = Ask {
             binding,
             audience: self.audiences(&req),
@@ -308,7 +364,7 @@ impl Broker {
             scopes_requested: ask.scopes.clone(),
             audience: ask.audience.clone(),
             source_ip: req.source_ip.clone(),
-            detail: delegation_detail(&who),
+            detail: delegation_detail(&who).or_else(|| client_detail(&req, &who, &ask.binding)),
             ..audit::Entry::default()
         };
         match self.grant(&req, &who, &ask, now, entry.clone()).await {
@@ -460,10 +516,63 @@ impl Broker {
         Ok(response)
     }
 
+    /// The TLS client's certificate verified as an X509-SVID, when the request came over
+    /// mTLS. A certificate that is not one refuses the request: it is never ignored, since
+    /// the token would otherwise be bound to nothing the client meant.
+    fn peer_svid(
+        &self,
+        req: &ExchangeRequest,
+        now: i64,
+    ) -> Result<Option<(crate::identity::VerifiedIdentity, X509Svid)>, BrokerError> {
+        let Some(chain) = &req.peer else {
+            return Ok(None);
+        };
+        match self.identity.verify_x509(chain.certs(), now) {
+            Ok(v) => Ok(Some(v)),
+            Err(e) => Err(self.certificate_refused(chain, &e, req)),
+        }
+    }
+
+    /// A client certificate that is not an X509-SVID of a configured trust domain: recorded
+    /// with its thumbprint and reason, answered `invalid_client` (401) where it
+    /// authenticates a client, `invalid_request` where it stands for the subject.
+    fn certificate_refused(
+        &self,
+        chain: &crate::tls::PeerChain,
+        e: &crate::identity::x509::X509SvidError,
+        req: &ExchangeRequest,
+    ) -> BrokerError {
+        if e.is_unavailable() {
+            return self.fail(e.clone());
+        }
+        tracing::info!(reason = %e, "client certificate refused");
+        let x5t = chain
+            .certs()
+            .first()
+            .map(|c| crate::identity::x509::x5t_s256(c));
+        let entry = audit::Entry {
+            decision: Some("deny"),
+            reason: format!("client certificate refused: {e}"),
+            source_ip: req.source_ip.clone(),
+            detail: Some(json!({"client_certificate_x5t#S256": x5t})),
+            ..audit::Entry::default()
+        };
+        if let Err(err) = self.audit.append_unauthenticated(Event::Exchange, entry) {
+            return self.fail(err);
+        }
+        let description = "the TLS client certificate is not a valid X509-SVID of a trusted \
+                           trust domain";
+        match req.flow {
+            Flow::ClientCredentials => BrokerError::client_auth_failed(description),
+            Flow::Exchange => BrokerError::invalid_request(description),
+        }
+    }
+
     /// Who is asking: a workload identity, or the holder of one of our task tokens.
     async fn authenticate(
         &self,
         req: &ExchangeRequest,
+        peer: Option<crate::identity::VerifiedIdentity>,
         now: i64,
     ) -> Result<Requester, BrokerError> {
         use secrecy::ExposeSecret;
@@ -472,23 +581,87 @@ impl Broker {
             SubjectTokenType::Jwt => Accept::AnyIdentity,
             SubjectTokenType::IdToken => Accept::IdTokenOnly,
             SubjectTokenType::AccessToken => return self.delegator(req, token, now).await,
+            SubjectTokenType::PeerCertificate => {
+                let id = peer.ok_or_else(|| match req.flow {
+                    Flow::Exchange => BrokerError::invalid_request(
+                        "`subject_token` is required (or an X509-SVID as TLS client certificate)",
+                    ),
+                    Flow::ClientCredentials => BrokerError::client_auth_failed(
+                        "client authentication is required: an X509-SVID as TLS client \
+                         certificate (tls_client_auth) or a JWT-SVID client_assertion",
+                    ),
+                })?;
+                self.check_client_id(req, &id)?;
+                return Ok(Requester::of(&id));
+            }
+            SubjectTokenType::ClientAssertion => {
+                let id = self
+                    .identity
+                    .verify_client_assertion(token, &self.token_endpoint(), now)
+                    .map_err(|e| self.client_assertion_refused(token, e, req))?;
+                self.check_client_id(req, &id)?;
+                return Ok(Requester::of(&id));
+            }
         };
         let id = self
             .identity
             .verify(token, accept, now)
             .await
             .map_err(|e| self.subject_token_refused(token, e, req.source_ip.as_deref()))?;
-        Ok(Requester {
-            subject: id.subject.clone(),
-            issuer: id.issuer(),
-            source: id.source,
-            principal: PolicyPrincipal::of_identity(&id),
-            action: PolicyAction::Exchange,
-            depth: 0,
-            parent: None,
-            act: None,
-            grant: None,
-        })
+        Ok(Requester::of(&id))
+    }
+
+    /// A client credentials request's `client_id`, when given, names the authenticated
+    /// client (RFC 8705 §2, RFC 7523 §3).
+    fn check_client_id(
+        &self,
+        req: &ExchangeRequest,
+        id: &crate::identity::VerifiedIdentity,
+    ) -> Result<(), BrokerError> {
+        match &req.client_id {
+            Some(c) if c != id.subject.as_str() => {
+                tracing::info!(client_id = %c, subject = %id.subject, "client_id is not the authenticated client");
+                let entry = audit::Entry {
+                    decision: Some("deny"),
+                    subject: Some(id.subject.to_string()),
+                    reason: "client_id is not the authenticated client".into(),
+                    source_ip: req.source_ip.clone(),
+                    detail: Some(json!({"client_id": c, "source": id.source.as_str()})),
+                    ..audit::Entry::default()
+                };
+                if let Err(err) = self.audit.append_unauthenticated(Event::Exchange, entry) {
+                    return Err(self.fail(err));
+                }
+                Err(BrokerError::client_auth_failed(
+                    "client_id is not the client that authenticated",
+                ))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// A client assertion that did not verify: recorded by its hash and answered
+    /// `invalid_client` (401).
+    fn client_assertion_refused(
+        &self,
+        token: &str,
+        e: crate::identity::IdentityError,
+        req: &ExchangeRequest,
+    ) -> BrokerError {
+        tracing::info!(reason = %e, "client assertion refused");
+        let entry = audit::Entry {
+            decision: Some("deny"),
+            reason: format!("client assertion refused: {e}"),
+            source_ip: req.source_ip.clone(),
+            detail: Some(
+                json!({"client_assertion_sha256": crate::domain::sha256_hex(token.as_bytes())}),
+            ),
+            ..audit::Entry::default()
+        };
+        if let Err(err) = self.audit.append_unauthenticated(Event::Exchange, entry) {
+            return self.fail(err);
+        }
+        BrokerError::client_auth_failed("client_assertion is not a valid JWT-SVID for this broker")
     }
 
     /// A sub-agent exchanging a delegation grant (SPEC §4.4): the grant is a task token,
@@ -527,7 +700,9 @@ impl Broker {
         let accept = match actor_type {
             SubjectTokenType::Jwt => Accept::AnyIdentity,
             SubjectTokenType::IdToken => Accept::IdTokenOnly,
-            SubjectTokenType::AccessToken => {
+            SubjectTokenType::AccessToken
+            | SubjectTokenType::PeerCertificate
+            | SubjectTokenType::ClientAssertion => {
                 return Err(BrokerError::invalid_request(
                     "actor_token_type must be the jwt or id_token type",
                 ));
@@ -721,6 +896,15 @@ impl Broker {
             )
             .into());
         }
+        if let Some(x5t) = &task.x5t
+            && ask.binding.x5t() != Some(x5t.as_str())
+        {
+            return Err(Refusal::grant(
+                "the task's tokens are bound to a TLS client certificate: a token minted into \
+                 it must be asked for over mTLS with that certificate",
+            )
+            .into());
+        }
         let outside = outside_of(&ask.scopes, &task.scopes);
         if !outside.is_empty() {
             return Err(Refusal::scope_rule(
@@ -851,6 +1035,7 @@ impl Broker {
             act: who.act.clone(),
             approval: None,
             jkt: ask.binding.jkt().map(str::to_string),
+            x5t: ask.binding.x5t().map(str::to_string),
         }
     }
 
@@ -1039,6 +1224,30 @@ enum SubjectTokenError {
     Identity(#[from] crate::identity::IdentityError),
     #[error(transparent)]
     Token(#[from] crate::token::TokenError),
+}
+
+/// What the decision log records of how a client credentials or mTLS requester
+/// authenticated: the grant, the client authentication method, the identity's source and
+/// the certificate the token is bound to.
+fn client_detail(req: &ExchangeRequest, who: &Requester, binding: &Binding) -> Option<Value> {
+    if req.flow == Flow::Exchange && req.peer.is_none() {
+        return None;
+    }
+    let client_auth = match (req.flow, req.subject_token_type) {
+        (Flow::ClientCredentials, SubjectTokenType::PeerCertificate) => Some("tls_client_auth"),
+        (Flow::ClientCredentials, _) => Some("private_key_jwt"),
+        (Flow::Exchange, _) => None,
+    };
+    let grant_type = match req.flow {
+        Flow::Exchange => GRANT_TYPE,
+        Flow::ClientCredentials => CLIENT_CREDENTIALS,
+    };
+    Some(json!({
+        "grant_type": grant_type,
+        "client_auth": client_auth,
+        "source": who.source.as_str(),
+        "x5t#S256": binding.x5t(),
+    }))
 }
 
 /// What the decision log records of a delegation: the actor, for whom it acts, the whole

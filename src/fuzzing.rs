@@ -36,9 +36,13 @@ pub fn token_form(data: &[u8]) {
             return;
         }
     };
-    match parse_exchange(&form, None, &[]) {
+    match parse_exchange(&form, None, &[], true) {
         Ok(req) => {
-            assert!(!secrecy::ExposeSecret::expose_secret(&req.subject_token).is_empty());
+            // Without a subject_token the TLS client's certificate stands for the subject.
+            assert!(
+                req.subject_token_type == crate::exchange::SubjectTokenType::PeerCertificate
+                    || !secrecy::ExposeSecret::expose_secret(&req.subject_token).is_empty()
+            );
             assert!(!req.scopes.is_empty() && req.scopes.len() <= crate::domain::MAX_SCOPES);
             for s in &req.scopes {
                 assert_eq!(Scope::parse(s.as_str()).as_ref(), Some(s));

@@ -32,6 +32,7 @@ pub mod revoke;
 pub mod status;
 pub mod store;
 pub mod task;
+pub mod tls;
 pub mod token;
 pub mod trips;
 pub mod webhook;

@@ -406,7 +406,14 @@ impl Broker {
                     .as_ref()
                     .map(ToString::to_string)
                     .unwrap_or_default(),
-                binding: if task.jkt.is_some() { "dpop" } else { "none" }.to_string(),
+                binding: if task.jkt.is_some() {
+                    "dpop"
+                } else if task.x5t.is_some() {
+                    "mtls"
+                } else {
+                    "none"
+                }
+                .to_string(),
             };
             let principal = PolicyPrincipal::of_task_owner(task);
             let denied: Vec<String> = set

@@ -208,6 +208,13 @@ const SHELL: &[(&str, Use)] = &[
         },
     ),
     (
+        "--cert agent-svid.pem",
+        Use::Skip(
+            "needs a TLS listener and an X509-SVID; tests/api/mtls.rs and tests/interop run \
+             mTLS clients (curl --cert, Python ssl) against one",
+        ),
+    ),
+    (
         "--reason \"compromised runner\"",
         Use::Skip("`rev_...` stands for the id the revocation prints (tests/api runs revocations)"),
     ),

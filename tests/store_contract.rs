@@ -51,6 +51,7 @@ fn task(owner: &str, created: i64) -> TaskRecord {
         act: None,
         approval: None,
         jkt: None,
+        x5t: None,
     }
 }
 

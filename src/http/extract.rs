@@ -25,6 +25,21 @@ impl<S: Send + Sync> FromRequestParts<S> for SourceIp {
     }
 }
 
+/// The certificate chain of the request's TLS client, when it presented one (not yet
+/// verified: [`crate::identity::x509`] decides whether it is an X509-SVID).
+#[derive(Debug, Clone)]
+pub struct PeerCert(pub Option<crate::tls::PeerChain>);
+
+impl<S: Send + Sync> FromRequestParts<S> for PeerCert {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(PeerCert(
+            parts.extensions.get::<crate::tls::PeerChain>().cloned(),
+        ))
+    }
+}
+
 /// The `Authorization` header, when present and readable text.
 #[derive(Debug, Clone)]
 pub struct Authorization(pub Option<String>);

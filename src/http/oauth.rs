@@ -10,7 +10,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
 use super::error::{json_no_store, no_store};
-use super::extract::{Authorization, DpopHeader, FormPairs, SourceIp};
+use super::extract::{Authorization, DpopHeader, FormPairs, PeerCert, SourceIp};
 use crate::broker::Broker;
 use crate::domain::{
     Audience, AudienceListError, MAX_AUDIENCES, MAX_PURPOSE_LEN, Scope, TaskId,
@@ -18,7 +18,8 @@ use crate::domain::{
 };
 use crate::error::{BrokerError, ErrorCode};
 use crate::exchange::{
-    ExchangeRequest, GRANT_TYPE, SubjectTokenType, TYPE_ACCESS_TOKEN, TYPE_ID_TOKEN, TYPE_JWT,
+    CLIENT_CREDENTIALS, ExchangeRequest, Flow, GRANT_TYPE, JWT_BEARER_ASSERTION, SubjectTokenType,
+    TYPE_ACCESS_TOKEN, TYPE_ID_TOKEN, TYPE_JWT,
 };
 use crate::introspect::Introspection;
 
@@ -38,6 +39,24 @@ pub const EXCHANGE_PARAMS: &[&str] = &[
     "expires_in",
     "approval_id",
 ];
+/// The parameters of a client credentials request (RFC 6749 §4.4.2, with the exchange's
+/// task parameters, client authentication by RFC 7523 §2.2 or RFC 8705 §2); `audience` and
+/// `resource` repeat.
+pub const CLIENT_CREDENTIALS_PARAMS: &[&str] = &[
+    "grant_type",
+    "scope",
+    "audience",
+    "resource",
+    "task_purpose",
+    "task_id",
+    "expires_in",
+    "approval_id",
+    "client_id",
+    "client_assertion_type",
+    "client_assertion",
+];
+/// Longest `client_id` compared (a SPIFFE ID is at most 2048 bytes).
+const MAX_CLIENT_ID_LEN: usize = 2048;
 /// The parameters of introspection and revocation (RFC 7662 §2.1, RFC 7009 §2.1).
 pub const TOKEN_PARAMS: &[&str] = &["token", "token_type_hint"];
 
@@ -95,20 +114,37 @@ impl Form {
 /// Parses the wire form of an exchange into a request of domain types.
 /// `default_scope` stands in for an absent `scope` (RFC 6749 §3.3); when it is empty too, the
 /// request fails with `invalid_scope`.
+/// `peer_cert`: the request came with a TLS client certificate, which may stand for
+/// `subject_token`.
 pub fn parse_exchange(
     form: &Form,
     source_ip: Option<String>,
     default_scope: &[Scope],
+    peer_cert: bool,
 ) -> Result<ExchangeRequest, BrokerError> {
     let grant_type = form.required("grant_type")?;
     if grant_type != GRANT_TYPE {
         return Err(BrokerError::new(
             ErrorCode::UnsupportedGrantType,
-            "this grant_type is not supported; use token exchange",
+            "this grant_type is not supported; use token exchange or client_credentials",
         ));
     }
-    let subject_token = form.required("subject_token")?;
-    let subject_token_type = subject_token_type(form)?;
+    // Without `subject_token` the TLS client's X509-SVID is the subject (SPEC §4.8); the
+    // exchange refuses the request when there is none.
+    let (subject_token, subject_token_type) = match form.get("subject_token") {
+        Some(token) => (token, subject_token_type(form)?),
+        None if form.get("subject_token_type").is_some() => {
+            return Err(BrokerError::invalid_request(
+                "`subject_token` is required with subject_token_type",
+            ));
+        }
+        None if !peer_cert => {
+            return Err(BrokerError::invalid_request(
+                "`subject_token` is required (or an X509-SVID as TLS client certificate)",
+            ));
+        }
+        None => ("", SubjectTokenType::PeerCertificate),
+    };
     if let Some(t) = form.get("requested_token_type")
         && t != TYPE_ACCESS_TOKEN
     {
@@ -117,6 +153,70 @@ pub fn parse_exchange(
         ));
     }
     let actor_token = actor_token(form, subject_token_type)?;
+    let mut req = task_request(form, source_ip, default_scope)?;
+    req.subject_token = subject_token.into();
+    req.subject_token_type = subject_token_type;
+    req.actor_token = actor_token;
+    Ok(req)
+}
+
+/// Parses a client credentials request (RFC 6749 §4.4.2): the client authenticates with a
+/// JWT-SVID `client_assertion` (RFC 7523 §2.2) or, without one, with the X509-SVID of the
+/// TLS connection (`tls_client_auth`, RFC 8705 §2).
+pub fn parse_client_credentials(
+    form: &Form,
+    source_ip: Option<String>,
+    default_scope: &[Scope],
+    peer_cert: bool,
+) -> Result<ExchangeRequest, BrokerError> {
+    let (token, kind) = match (
+        form.get("client_assertion_type"),
+        form.get("client_assertion"),
+    ) {
+        (Some(JWT_BEARER_ASSERTION), Some(a)) => (a, SubjectTokenType::ClientAssertion),
+        (Some(JWT_BEARER_ASSERTION), None) => {
+            return Err(BrokerError::invalid_request(
+                "`client_assertion` is required with client_assertion_type",
+            ));
+        }
+        (Some(_), _) => {
+            return Err(BrokerError::client_auth_failed(
+                "client_assertion_type must be urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+            ));
+        }
+        (None, Some(_)) => {
+            return Err(BrokerError::invalid_request(
+                "`client_assertion_type` is required with client_assertion",
+            ));
+        }
+        (None, None) if !peer_cert => {
+            return Err(BrokerError::client_auth_failed(
+                "client authentication is required: an X509-SVID as TLS client certificate \
+                 (tls_client_auth) or a JWT-SVID client_assertion",
+            ));
+        }
+        (None, None) => ("", SubjectTokenType::PeerCertificate),
+    };
+    let client_id = form.get("client_id");
+    if client_id.is_some_and(|c| c.len() > MAX_CLIENT_ID_LEN) {
+        return Err(BrokerError::client_auth_failed(format!(
+            "client_id is longer than {MAX_CLIENT_ID_LEN} bytes"
+        )));
+    }
+    let mut req = task_request(form, source_ip, default_scope)?;
+    req.subject_token = token.into();
+    req.subject_token_type = kind;
+    req.flow = Flow::ClientCredentials;
+    req.client_id = client_id.map(str::to_string);
+    Ok(req)
+}
+
+/// What both grants ask of a task: scope, audience, purpose, task, lifetime, approval.
+fn task_request(
+    form: &Form,
+    source_ip: Option<String>,
+    default_scope: &[Scope],
+) -> Result<ExchangeRequest, BrokerError> {
     let scopes = scopes(form, default_scope)?;
     let audiences = audiences(form, form.get("task_id").is_some())?;
     let purpose = form.get("task_purpose").unwrap_or("").to_string();
@@ -136,17 +236,20 @@ pub fn parse_exchange(
         })
         .transpose()?;
     Ok(ExchangeRequest {
-        subject_token: subject_token.into(),
-        subject_token_type,
+        subject_token: "".into(),
+        subject_token_type: SubjectTokenType::PeerCertificate,
         scopes,
         audiences,
         purpose,
         task_id,
         expires_in,
         source_ip,
-        actor_token,
+        actor_token: None,
         approval_id,
         dpop: None,
+        flow: Flow::Exchange,
+        client_id: None,
+        peer: None,
     })
 }
 
@@ -251,18 +354,39 @@ fn expires_in(form: &Form) -> Result<Option<u64>, BrokerError> {
         .transpose()
 }
 
+/// The token endpoint's form, parsed by its `grant_type`: token exchange, or client
+/// credentials.
+pub fn parse_token_request(
+    pairs: Vec<(String, String)>,
+    source_ip: Option<String>,
+    default_scope: &[Scope],
+    peer_cert: bool,
+) -> Result<ExchangeRequest, BrokerError> {
+    let client_credentials = pairs
+        .iter()
+        .any(|(n, v)| n == "grant_type" && v == CLIENT_CREDENTIALS);
+    if client_credentials {
+        let form = Form::new(pairs, CLIENT_CREDENTIALS_PARAMS, &["audience", "resource"])?;
+        return parse_client_credentials(&form, source_ip, default_scope, peer_cert);
+    }
+    let form = Form::new(pairs, EXCHANGE_PARAMS, &["audience", "resource"])?;
+    parse_exchange(&form, source_ip, default_scope, peer_cert)
+}
+
 pub async fn token(
     State(broker): State<Arc<Broker>>,
     SourceIp(ip): SourceIp,
     auth: Authorization,
     DpopHeader(dpop): DpopHeader,
+    PeerCert(peer): PeerCert,
     form: Result<FormPairs, BrokerError>,
 ) -> Response {
     let result = async {
         auth.refuse_client_credentials()?;
-        let form = Form::new(form?.0, EXCHANGE_PARAMS, &["audience", "resource"])?;
-        let mut req = parse_exchange(&form, ip, &broker.limits.default_scope)?;
+        let mut req =
+            parse_token_request(form?.0, ip, &broker.limits.default_scope, peer.is_some())?;
         req.dpop = dpop?;
+        req.peer = peer;
         broker.exchange(req).await
     }
     .await;
@@ -342,6 +466,17 @@ pub async fn metadata(State(broker): State<Arc<Broker>>) -> Response {
         v.dedup();
         v
     };
+    // mTLS client authentication and certificate-bound tokens only where the listener asks
+    // for client certificates (RFC 8705 §2.1.1, §3.3).
+    let mtls = broker
+        .tls
+        .as_ref()
+        .is_some_and(|t| t.requests_client_certs());
+    let auth_methods: &[&str] = if mtls {
+        &["none", "tls_client_auth", "private_key_jwt"]
+    } else {
+        &["none", "private_key_jwt"]
+    };
     let mut doc = json!({
         "issuer": broker.tokens.issuer(),
         "token_endpoint": format!("{issuer}/oauth2/token"),
@@ -350,8 +485,13 @@ pub async fn metadata(State(broker): State<Arc<Broker>>) -> Response {
         "introspection_endpoint_auth_methods_supported": ["bearer"],
         "revocation_endpoint_auth_methods_supported": ["none"],
         "jwks_uri": format!("{issuer}/oauth2/jwks"),
-        "grant_types_supported": [GRANT_TYPE],
-        "token_endpoint_auth_methods_supported": ["none"],
+        "grant_types_supported": [GRANT_TYPE, CLIENT_CREDENTIALS],
+        "token_endpoint_auth_methods_supported": auth_methods,
+        "token_endpoint_auth_signing_alg_values_supported": crate::identity::spiffe::JWT_SVID_ALGS
+            .iter()
+            .map(|a| format!("{a:?}"))
+            .collect::<Vec<_>>(),
+        "tls_client_certificate_bound_access_tokens": mtls,
         "subject_token_types_supported": [TYPE_JWT, TYPE_ID_TOKEN, TYPE_ACCESS_TOKEN],
         "access_token_signing_alg_values_supported": algs,
         "dpop_signing_alg_values_supported": crate::token::dpop::SIGNING_ALGS,

@@ -15,6 +15,11 @@
 //!   stops accepting (new connections wait in the listen backlog) and the ones being served
 //!   keep going.
 //!
+//! With `[server.tls]` the TLS handshake is part of the first request's head: it must finish
+//! within `header_timeout` of the accept, and a connection that never completes one holds a
+//! `max_connections` slot no longer than that. A client certificate the handshake accepted
+//! reaches every request of the connection as a [`PeerChain`] extension.
+//!
 //! The handler's own time is not bounded here: a request whose head and body have arrived
 //! is the broker's to answer.
 
@@ -45,6 +50,7 @@ use tower::ServiceExt;
 use crate::broker::Broker;
 use crate::config::ServerConfig;
 use crate::error::BrokerError;
+use crate::tls::{PeerChain, TlsServer};
 
 /// The per-connection bounds, from `[server]`.
 #[derive(Debug, Clone, Copy)]
@@ -77,6 +83,7 @@ pub async fn serve(
     limits: Limits,
     broker: Arc<Broker>,
     name: &'static str,
+    tls: Option<Arc<TlsServer>>,
     mut stopping: watch::Receiver<bool>,
 ) {
     let permits = Arc::new(Semaphore::new(
@@ -116,6 +123,7 @@ pub async fn serve(
             name,
             open: open.clone(),
             stopping: stopping.clone(),
+            tls: tls.clone(),
         };
         connections.spawn(async move {
             conn.run(stream, peer).await;
@@ -133,10 +141,11 @@ struct Connection {
     name: &'static str,
     open: Arc<AtomicU64>,
     stopping: watch::Receiver<bool>,
+    tls: Option<Arc<TlsServer>>,
 }
 
 impl Connection {
-    async fn run(mut self, stream: TcpStream, peer: SocketAddr) {
+    async fn run(self, stream: TcpStream, peer: SocketAddr) {
         let _ = stream.set_nodelay(true);
         let n = self.open.fetch_add(1, Ordering::Relaxed).saturating_add(1);
         self.broker
@@ -144,10 +153,59 @@ impl Connection {
             .set("writ_http_open_connections", &[("listener", self.name)], n);
 
         let clock = Arc::new(ConnClock::new(self.limits));
-        let io = hyper_util::rt::TokioIo::new(WatchedIo {
+        let io = WatchedIo {
             inner: stream,
             clock: clock.clone(),
-        });
+        };
+        let name = self.name;
+        let (open, broker) = (self.open.clone(), self.broker.clone());
+        match self.tls.clone() {
+            None => self.serve_io(io, peer, clock, None).await,
+            Some(tls) => {
+                // The handshake counts against the first head's deadline.
+                let deadline = Instant::now() + self.limits.header_timeout;
+                match tokio::time::timeout_at(deadline, tls.acceptor().accept(io)).await {
+                    Ok(Ok(stream)) => {
+                        let chain =
+                            stream.get_ref().1.peer_certificates().map(|c| {
+                                PeerChain(c.iter().map(|d| d.clone().into_owned()).collect())
+                            });
+                        self.serve_io(stream, peer, clock, chain).await;
+                    }
+                    Ok(Err(e)) => {
+                        tracing::debug!(listener = name, %peer, error = %e, "TLS handshake failed");
+                        broker.metrics.inc(
+                            "writ_http_connections_closed_total",
+                            &[("reason", "tls_handshake")],
+                        );
+                    }
+                    Err(_) => {
+                        tracing::debug!(listener = name, %peer, "TLS handshake timed out");
+                        broker.metrics.inc(
+                            "writ_http_connections_closed_total",
+                            &[("reason", "header_timeout")],
+                        );
+                    }
+                }
+            }
+        }
+        let n = open.fetch_sub(1, Ordering::Relaxed).saturating_sub(1);
+        broker
+            .metrics
+            .set("writ_http_open_connections", &[("listener", name)], n);
+    }
+
+    /// Serves HTTP/1.1 on `io` (the socket, or TLS over it) under the connection's clock.
+    async fn serve_io<I>(
+        mut self,
+        io: I,
+        peer: SocketAddr,
+        clock: Arc<ConnClock>,
+        chain: Option<PeerChain>,
+    ) where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let io = hyper_util::rt::TokioIo::new(io);
         let svc = {
             let (router, clock, broker) = (self.router.clone(), clock.clone(), self.broker.clone());
             let body_timeout = self.limits.body_timeout;
@@ -156,6 +214,7 @@ impl Connection {
                     req,
                     router.clone(),
                     peer,
+                    chain.clone(),
                     clock.clone(),
                     body_timeout,
                     broker.clone(),
@@ -201,10 +260,6 @@ impl Connection {
                 .metrics
                 .inc("writ_http_connections_closed_total", &[("reason", reason)]);
         }
-        let n = self.open.fetch_sub(1, Ordering::Relaxed).saturating_sub(1);
-        self.broker
-            .metrics
-            .set("writ_http_open_connections", &[("listener", self.name)], n);
     }
 }
 
@@ -222,6 +277,7 @@ async fn handle(
     req: Request<Incoming>,
     router: Router,
     peer: SocketAddr,
+    chain: Option<PeerChain>,
     clock: Arc<ConnClock>,
     body_timeout: Duration,
     broker: Arc<Broker>,
@@ -241,6 +297,9 @@ async fn handle(
         }
     });
     req.extensions_mut().insert(ConnectInfo(peer));
+    if let Some(chain) = chain {
+        req.extensions_mut().insert(chain);
+    }
     let resp = match router.oneshot(req).await {
         Ok(r) => r,
         Err(never) => match never {},

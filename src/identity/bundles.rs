@@ -17,6 +17,8 @@ use jsonwebtoken::jwk::{Jwk, KeyAlgorithm};
 use jsonwebtoken::{Algorithm, DecodingKey};
 use serde::Deserialize;
 
+use super::x509::X509Authorities;
+
 /// Largest bundle read (file, endpoint response, Workload API entry).
 pub const MAX_BUNDLE_BYTES: u64 = 1024 * 1024;
 
@@ -43,6 +45,9 @@ pub struct JwtAuthority {
 pub struct TrustBundle {
     pub authorities: HashMap<String, JwtAuthority>,
     pub x509_authorities: Vec<Arc<[u8]>>,
+    /// `x509_authorities` as trust anchors for X509-SVID verification (made when the bundle
+    /// is installed, [`DomainBundle::set`]).
+    pub x509_anchors: Arc<X509Authorities>,
     pub sequence: Option<u64>,
     /// The bundle's `spiffe_refresh_hint`, in seconds.
     pub refresh_hint: Option<u64>,
@@ -116,9 +121,16 @@ pub fn parse_bundle(text: &[u8], name: &str, uses: KeyUse) -> Result<TrustBundle
         };
         authorities.insert(kid, JwtAuthority { key, alg });
     }
+    // What X509-SVID verification will trust must be usable as a trust anchor.
+    X509Authorities::from_der(x509_authorities.iter().map(|c| &c[..])).map_err(|e| {
+        perr(format!(
+            "an x509-svid certificate is not a trust anchor: {e}"
+        ))
+    })?;
     Ok(TrustBundle {
         authorities,
         x509_authorities,
+        x509_anchors: Arc::default(),
         sequence: raw.spiffe_sequence,
         refresh_hint: raw.spiffe_refresh_hint,
     })
@@ -309,7 +321,17 @@ impl DomainBundle {
     }
 
     /// A fresh bundle from the source: used from now on.
-    pub fn set(&self, bundle: TrustBundle) {
+    pub fn set(&self, mut bundle: TrustBundle) {
+        bundle.x509_anchors = match X509Authorities::from_der(
+            bundle.x509_authorities.iter().map(|c| &c[..]),
+        ) {
+            Ok(a) => Arc::new(a),
+            Err(e) => {
+                // Fail closed for X509-SVIDs: none verifies against an unusable authority.
+                tracing::error!(trust_domain = %self.name, error = %e, "X.509 authorities are not usable trust anchors");
+                Arc::default()
+            }
+        };
         self.current.store(Some(Arc::new(bundle)));
         {
             let mut h = self.health.lock();

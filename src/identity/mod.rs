@@ -5,6 +5,7 @@ pub mod oidc;
 pub mod sources;
 pub mod spiffe;
 pub mod workload_api;
+pub mod x509;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -24,6 +25,7 @@ pub const MAX_SKEW_SECS: i64 = 60;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Source {
     JwtSvid,
+    X509Svid,
     Oidc,
     TaskToken,
 }
@@ -32,6 +34,7 @@ impl Source {
     pub fn as_str(self) -> &'static str {
         match self {
             Source::JwtSvid => "jwt-svid",
+            Source::X509Svid => "x509-svid",
             Source::Oidc => "oidc",
             Source::TaskToken => "task-token",
         }
@@ -263,6 +266,51 @@ impl IdentityVerifier {
             .collect();
         v.sort();
         v
+    }
+
+    /// Verifies a TLS client's certificate chain (leaf first) as an X509-SVID at `now`.
+    pub fn verify_x509(
+        &self,
+        chain: &[rustls::pki_types::CertificateDer<'_>],
+        now: i64,
+    ) -> Result<(VerifiedIdentity, x509::X509Svid), x509::X509SvidError> {
+        let svid = x509::verify(chain, now, |td| self.svid.x509_authorities(td))?;
+        let id = VerifiedIdentity {
+            subject: Subject::spiffe(&svid.spiffe_id),
+            source: Source::X509Svid,
+            expires_at: svid.not_after,
+            kind: IdentityKind::Spiffe {
+                spiffe_id: svid.spiffe_id.clone(),
+            },
+        };
+        Ok((id, svid))
+    }
+
+    /// Verifies a JWT-SVID presented as a client assertion (RFC 7523 §2.2): its audience is
+    /// its trust domain's `audience` or `token_endpoint`. OIDC ID tokens are not client
+    /// assertions here.
+    pub fn verify_client_assertion(
+        &self,
+        token: &str,
+        token_endpoint: &str,
+        now: i64,
+    ) -> Result<VerifiedIdentity, IdentityError> {
+        let jwt = crate::token::jwt::ParsedJwt::parse(token, MAX_SUBJECT_TOKEN_BYTES)?;
+        let sub = jwt.str_claim("sub").unwrap_or("");
+        if !sub.starts_with("spiffe://") {
+            return Err(IdentityError::InvalidSpiffeId);
+        }
+        let id = self
+            .svid
+            .verify_parsed_for(&jwt, now, Some(token_endpoint))?;
+        Ok(VerifiedIdentity {
+            subject: Subject::spiffe(&id.spiffe_id),
+            source: Source::JwtSvid,
+            expires_at: id.exp,
+            kind: IdentityKind::Spiffe {
+                spiffe_id: id.spiffe_id,
+            },
+        })
     }
 
     /// Verifies a workload identity token (`jwt` or `id_token` type).

@@ -58,6 +58,22 @@ impl JwtSvidVerifier {
         self.domains.iter().map(|(k, v)| (k.as_str(), &v.bundle))
     }
 
+    /// The X.509 authorities of trust domain `td`, if it is configured.
+    pub fn x509_authorities(&self, td: &str) -> super::x509::AuthoritiesLookup {
+        self.domains
+            .get(td)
+            .map(|d| d.bundle.current().map(|b| b.x509_anchors.clone()))
+    }
+
+    /// True when some trust domain has X.509 authorities now, or reads them from a source
+    /// that streams or fetches them (X509-SVIDs can be verified).
+    pub fn has_x509_authorities(&self) -> bool {
+        self.domains.values().any(|d| {
+            !matches!(d.bundle.source(), super::bundles::SourceKind::File(_))
+                || d.bundle.current().is_ok_and(|b| !b.x509_anchors.is_empty())
+        })
+    }
+
     /// Verifies a JWT-SVID at time `now` (unix seconds).
     pub fn verify(&self, token: &str, now: i64) -> Result<SvidIdentity, IdentityError> {
         let jwt = ParsedJwt::parse(token, MAX_SUBJECT_TOKEN_BYTES)?;
@@ -69,6 +85,17 @@ impl JwtSvidVerifier {
         &self,
         jwt: &ParsedJwt<'_>,
         now: i64,
+    ) -> Result<SvidIdentity, IdentityError> {
+        self.verify_parsed_for(jwt, now, None)
+    }
+
+    /// Verifies a JWT-SVID whose audience may also be `also_audience` instead of its trust
+    /// domain's `audience` (a client assertion may name the token endpoint, RFC 7523 §3).
+    pub fn verify_parsed_for(
+        &self,
+        jwt: &ParsedJwt<'_>,
+        now: i64,
+        also_audience: Option<&str>,
     ) -> Result<SvidIdentity, IdentityError> {
         let alg = jwt.header.alg;
         if !JWT_SVID_ALGS.contains(&alg) {
@@ -117,7 +144,9 @@ impl JwtSvidVerifier {
         if !jwt.signature_valid(&authority.key, alg) {
             return Err(IdentityError::BadSignature);
         }
-        if !jwt.audience_contains(&td.audience) {
+        if !jwt.audience_contains(&td.audience)
+            && !also_audience.is_some_and(|a| jwt.audience_contains(a))
+        {
             return Err(IdentityError::WrongAudience);
         }
         let exp = jwt

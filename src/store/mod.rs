@@ -116,6 +116,10 @@ pub struct TaskRecord {
     /// into the task must be bound to it (SPEC §4.5).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub jkt: Option<String>,
+    /// The TLS client certificate (base64url SHA-256, RFC 8705) the task's tokens are bound
+    /// to: every token minted into the task must be requested over mTLS with it (SPEC §4.5).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub x5t: Option<String>,
 }
 
 impl TaskRecord {

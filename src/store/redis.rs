@@ -290,6 +290,8 @@ struct Rec {
     ap: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     jk: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    x5: Option<String>,
 }
 
 impl Rec {
@@ -312,6 +314,7 @@ impl Rec {
             ac: task.act.clone(),
             ap: task.approval.clone(),
             jk: task.jkt.clone(),
+            x5: task.x5t.clone(),
         }
     }
 }
@@ -786,6 +789,7 @@ impl RedisStore {
             act: r.ac,
             approval: r.ap,
             jkt: r.jk,
+            x5t: r.x5,
         };
         task.state = match fields.get("s").map(String::as_str) {
             Some("open") | None => TaskState::Open,

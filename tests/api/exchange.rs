@@ -142,6 +142,9 @@ async fn config_max_ttl_is_a_hard_ceiling() {
         actor_token: None,
         approval_id: None,
         dpop: None,
+        flow: writ::exchange::Flow::Exchange,
+        client_id: None,
+        peer: None,
     };
     let resp = broker.exchange(req).await.unwrap();
     assert_eq!(resp.expires_in, 60);
@@ -464,7 +467,7 @@ async fn malformed_requests_get_their_exact_error() {
     let cases: Vec<Case> = vec![
         (
             "unknown grant_type",
-            base(&[("grant_type", "client_credentials")]),
+            base(&[("grant_type", "password")]),
             400,
             "unsupported_grant_type",
         ),
@@ -655,6 +658,9 @@ async fn default_audience_applies_when_none_is_requested() {
         actor_token: None,
         approval_id: None,
         dpop: None,
+        flow: writ::exchange::Flow::Exchange,
+        client_id: None,
+        peer: None,
     };
     let resp = broker.exchange(req).await.unwrap();
     assert_eq!(

@@ -100,7 +100,9 @@ pub struct Options {
     pub server_extra: String,
     pub max_tokens: u32,
     pub signing_alg: KeyAlg,
-    /// Cedar policies added next to [`POLICY`] (for trust domains other than `example.org`).
+    /// More keys of the trust domain's bundle (such as `x509-svid` authorities).
+    pub bundle_extra_keys: Vec<Value>,
+    /// Cedar policies beside [`POLICY`].
     pub extra_policy: String,
 }
 
@@ -111,6 +113,7 @@ impl Default for Options {
             server_extra: String::new(),
             max_tokens: 50,
             signing_alg: KeyAlg::Es256,
+            bundle_extra_keys: Vec::new(),
             extra_policy: String::new(),
         }
     }
@@ -126,11 +129,11 @@ pub async fn spawn_app_with(opts: Options) -> TestApp {
     std::fs::write(p("signing.pem"), generate_pem(opts.signing_alg).unwrap()).unwrap();
     let svid_pem = generate_pem(KeyAlg::Es256).unwrap();
     let svid_key = SigningKey::from_pem(svid_pem.as_bytes(), "svid").unwrap();
-    write_bundle(&p("bundle.json"), &[&svid_key]);
+    write_bundle_with(&p("bundle.json"), &[&svid_key], &opts.bundle_extra_keys);
     std::fs::create_dir_all(p("policies")).unwrap();
     std::fs::write(p("policies/test.cedar"), POLICY).unwrap();
     if !opts.extra_policy.is_empty() {
-        std::fs::write(p("policies/extra.cedar"), &opts.extra_policy).unwrap();
+        std::fs::write(p("policies/options.cedar"), &opts.extra_policy).unwrap();
     }
     let config_text = format!(
         r#"
@@ -195,20 +198,36 @@ async fn start_inner(
     tokio::spawn(app.run_until(async move {
         let _ = rx.await;
     }));
+    // Over `[server.tls]` the harness reaches the broker by https, trusting whatever
+    // certificate it serves (tests that look at the certificate use their own client).
+    let tls = config_text.contains("[server.tls]");
+    let http = if tls {
+        reqwest::Client::builder()
+            .danger_accept_invalid_certs(true)
+            .build()
+            .unwrap()
+    } else {
+        reqwest::Client::new()
+    };
     let app = TestApp {
-        base: format!("http://{addr}"),
+        base: format!("{}://{addr}", if tls { "https" } else { "http" }),
         dir,
         clock,
         broker,
         svid_key,
-        http: reqwest::Client::new(),
+        http,
         config_text,
         svid_key_pem: String::new(),
         _stop: tx,
     };
-    // A broker on a shared store is not ready until it has loaded the revocation state.
+    // A broker on a shared store is not ready until it has loaded the revocation state; one
+    // serving its Workload API X509-SVID completes no handshake before the SVID arrives.
     let start = std::time::Instant::now();
-    while wait_ready && app.get("/readyz").await.0 != 200 {
+    let ready = |app: &TestApp| {
+        let req = app.http.get(format!("{}/readyz", app.base)).send();
+        async move { req.await.is_ok_and(|r| r.status() == 200) }
+    };
+    while wait_ready && !ready(&app).await {
         assert!(
             start.elapsed() < Duration::from_secs(10),
             "broker did not become ready"
@@ -305,7 +324,12 @@ async fn replica(
 }
 
 pub fn write_bundle(path: &std::path::Path, keys: &[&SigningKey]) {
-    let keys: Vec<Value> = keys
+    write_bundle_with(path, keys, &[]);
+}
+
+/// A bundle of the JWT-SVID `keys` and the `extra` keys as they are.
+pub fn write_bundle_with(path: &std::path::Path, keys: &[&SigningKey], extra: &[Value]) {
+    let mut keys: Vec<Value> = keys
         .iter()
         .map(|k| {
             let mut jwk = k.jwk().clone();
@@ -313,6 +337,7 @@ pub fn write_bundle(path: &std::path::Path, keys: &[&SigningKey]) {
             jwk
         })
         .collect();
+    keys.extend_from_slice(extra);
     std::fs::write(
         path,
         serde_json::to_vec(&json!({"keys": keys, "spiffe_sequence": 1})).unwrap(),

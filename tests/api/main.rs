@@ -20,6 +20,7 @@ mod dpop;
 mod exchange;
 mod feed;
 mod helpers;
+mod mtls;
 mod oidc;
 mod ops;
 mod redis_ops;

@@ -527,3 +527,54 @@ async fn the_brokers_own_x509_svid_is_followed_through_rotations_and_outages() {
     task.abort();
     applier.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_tls_serves_the_brokers_x509_svid_from_the_workload_api_and_its_rotations() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut wapi = WorkloadApi::start(dir.path(), "spiffe://wl.test/writ", &[]);
+    let app = spawn_app_with(Options {
+        server_extra: format!("[server.tls]\nworkload_api = \"{}\"\n", wapi.url()),
+        ..Options::default()
+    })
+    .await;
+    assert!(app.base.starts_with("https://"));
+    // A client that trusts the trust domain's CA only, as a SPIFFE workload would.
+    let served = |ca: Vec<u8>| {
+        let base = app.base.clone();
+        async move {
+            let client = reqwest::Client::builder()
+                .use_rustls_tls()
+                .tls_built_in_root_certs(false)
+                .add_root_certificate(reqwest::Certificate::from_der(&ca).unwrap())
+                .danger_accept_invalid_hostnames(true)
+                .tls_info(true)
+                .timeout(Duration::from_secs(10))
+                .build()
+                .unwrap();
+            let resp = client.get(format!("{base}/healthz")).send().await.unwrap();
+            assert_eq!(resp.status(), 200);
+            resp.extensions()
+                .get::<reqwest::tls::TlsInfo>()
+                .unwrap()
+                .peer_certificate()
+                .unwrap()
+                .to_vec()
+        }
+    };
+    let ca = wapi.ca_ders(WL).remove(0);
+    assert_eq!(served(ca.clone()).await, wapi.svid_der().0);
+    // A rotated SVID is served to new connections without a restart.
+    wapi.rotate();
+    let rotated = wapi.svid_der().0;
+    let start = Instant::now();
+    while served(ca.clone()).await != rotated {
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "the rotated SVID is not served"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // And the broker still answers over it.
+    let (s, v) = app.get("/readyz").await;
+    assert_eq!(s, 200, "{v}");
+}

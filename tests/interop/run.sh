@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs the interop suites (Python: PyJWT/jwcrypto; Node: oauth4webapi/jose) against a real
+# Runs the interop suites (Python: PyJWT/jwcrypto, requests/ssl/curl for mTLS; Node: oauth4webapi/jose) against a real
 # `writ serve` on a loopback port. Installs the clients locally (.venv, node_modules).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -44,6 +44,9 @@ status=0
 .venv/bin/python tests/interop/python/test_interop.py || status=1
 # Approval gates: a device-flow style polling loop (RFC 8628 §3.4-3.5) written with `requests`.
 .venv/bin/python tests/interop/python/test_approvals.py || status=1
+# mTLS with X509-SVIDs on a broker of its own with [server.tls]: requests, ssl/http.client and
+# curl --cert as clients, the PKI minted with `cryptography`.
+WRIT_BIN="$WRIT" .venv/bin/python tests/interop/python/test_mtls.py || status=1
 # The agent example of the README (examples/agents/agent.py): a JWT-SVID of the interop trust
 # domain, and an ID token of a configured OIDC issuer that never runs (503, retried).
 .venv/bin/python - "$work" >"$work/agent.svid" <<'PY'
