@@ -578,3 +578,73 @@ async fn server_tls_serves_the_brokers_x509_svid_from_the_workload_api_and_its_r
     let (s, v) = app.get("/readyz").await;
     assert_eq!(s, 200, "{v}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_x509_svid_of_a_workload_api_trust_domain_fails_closed_while_the_agent_is_away() {
+    let dir = tempfile::tempdir().unwrap();
+    // The agent's SVID is an agent's identity here, presented as the mTLS client certificate.
+    let mut wapi = WorkloadApi::start(dir.path(), WL_AGENT, &[]);
+    let app = spawn_app_with(Options {
+        server_extra: format!(
+            "[server.tls]\nworkload_api = \"{}\"\nclient_auth = \"optional\"\n",
+            wapi.url()
+        ),
+        extra_config: format!(
+            "[[spiffe.trust_domains]]\nname = \"{WL}\"\nworkload_api = \"{}\"\naudience = \"{AUD}\"\n",
+            wapi.url()
+        ),
+        extra_policy: policy_for(&[WL]),
+        ..Options::default()
+    })
+    .await;
+    wait_trust_domain(&app, WL, "ok", Duration::from_secs(10)).await;
+    let ca = wapi.ca_ders(WL).remove(0);
+    let client = reqwest::Client::builder()
+        .use_rustls_tls()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_der(&ca).unwrap())
+        .danger_accept_invalid_hostnames(true)
+        .identity(reqwest::Identity::from_pem(wapi.svid_pem().as_bytes()).unwrap())
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let token = |client: reqwest::Client| {
+        let base = app.base.clone();
+        async move {
+            let resp = client
+                .post(format!("{base}/oauth2/token"))
+                .form(&[
+                    ("grant_type", "client_credentials"),
+                    ("scope", "repo:read"),
+                    ("audience", API),
+                ])
+                .send()
+                .await
+                .unwrap();
+            let status = resp.status().as_u16();
+            let v: Value = resp.json().await.unwrap();
+            (status, v)
+        }
+    };
+    let (s, v) = token(client.clone()).await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(
+        claims_of(v["access_token"].as_str().unwrap())["sub"],
+        WL_AGENT
+    );
+
+    wapi.stop();
+    wait_trust_domain(&app, WL, "not ready", Duration::from_secs(10)).await;
+    // The listener keeps its last SVID; the client's X509-SVID cannot be verified: 503.
+    let (s, v) = token(client.clone()).await;
+    assert_eq!(
+        (s, v["error"].as_str().unwrap_or("")),
+        (503, "temporarily_unavailable"),
+        "{v}"
+    );
+
+    wapi.start_again();
+    wait_trust_domain(&app, WL, "ok", Duration::from_secs(15)).await;
+    let (s, v) = token(client).await;
+    assert_eq!(s, 200, "recovered without a restart: {v}");
+}

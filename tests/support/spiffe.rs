@@ -233,6 +233,16 @@ impl WorkloadApi {
         (der("cert_pem"), der("key_pem"))
     }
 
+    /// The X509-SVID served now as PEM: certificate, then PKCS#8 key.
+    pub fn svid_pem(&self) -> String {
+        let s = self.state();
+        format!(
+            "{}{}",
+            s["svid"]["cert_pem"].as_str().unwrap(),
+            s["svid"]["key_pem"].as_str().unwrap()
+        )
+    }
+
     /// The X.509 CA certificates (DER) of `td`, oldest first.
     pub fn ca_ders(&self, td: &str) -> Vec<Vec<u8>> {
         self.state()["trust_domains"][td]["cas"]
