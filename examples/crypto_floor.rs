@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use writ::identity::bundles::FileBundle;
+use writ::identity::bundles::DomainBundle;
 use writ::identity::spiffe::{JwtSvidVerifier, TrustDomain};
 use writ::token::keys::{KeyAlg, KeySet, SigningKey, generate_pem};
 use writ::token::{Aud, TaskClaims, TokenIssuer};
@@ -29,7 +29,11 @@ fn main() -> anyhow::Result<()> {
         "example.org".to_string(),
         TrustDomain {
             audience: "writ".into(),
-            bundle: Arc::new(FileBundle::load(&bundle_path)?),
+            bundle: Arc::new(DomainBundle::from_file(
+                "example.org",
+                &bundle_path,
+                Arc::new(tokio::sync::watch::channel(0u64).0),
+            )?),
         },
     );
     let verifier = JwtSvidVerifier::new(domains);

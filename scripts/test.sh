@@ -55,6 +55,14 @@ if [ -n "$server_deps$server_features" ]; then
   exit 1
 fi
 
+# The SPIFFE test servers that tests/api/spire.rs starts (a Workload API server and a
+# federation bundle endpoint, in Python) get their own venv with pinned packages.
+if ! .venv-spiffe/bin/python -c "import grpc, cryptography; from spiffe._proto import workload_pb2_grpc" 2>/dev/null; then
+  echo "installing the SPIFFE test servers' packages (tests/interop/spiffe/requirements.lock)"
+  python3 -m venv .venv-spiffe
+  .venv-spiffe/bin/pip install -q --disable-pip-version-check -r tests/interop/spiffe/requirements.lock
+fi
+
 echo "== cargo test (with the fuzz regression tests)"
 clear_devnull
 cargo test --all-targets --locked --features fuzzing

@@ -190,12 +190,19 @@ impl Application {
     }
 }
 
-/// Policy hot reload (file changes and SIGHUP) and trust bundle re-reads.
+/// Policy hot reload (file changes and SIGHUP), trust bundle re-reads and trust sources.
 pub fn spawn_background(broker: Arc<Broker>) -> Vec<tokio::task::JoinHandle<()>> {
-    vec![
+    let broker_for_tls = broker.clone();
+    let sources = broker
+        .identity
+        .source_tasks()
+        .into_iter()
+        .map(|t| tokio::spawn(t.run()));
+    let mut tasks = vec![
         spawn_policy_watcher(broker.clone()),
         spawn_policy_start_check(broker.clone()),
         spawn_bundle_reloader(broker.clone()),
+        spawn_bundle_change_follower(broker.clone()),
         spawn_approval_sweeper(broker.clone()),
         tokio::spawn(crate::revocation::follow(
             broker.store.clone(),
@@ -203,7 +210,31 @@ pub fn spawn_background(broker: Arc<Broker>) -> Vec<tokio::task::JoinHandle<()>>
             broker.clock.clone(),
         )),
         spawn_log_maintenance(broker),
-    ]
+    ];
+    tasks.extend(sources);
+    tasks.extend(spawn_tls_from_workload_api(&broker_for_tls));
+    tasks
+}
+
+/// `[server.tls] workload_api`: the listener serves the broker's own X509-SVID, installed
+/// as the Workload API streams it (first, then each rotation). Handshakes fail until the
+/// first one arrives.
+fn spawn_tls_from_workload_api(broker: &Arc<Broker>) -> Vec<tokio::task::JoinHandle<()>> {
+    let endpoint = broker
+        .config
+        .server
+        .tls
+        .as_ref()
+        .and_then(|t| t.workload_api.clone());
+    let (Some(endpoint), Some(tls)) = (endpoint, broker.tls.clone()) else {
+        return Vec::new();
+    };
+    let (watch, follow) = crate::identity::workload_api::X509SvidWatch::spawn(endpoint);
+    let install = tokio::spawn(watch.apply_each(move |svid| {
+        tls.identity()
+            .set(svid.cert_chain.clone(), svid.key_pkcs8_der().to_vec())
+    }));
+    vec![follow, install]
 }
 
 /// Expires approval requests nobody decided in time (recorded once, by whichever replica
@@ -261,8 +292,8 @@ fn spawn_policy_start_check(broker: Arc<Broker>) -> tokio::task::JoinHandle<()> 
     })
 }
 
-/// Re-reads trust bundle files once a second; cached credentials are verified again after
-/// a change. The main listener's certificate files too: new handshakes use the new pair.
+/// Re-reads trust bundle files once a second, and the main listener's certificate files:
+/// new handshakes use the new pair.
 fn spawn_bundle_reloader(b: Arc<Broker>) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -279,16 +310,24 @@ fn spawn_bundle_reloader(b: Arc<Broker>) -> tokio::task::JoinHandle<()> {
             }
             for (td, bundle) in b.identity.svid.bundles() {
                 match bundle.reload_if_changed() {
-                    Ok(true) => {
-                        tracing::info!(trust_domain = td, "trust bundle reloaded");
-                        b.forget_verified_credentials();
-                    }
+                    Ok(true) => tracing::info!(trust_domain = td, "trust bundle reloaded"),
                     Ok(false) => {}
                     Err(e) => {
                         tracing::error!(trust_domain = td, error = %e, "trust bundle refused; the previous one keeps serving")
                     }
                 }
             }
+        }
+    })
+}
+
+/// Cached credentials are verified again whenever a trust domain's bundle or readiness
+/// changes: a trust domain that fails closed refuses what was cached for it too.
+fn spawn_bundle_change_follower(b: Arc<Broker>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut changes = b.identity.bundle_changes();
+        while changes.changed().await.is_ok() {
+            b.forget_verified_credentials();
         }
     })
 }

@@ -396,7 +396,60 @@ pub struct TrustDomainConfig {
     pub bundle_endpoint: Option<String>,
     #[serde(default)]
     pub workload_api: Option<String>,
+    /// Extra trust anchors (PEM) for the TLS of `bundle_endpoint`, next to the web PKI roots.
+    #[serde(default)]
+    pub bundle_endpoint_ca: Option<PathBuf>,
+    /// The shortest wait between two fetches of `bundle_endpoint`, whatever its
+    /// `spiffe_refresh_hint` says.
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    pub refresh_hint_min: Option<Duration>,
+    /// The longest wait between two fetches of `bundle_endpoint`.
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    pub refresh_hint_max: Option<Duration>,
+    /// How long a `bundle_endpoint` bundle is used after its last successful fetch before
+    /// the trust domain fails closed.
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    pub max_bundle_age: Option<Duration>,
     pub audience: String,
+}
+
+/// Defaults and bounds of a bundle endpoint's refresh (SPIFFE federation, `https_web`).
+pub mod bundle_refresh {
+    use std::time::Duration;
+    /// `refresh_hint_min` when unset.
+    pub const DEFAULT_MIN: Duration = Duration::from_secs(30);
+    /// `refresh_hint_max` when unset.
+    pub const DEFAULT_MAX: Duration = Duration::from_secs(3600);
+    /// The refresh interval when a bundle carries no `spiffe_refresh_hint` (as SPIRE).
+    pub const DEFAULT_HINT: Duration = Duration::from_secs(300);
+    /// `max_bundle_age` when unset.
+    pub const DEFAULT_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
+    /// The smallest `refresh_hint_min` accepted.
+    pub const FLOOR: Duration = Duration::from_secs(1);
+}
+
+impl TrustDomainConfig {
+    /// The configured bounds of a bundle endpoint's refresh: (min, max, max bundle age).
+    pub fn refresh_bounds(&self) -> (Duration, Duration, Duration) {
+        (
+            self.refresh_hint_min.unwrap_or(bundle_refresh::DEFAULT_MIN),
+            self.refresh_hint_max.unwrap_or(bundle_refresh::DEFAULT_MAX),
+            self.max_bundle_age
+                .unwrap_or(bundle_refresh::DEFAULT_MAX_AGE),
+        )
+    }
+}
+
+/// A Workload API endpoint as `SPIFFE_ENDPOINT_SOCKET` spells it: `unix:///absolute/path`
+/// (or `unix:/absolute/path`), or `tcp://IP:port`.
+pub fn check_workload_api_socket(url: &str) -> Result<(), String> {
+    match spiffe::transport::Endpoint::parse(url) {
+        Ok(_) => Ok(()),
+        Err(e) => Err(format!(
+            "`{url}` is not a Workload API endpoint (unix:///path/to/agent.sock or \
+             tcp://IP:port): {e}"
+        )),
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -893,26 +946,104 @@ impl Config {
             if td.audience.is_empty() {
                 return Err(ConfigError::new(key("audience"), "must not be empty"));
             }
-            if td.bundle_endpoint.is_some() {
-                return Err(ConfigError::new(
-                    key("bundle_endpoint"),
-                    "bundle endpoints are not supported by this version; use bundle_file",
-                ));
-            }
-            if td.workload_api.is_some() {
-                return Err(ConfigError::new(
-                    key("workload_api"),
-                    "the Workload API source is not supported by this version; use bundle_file",
-                ));
-            }
-            if td.bundle_file.is_none() {
+            self.validate_trust_source(td, &key)?;
+        }
+
+        Ok(())
+    }
+
+    /// Exactly one bundle source per trust domain, each well-formed; the endpoint's refresh
+    /// keys only with an endpoint.
+    fn validate_trust_source(
+        &self,
+        td: &TrustDomainConfig,
+        key: &dyn Fn(&str) -> String,
+    ) -> Result<(), ConfigError> {
+        let set: Vec<&str> = [
+            ("bundle_file", td.bundle_file.is_some()),
+            ("bundle_endpoint", td.bundle_endpoint.is_some()),
+            ("workload_api", td.workload_api.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(k, on)| on.then_some(k))
+        .collect();
+        match set.as_slice() {
+            [] => {
                 return Err(ConfigError::new(
                     key("bundle_file"),
-                    "a trust domain needs a bundle source",
+                    "a trust domain needs one bundle source: bundle_file, bundle_endpoint or \
+                     workload_api",
+                ));
+            }
+            [_] => {}
+            [first, second, ..] => {
+                return Err(ConfigError::new(
+                    key(second),
+                    format!(
+                        "a trust domain has exactly one bundle source; `{first}` is already set"
+                    ),
                 ));
             }
         }
-
+        if let Some(url) = &td.workload_api {
+            check_workload_api_socket(url).map_err(|m| ConfigError::new(key("workload_api"), m))?;
+        }
+        let endpoint_only = [
+            ("bundle_endpoint_ca", td.bundle_endpoint_ca.is_some()),
+            ("refresh_hint_min", td.refresh_hint_min.is_some()),
+            ("refresh_hint_max", td.refresh_hint_max.is_some()),
+            ("max_bundle_age", td.max_bundle_age.is_some()),
+        ];
+        let Some(url) = &td.bundle_endpoint else {
+            if let Some((k, _)) = endpoint_only.iter().find(|(_, on)| *on) {
+                return Err(ConfigError::new(
+                    key(k),
+                    "applies to a bundle_endpoint source only",
+                ));
+            }
+            return Ok(());
+        };
+        match url::Url::parse(url) {
+            Ok(u) if u.scheme() == "https" && u.host_str().is_some() => {}
+            Ok(_) => {
+                return Err(ConfigError::new(
+                    key("bundle_endpoint"),
+                    format!("`{url}` is not an https URL (SPIFFE federation, https_web profile)"),
+                ));
+            }
+            Err(e) => {
+                return Err(ConfigError::new(
+                    key("bundle_endpoint"),
+                    format!("`{url}` is not a URL: {e}"),
+                ));
+            }
+        }
+        let (min, max, max_age) = td.refresh_bounds();
+        if min < bundle_refresh::FLOOR {
+            return Err(ConfigError::new(
+                key("refresh_hint_min"),
+                "must be at least 1s",
+            ));
+        }
+        if max < min {
+            return Err(ConfigError::new(
+                key("refresh_hint_max"),
+                format!(
+                    "must not be shorter than refresh_hint_min ({})",
+                    humantime::format_duration(min)
+                ),
+            ));
+        }
+        if max_age <= max {
+            return Err(ConfigError::new(
+                key("max_bundle_age"),
+                format!(
+                    "must be longer than refresh_hint_max ({}): a bundle would go stale \
+                     between two refreshes",
+                    humantime::format_duration(max)
+                ),
+            ));
+        }
         Ok(())
     }
 
@@ -1049,19 +1180,8 @@ fn validate_tls(tls: &TlsConfig) -> Result<(), ConfigError> {
                 "give either workload_api or cert and key, not both",
             ));
         }
-        if !socket.starts_with("unix://") && !socket.starts_with("tcp://") {
-            return Err(ConfigError::new(
-                "server.tls.workload_api",
-                format!(
-                    "`{socket}` is not a Workload API address (unix:///path or tcp://host:port)"
-                ),
-            ));
-        }
-        return Err(ConfigError::new(
-            "server.tls.workload_api",
-            "serving with the broker's own X509-SVID from the Workload API is not supported by \
-             this version; give cert and key",
-        ));
+        return check_workload_api_socket(socket)
+            .map_err(|m| ConfigError::new("server.tls.workload_api", m));
     }
     match (&tls.cert, &tls.key) {
         (Some(_), Some(_)) => Ok(()),
@@ -1498,6 +1618,120 @@ dir = "p"
         assert_eq!(e.key, "server.issuer");
         let e = Config::from_toml_with_env(&format!("{BASE}[tokens]\n"), Vec::new()).unwrap_err();
         assert_eq!(e.key, "<file>");
+    }
+
+    #[test]
+    fn trust_sources_are_one_per_domain_and_name_their_key() {
+        let td = |body: &str| {
+            format!("[[spiffe.trust_domains]]\nname = \"td.test\"\naudience = \"writ\"\n{body}")
+        };
+        let cases = [
+            ("", "bundle_file", "needs one bundle source"),
+            (
+                "bundle_file = \"b.json\"\nworkload_api = \"unix:///run/spire/agent.sock\"\n",
+                "workload_api",
+                "exactly one bundle source; `bundle_file` is already set",
+            ),
+            (
+                "bundle_endpoint = \"https://td.test/bundle\"\nworkload_api = \"unix:///a.sock\"\n",
+                "workload_api",
+                "`bundle_endpoint` is already set",
+            ),
+            (
+                "bundle_file = \"b.json\"\nbundle_endpoint = \"https://td.test/bundle\"\n",
+                "bundle_endpoint",
+                "`bundle_file` is already set",
+            ),
+            (
+                "workload_api = \"/run/spire/agent.sock\"\n",
+                "workload_api",
+                "not a Workload API endpoint",
+            ),
+            (
+                "workload_api = \"http://127.0.0.1:8081\"\n",
+                "workload_api",
+                "not a Workload API endpoint",
+            ),
+            (
+                "workload_api = \"unix://\"\n",
+                "workload_api",
+                "not a Workload API endpoint",
+            ),
+            (
+                "bundle_endpoint = \"http://td.test/bundle\"\n",
+                "bundle_endpoint",
+                "not an https URL",
+            ),
+            (
+                "bundle_endpoint = \"td.test/bundle\"\n",
+                "bundle_endpoint",
+                "not a URL",
+            ),
+            (
+                "bundle_file = \"b.json\"\nbundle_endpoint_ca = \"ca.pem\"\n",
+                "bundle_endpoint_ca",
+                "applies to a bundle_endpoint source only",
+            ),
+            (
+                "workload_api = \"unix:///a.sock\"\nrefresh_hint_min = \"5s\"\n",
+                "refresh_hint_min",
+                "applies to a bundle_endpoint source only",
+            ),
+            (
+                "bundle_file = \"b.json\"\nrefresh_hint_max = \"5s\"\n",
+                "refresh_hint_max",
+                "applies to a bundle_endpoint source only",
+            ),
+            (
+                "bundle_file = \"b.json\"\nmax_bundle_age = \"5m\"\n",
+                "max_bundle_age",
+                "applies to a bundle_endpoint source only",
+            ),
+            (
+                "bundle_endpoint = \"https://td.test/b\"\nrefresh_hint_min = \"500ms\"\n",
+                "refresh_hint_min",
+                "at least 1s",
+            ),
+            (
+                "bundle_endpoint = \"https://td.test/b\"\nrefresh_hint_min = \"10m\"\nrefresh_hint_max = \"5m\"\n",
+                "refresh_hint_max",
+                "must not be shorter than refresh_hint_min",
+            ),
+            (
+                "bundle_endpoint = \"https://td.test/b\"\nrefresh_hint_max = \"2h\"\nmax_bundle_age = \"1h\"\n",
+                "max_bundle_age",
+                "must be longer than refresh_hint_max",
+            ),
+            (
+                "bundle_endpoint = \"https://td.test/b\"\nmax_bundle_age = \"30m\"\n",
+                "max_bundle_age",
+                "must be longer than refresh_hint_max (1h)",
+            ),
+            (
+                "bundle_endpoint = \"https://td.test/b\"\nrefresh_hint_min = \"soon\"\n",
+                "refresh_hint_min",
+                "not a duration",
+            ),
+        ];
+        for (body, key, message) in cases {
+            let e = load(&td(body)).unwrap_err();
+            assert_eq!(
+                e.key,
+                format!("spiffe.trust_domains[0].{key}"),
+                "{body} -> {e}"
+            );
+            assert!(e.message.contains(message), "{body} -> {e}");
+        }
+        for ok in [
+            "bundle_file = \"b.json\"\n",
+            "workload_api = \"unix:///run/spire/agent.sock\"\n",
+            "workload_api = \"unix:/run/spire/agent.sock\"\n",
+            "workload_api = \"tcp://127.0.0.1:8081\"\n",
+            "bundle_endpoint = \"https://td.test/bundle\"\nbundle_endpoint_ca = \"ca.pem\"\n",
+            "bundle_endpoint = \"https://td.test/b\"\nrefresh_hint_min = \"1s\"\nrefresh_hint_max = \"2s\"\nmax_bundle_age = \"3s\"\n",
+        ] {
+            load(&td(ok)).unwrap_or_else(|e| panic!("{ok} -> {e}"));
+        }
     }
 
     #[test]

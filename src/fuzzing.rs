@@ -16,7 +16,7 @@ use serde_json::{Map, Value};
 
 use crate::domain::{MAX_SPIFFE_ID_LEN, Scope, parse_spiffe_id};
 use crate::http::oauth::{EXCHANGE_PARAMS, Form, parse_exchange};
-use crate::identity::bundles::FileBundle;
+use crate::identity::bundles::DomainBundle;
 use crate::identity::spiffe::{JwtSvidVerifier, TrustDomain};
 use crate::policy::{PolicyAction, PolicyContext, PolicyPrincipal, PolicySet, PrincipalKind};
 use crate::token::jwt::{JwtFormatError, ParsedJwt};
@@ -88,7 +88,10 @@ fn svid_verifier() -> &'static JwtSvidVerifier {
             serde_json::to_vec(&serde_json::json!({"keys": [jwk]})).expect("json"),
         )
         .expect("bundle written");
-        let bundle = Arc::new(FileBundle::load(&bundle_path).expect("bundle loads"));
+        let changes = Arc::new(tokio::sync::watch::channel(0u64).0);
+        let bundle = Arc::new(
+            DomainBundle::from_file("example.org", &bundle_path, changes).expect("bundle loads"),
+        );
         let _ = std::fs::remove_dir_all(&dir);
         JwtSvidVerifier::new(HashMap::from([(
             "example.org".to_string(),

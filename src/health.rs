@@ -23,6 +23,24 @@ impl Broker {
         let feed_ok = self.revocations.is_fresh();
         let log_ok = !self.audit.is_failed();
         let ready = store_ok && feed_ok && publish_ok && log_ok && keys > 0;
+        // A trust domain whose source cannot be read fails closed on its own; the broker
+        // stays ready for the others, and names it here.
+        let domains = self.identity.trust_domain_status();
+        let not_ready: Vec<&str> = domains
+            .iter()
+            .filter(|(_, p)| p.is_some())
+            .map(|(n, _)| n.as_str())
+            .collect();
+        let trust_domains: serde_json::Map<String, Value> = domains
+            .iter()
+            .map(|(n, p)| {
+                let v = match p {
+                    None => "ok".to_string(),
+                    Some(reason) => format!("not ready: {reason}"),
+                };
+                (n.clone(), Value::from(v))
+            })
+            .collect();
         Readiness {
             ready,
             body: json!({
@@ -40,7 +58,9 @@ impl Broker {
                     "store_eviction_policy": self.revocations.eviction_policy(),
                     "signing_keys": keys,
                     "policy_version": policy.version(),
-                }
+                    "trust_domains": trust_domains,
+                },
+                "trust_domains_not_ready": not_ready,
             }),
         }
     }
@@ -92,6 +112,13 @@ impl Broker {
                 "writ_revocation_cache_entries",
                 &[("kind", kind)],
                 u64::try_from(n).unwrap_or(u64::MAX),
+            );
+        }
+        for (td, problem) in self.identity.trust_domain_status() {
+            m.set(
+                "writ_trust_domain_ready",
+                &[("trust_domain", &td)],
+                u64::from(problem.is_none()),
             );
         }
         self.audit_metrics();

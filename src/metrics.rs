@@ -290,6 +290,10 @@ impl Metrics {
             "writ_signing_key_info",
             "Signing keys published, and which one signs.",
         );
+        m.describe(
+            "writ_trust_domain_ready",
+            "1 while a trust domain's bundle source can be read; 0 while its credentials fail closed.",
+        );
         m
     }
 }

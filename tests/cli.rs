@@ -8,6 +8,13 @@
 
 use std::process::Command;
 
+#[allow(
+    dead_code,
+    reason = "the Workload API server is used here, the bundle endpoint in tests/api"
+)]
+#[path = "support/spiffe.rs"]
+mod spiffe_support;
+
 fn writ() -> Command {
     Command::new(env!("CARGO_BIN_EXE_writ"))
 }
@@ -1951,4 +1958,159 @@ fn token_exchange_with_a_dpop_key_binds_the_token_and_answers_a_nonce_challenge(
         assert!(!ok);
         assert!(err.contains("--dpop-key"), "{err}");
     }
+}
+
+#[test]
+fn config_check_reads_a_bundle_endpoint_ca_and_connects_to_no_trust_source() {
+    let dir = tempfile::tempdir().unwrap();
+    let td = |extra: &str| {
+        format!(
+            "[[spiffe.trust_domains]]\nname = \"fed.test\"\naudience = \"writ\"\n\
+             bundle_endpoint = \"https://127.0.0.1:{}/bundle\"\n{extra}\
+             [[spiffe.trust_domains]]\nname = \"wl.test\"\naudience = \"writ\"\n\
+             workload_api = \"unix://{}/nobody.sock\"\n",
+            free_port(),
+            dir.path().display()
+        )
+    };
+    // Nothing listens on the endpoint or the socket: config check is offline.
+    let cfg = write_config(dir.path(), &td(""));
+    let (ok, stdout, err) = run(writ().args(["config", "check", "--config"]).arg(&cfg));
+    assert!(ok, "{err}");
+    assert!(stdout.contains("config ok"), "{stdout}");
+    // The endpoint's extra CA file is read and must hold PEM certificates.
+    let ca = dir.path().join("ca.pem");
+    let cfg = write_config(
+        dir.path(),
+        &td(&format!("bundle_endpoint_ca = \"{}\"\n", ca.display())),
+    );
+    let (ok, _, err) = run(writ().args(["config", "check", "--config"]).arg(&cfg));
+    assert!(!ok);
+    assert!(
+        err.contains("`spiffe.trust_domains[0].bundle_endpoint_ca`") && err.contains("cannot read"),
+        "{err}"
+    );
+    std::fs::write(&ca, "not a certificate\n").unwrap();
+    let (ok, _, err) = run(writ().args(["config", "check", "--config"]).arg(&cfg));
+    assert!(!ok);
+    assert!(
+        err.contains("`spiffe.trust_domains[0].bundle_endpoint_ca`")
+            && err.contains("no PEM certificate"),
+        "{err}"
+    );
+}
+
+/// A token exchange against a broker on `port`: (status, body).
+fn exchange(port: u16, subject_token: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let body = format!(
+        "grant_type=urn%3Aietf%3Aparams%3Aoauth%3Agrant-type%3Atoken-exchange&subject_token={subject_token}\
+         &subject_token_type=urn%3Aietf%3Aparams%3Aoauth%3Atoken-type%3Ajwt&scope=repo%3Aread\
+         &audience=https%3A%2F%2Fapi.example.org"
+    );
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(
+        s,
+        "POST /oauth2/token HTTP/1.1\r\nhost: x\r\ncontent-type: application/x-www-form-urlencoded\r\n\
+         content-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    let status = resp
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (
+        status,
+        resp.split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default(),
+    )
+}
+
+/// Polls `/readyz` of a broker on `port` until `trust_domain` reads `want` (a prefix).
+fn wait_trust_domain(port: u16, trust_domain: &str, want: &str) {
+    let start = std::time::Instant::now();
+    loop {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                start.elapsed() < std::time::Duration::from_secs(20),
+                "not listening"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            continue;
+        }
+        let (s, body) = http_get(&format!("http://127.0.0.1:{port}"), "/readyz", "none");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        let got = v["checks"]["trust_domains"][trust_domain]
+            .as_str()
+            .unwrap_or("");
+        if s == 200 && got.starts_with(want) {
+            return;
+        }
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(20),
+            "{trust_domain} never `{want}`: {s} {body}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn serve_reads_a_trust_domain_from_the_workload_api_and_fails_closed_while_it_is_away() {
+    use std::io::Read;
+    let dir = tempfile::tempdir().unwrap();
+    let mut agent =
+        spiffe_support::WorkloadApi::start(dir.path(), "spiffe://dev.writ.local/writ", &[]);
+    let port = free_port();
+    let extra = format!(
+        "[[spiffe.trust_domains]]\nname = \"dev.writ.local\"\nworkload_api = \"{}\"\naudience = \"writ\"\n",
+        agent.url()
+    );
+    let (mut child, mut stderr) = spawn_serve(dir.path(), port, &extra, None);
+    wait_trust_domain(port, "dev.writ.local", "ok");
+    // A JWT-SVID signed by the agent's JWT authority, as its workloads get them.
+    let (kid, pem) = agent.jwt_keys("dev.writ.local").remove(0);
+    let key = writ::token::keys::SigningKey::from_pem(pem.as_bytes(), "authority").unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let mut header = jsonwebtoken::Header::new(key.alg.jwt_alg());
+    header.kid = Some(kid);
+    let claims = serde_json::json!({"sub": "spiffe://dev.writ.local/agent/demo", "aud": ["writ"],
+                                    "iat": now, "exp": now + 300});
+    let svid = jsonwebtoken::encode(&header, &claims, key.encoding_key()).unwrap();
+    let (s, body) = exchange(port, &svid);
+    assert_eq!(s, 200, "{body}");
+
+    agent.stop();
+    wait_trust_domain(port, "dev.writ.local", "not ready: Workload API");
+    let (s, body) = exchange(port, &svid);
+    assert_eq!(s, 503, "{body}");
+    assert!(body.contains("\"temporarily_unavailable\""), "{body}");
+
+    agent.start_again();
+    wait_trust_domain(port, "dev.writ.local", "ok");
+    let (s, body) = exchange(port, &svid);
+    assert_eq!(s, 200, "recovered without a restart: {body}");
+
+    std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(child.wait().unwrap().success());
+    let mut log = String::new();
+    stderr.read_to_string(&mut log).unwrap();
+    assert!(
+        log.contains("Workload API unavailable; its trust domains fail closed until it is back"),
+        "{log}"
+    );
+    assert!(
+        log.contains("trust bundle received from the Workload API"),
+        "{log}"
+    );
 }

@@ -2,7 +2,9 @@
 
 pub mod bundles;
 pub mod oidc;
+pub mod sources;
 pub mod spiffe;
+pub mod workload_api;
 pub mod x509;
 
 use std::collections::HashMap;
@@ -107,6 +109,11 @@ pub enum IdentityError {
     InvalidSpiffeId,
     #[error("token trust domain is not configured")]
     UntrustedDomain,
+    #[error("trust domain `{trust_domain}` is not ready: {reason}")]
+    TrustDomainNotReady {
+        trust_domain: String,
+        reason: String,
+    },
     #[error("token issuer is not trusted")]
     UntrustedIssuer,
     #[error("oidc: {0}")]
@@ -117,7 +124,11 @@ impl IdentityError {
     /// True when the failure is the broker's (or an issuer's) infrastructure, not the token:
     /// the exchange then answers 503 instead of refusing the caller.
     pub fn is_unavailable(&self) -> bool {
-        matches!(self, IdentityError::Oidc(e) if e.is_unavailable())
+        match self {
+            IdentityError::Oidc(e) => e.is_unavailable(),
+            IdentityError::TrustDomainNotReady { .. } => true,
+            _ => false,
+        }
     }
 }
 
@@ -144,27 +155,76 @@ pub enum Accept {
 pub struct IdentityVerifier {
     pub svid: spiffe::JwtSvidVerifier,
     pub oidc: oidc::OidcVerifier,
+    /// What keeps the trust domains' bundles current (endpoints, Workload API), started by
+    /// the application.
+    sources: Vec<sources::SourceTask>,
+    /// Bumped when a trust domain's bundle or readiness changes.
+    changes: Arc<bundles::Changes>,
 }
 
 impl IdentityVerifier {
     pub fn from_config(config: &Config) -> Result<Self, ConfigError> {
+        let changes = Arc::new(tokio::sync::watch::channel(0u64).0);
         let mut domains = HashMap::new();
+        let mut tasks = Vec::new();
+        let mut by_socket: Vec<sources::WorkloadApiSource> = Vec::new();
         for (i, td) in config.spiffe.trust_domains.iter().enumerate() {
-            let key = format!("spiffe.trust_domains[{i}].bundle_file");
-            let path = td
-                .bundle_file
-                .as_ref()
-                .ok_or_else(|| ConfigError::new(&key, "a trust domain needs a bundle source"))?;
-            let bundle = bundles::FileBundle::load(path)
-                .map_err(|e| ConfigError::new(&key, e.to_string()))?;
+            let key = |k: &str| format!("spiffe.trust_domains[{i}].{k}");
+            let bundle = if let Some(path) = &td.bundle_file {
+                Arc::new(
+                    bundles::DomainBundle::from_file(&td.name, path, changes.clone())
+                        .map_err(|e| ConfigError::new(key("bundle_file"), e.to_string()))?,
+                )
+            } else if let Some(url) = &td.bundle_endpoint {
+                let (min, max, max_age) = td.refresh_bounds();
+                let http = sources::EndpointSource::client(td.bundle_endpoint_ca.as_deref())
+                    .map_err(|e| ConfigError::new(key("bundle_endpoint_ca"), e))?;
+                let d = Arc::new(bundles::DomainBundle::pending(
+                    &td.name,
+                    bundles::SourceKind::Endpoint(url.clone()),
+                    Some(max_age),
+                    changes.clone(),
+                ));
+                tasks.push(sources::SourceTask::Endpoint(sources::EndpointSource {
+                    domain: d.clone(),
+                    url: url.clone(),
+                    http,
+                    refresh_min: min,
+                    refresh_max: max,
+                }));
+                d
+            } else if let Some(endpoint) = &td.workload_api {
+                let d = Arc::new(bundles::DomainBundle::pending(
+                    &td.name,
+                    bundles::SourceKind::WorkloadApi(endpoint.clone()),
+                    None,
+                    changes.clone(),
+                ));
+                // One stream per agent socket serves every trust domain read from it.
+                match by_socket.iter_mut().find(|s| &s.endpoint == endpoint) {
+                    Some(s) => s.domains.push(d.clone()),
+                    None => by_socket.push(sources::WorkloadApiSource {
+                        endpoint: endpoint.clone(),
+                        domains: vec![d.clone()],
+                    }),
+                }
+                d
+            } else {
+                return Err(ConfigError::new(
+                    key("bundle_file"),
+                    "a trust domain needs one bundle source: bundle_file, bundle_endpoint or \
+                     workload_api",
+                ));
+            };
             domains.insert(
                 td.name.clone(),
                 spiffe::TrustDomain {
                     audience: td.audience.clone(),
-                    bundle: Arc::new(bundle),
+                    bundle,
                 },
             );
         }
+        tasks.extend(by_socket.into_iter().map(sources::SourceTask::WorkloadApi));
         let issuers = config
             .oidc
             .issuers
@@ -181,7 +241,31 @@ impl IdentityVerifier {
         Ok(IdentityVerifier {
             svid: spiffe::JwtSvidVerifier::new(domains),
             oidc,
+            sources: tasks,
+            changes,
         })
+    }
+
+    /// The tasks that keep bundle endpoints and Workload API trust domains current; the
+    /// application runs them (each call gives a fresh set over the same trust domains).
+    pub fn source_tasks(&self) -> Vec<sources::SourceTask> {
+        self.sources.clone()
+    }
+
+    /// Changes when a trust domain's bundle or readiness changes.
+    pub fn bundle_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    /// Each trust domain and why it is not ready (`None` when it is), sorted by name.
+    pub fn trust_domain_status(&self) -> Vec<(String, Option<String>)> {
+        let mut v: Vec<(String, Option<String>)> = self
+            .svid
+            .bundles()
+            .map(|(name, b)| (name.to_string(), b.status().err()))
+            .collect();
+        v.sort();
+        v
     }
 
     /// Verifies a TLS client's certificate chain (leaf first) as an X509-SVID at `now`.

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use jsonwebtoken::Algorithm;
 use spiffe::SpiffeId;
 
-use super::bundles::FileBundle;
+use super::bundles::DomainBundle;
 use super::{IdentityError, MAX_SKEW_SECS, MAX_SUBJECT_TOKEN_BYTES};
 use crate::token::jwt::ParsedJwt;
 
@@ -26,7 +26,7 @@ pub const JWT_SVID_ALGS: [Algorithm; 8] = [
 /// One configured trust domain.
 pub struct TrustDomain {
     pub audience: String,
-    pub bundle: Arc<FileBundle>,
+    pub bundle: Arc<DomainBundle>,
 }
 
 /// A verified JWT-SVID.
@@ -49,18 +49,29 @@ impl JwtSvidVerifier {
         self.domains.is_empty()
     }
 
-    pub fn bundles(&self) -> impl Iterator<Item = (&str, &Arc<FileBundle>)> {
+    /// The trust domain's bundle holder (its JWT and X.509 authorities), by name.
+    pub fn domain(&self, name: &str) -> Option<&Arc<DomainBundle>> {
+        self.domains.get(name).map(|d| &d.bundle)
+    }
+
+    pub fn bundles(&self) -> impl Iterator<Item = (&str, &Arc<DomainBundle>)> {
         self.domains.iter().map(|(k, v)| (k.as_str(), &v.bundle))
     }
 
     /// The X.509 authorities of trust domain `td`, if it is configured.
     pub fn x509_authorities(&self, td: &str) -> super::x509::AuthoritiesLookup {
-        self.domains.get(td).map(|d| Ok(d.bundle.x509()))
+        self.domains
+            .get(td)
+            .map(|d| d.bundle.current().map(|b| b.x509_anchors.clone()))
     }
 
-    /// True when some trust domain has X.509 authorities (X509-SVIDs can be verified).
+    /// True when some trust domain has X.509 authorities now, or reads them from a source
+    /// that streams or fetches them (X509-SVIDs can be verified).
     pub fn has_x509_authorities(&self) -> bool {
-        self.domains.values().any(|d| !d.bundle.x509().is_empty())
+        self.domains.values().any(|d| {
+            !matches!(d.bundle.source(), super::bundles::SourceKind::File(_))
+                || d.bundle.current().is_ok_and(|b| !b.x509_anchors.is_empty())
+        })
     }
 
     /// Verifies a JWT-SVID at time `now` (unix seconds).
@@ -114,7 +125,15 @@ impl JwtSvidVerifier {
             .domains
             .get(spiffe_id.trust_domain_name())
             .ok_or(IdentityError::UntrustedDomain)?;
-        let bundle = td.bundle.current();
+        // A trust domain whose source cannot be read fails closed (503: the broker cannot
+        // decide), whatever the token.
+        let bundle = td
+            .bundle
+            .current()
+            .map_err(|reason| IdentityError::TrustDomainNotReady {
+                trust_domain: spiffe_id.trust_domain_name().to_string(),
+                reason,
+            })?;
         let authority = bundle
             .authorities
             .get(kid)

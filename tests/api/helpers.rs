@@ -220,9 +220,14 @@ async fn start_inner(
         svid_key_pem: String::new(),
         _stop: tx,
     };
-    // A broker on a shared store is not ready until it has loaded the revocation state.
+    // A broker on a shared store is not ready until it has loaded the revocation state; one
+    // serving its Workload API X509-SVID completes no handshake before the SVID arrives.
     let start = std::time::Instant::now();
-    while wait_ready && app.get("/readyz").await.0 != 200 {
+    let ready = |app: &TestApp| {
+        let req = app.http.get(format!("{}/readyz", app.base)).send();
+        async move { req.await.is_ok_and(|r| r.status() == 200) }
+    };
+    while wait_ready && !ready(&app).await {
         assert!(
             start.elapsed() < Duration::from_secs(10),
             "broker did not become ready"

@@ -8,6 +8,8 @@
 
 #[path = "../support/redis.rs"]
 mod redis_support;
+#[path = "../support/spiffe.rs"]
+mod spiffe_support;
 
 mod approvals;
 mod audit;
@@ -27,6 +29,7 @@ mod reshard;
 mod revocation;
 mod rotation;
 mod serving;
+mod spire;
 mod status;
 mod trips;
 mod verify;

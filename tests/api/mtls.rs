@@ -1178,7 +1178,7 @@ fn server_tls_keys_are_validated_naming_the_key() {
             "client_ca",
         ),
         (
-            "workload_api = \"unix:///run/spire/agent.sock\"",
+            "workload_api = \"http://127.0.0.1:8081\"",
             "server.tls.workload_api",
         ),
         (
@@ -1190,6 +1190,12 @@ fn server_tls_keys_are_validated_naming_the_key() {
             "server.tls.workload_api",
         ),
     ];
+    // Serving with the broker's own X509-SVID from the Workload API.
+    writ::config::Config::from_toml_with_env(
+        &config_with_tls("workload_api = \"unix:///run/spire/agent.sock\""),
+        Vec::new(),
+    )
+    .unwrap();
     for (tls, key) in cases {
         let err = writ::config::Config::from_toml_with_env(&config_with_tls(tls), Vec::new())
             .err()

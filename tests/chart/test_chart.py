@@ -210,6 +210,17 @@ with helm.Chart.load(str(CHART)) as chart:
         "an admin digest that is not SHA-256": {"adminTokens": {"sha256": ["abc"]}},
         "a policy file not ending in .cedar": {"policies": {"demo.txt": "permit (principal, action, resource);"}},
         "an unknown Workload API mode": {"spiffe": {"workloadApi": {"mode": "socket"}}},
+        "a trust domain with two bundle sources": {"spiffe": {"trustDomains": [
+            {"name": "example.org", "audience": "writ", "workloadApi": True,
+             "bundleConfigMap": {"name": "b", "key": "bundle.spiffe"}}]}},
+        "a trust domain without a bundle source": {"spiffe": {"trustDomains": [{"name": "example.org", "audience": "writ"}]}},
+        "workloadApi: false as a source": {"spiffe": {"trustDomains": [{"name": "example.org", "audience": "writ", "workloadApi": False}]}},
+        "an http bundle endpoint": {"spiffe": {"trustDomains": [
+            {"name": "partner.example", "audience": "writ", "bundleEndpoint": {"url": "http://spire.partner.example/bundle"}}]}},
+        "a bundle endpoint refresh bound that is no duration": {"spiffe": {"trustDomains": [
+            {"name": "partner.example", "audience": "writ",
+             "bundleEndpoint": {"url": "https://spire.partner.example/bundle", "refreshHintMin": "soon"}}]}},
+        "an agent socket name with a slash": {"spiffe": {"workloadApi": {"mode": "csi", "socketName": "a/b.sock"}}},
         "an http OIDC issuer": {"oidc": {"issuers": [{"issuer": "http://issuer.example", "audience": "writ"}]}},
         "a principal that is no subject": {"broker": {**copy.deepcopy(chart.values["broker"]), "adminPrincipals": ["root"]}},
         "a Redis URL carrying a password": {"redis": {"url": "redis://:hunter2@redis:6379/0", "internal": {"enabled": False}}},
@@ -238,6 +249,84 @@ with helm.Chart.load(str(CHART)) as chart:
     @check("values.schema.json accepts good overrides (the rejections above are not vacuous)")
     def _():
         chart.validate_schema({"replicaCount": 3, "broker": {**copy.deepcopy(chart.values["broker"]), "adminPrincipals": ["spiffe://example.org/security/*"]}})
+
+    SPIRE = {
+        "spiffe": {
+            "trustDomains": [
+                {"name": "platform.example.org", "audience": "writ", "workloadApi": True},
+                {"name": "files.example.org", "audience": "writ",
+                 "bundleConfigMap": {"name": "files-bundle", "key": "bundle.spiffe"}},
+                {"name": "partner.example", "audience": "writ",
+                 "bundleEndpoint": {"url": "https://spire.partner.example:8443/bundle",
+                                    "caConfigMap": {"name": "partner-ca", "key": "ca.pem"},
+                                    "refreshHintMin": "30s", "refreshHintMax": "30m", "maxBundleAge": "12h"}},
+                {"name": "web.example", "audience": "writ",
+                 "bundleEndpoint": {"url": "https://web.example/bundle"}},
+            ],
+            "workloadApi": {"mode": "csi", "mountPath": "/spiffe-workload-api"},
+        }
+    }
+
+    for mode in ("csi", "hostPath"):
+
+        @check(f"SPIRE values ({mode}): Workload API, bundle file and bundle endpoint trust domains; "
+               "render, kubernetes-validate --strict, checkov, writ config check")
+        def _(mode=mode):
+            values = copy.deepcopy(SPIRE)
+            values["spiffe"]["workloadApi"]["mode"] = mode
+            r = render(chart, values)
+            with tempfile.TemporaryDirectory() as d:
+                validate_strict(write_out(r, d))
+                checkov(d)
+            toml = writ_checks(r)
+            domains = toml.split("[[spiffe.trust_domains]]")[1:]
+            assert len(domains) == 4, toml
+            assert 'workload_api = "unix:///spiffe-workload-api/spire-agent.sock"' in domains[0], toml
+            assert 'bundle_file = "/etc/writ/bundles/files.example.org.json"' in domains[1], toml
+            assert 'bundle_endpoint = "https://spire.partner.example:8443/bundle"' in domains[2], toml
+            assert 'bundle_endpoint_ca = "/etc/writ/federation/partner.example.pem"' in domains[2], toml
+            assert 'refresh_hint_min = "30s"' in domains[2] and 'refresh_hint_max = "30m"' in domains[2], toml
+            assert 'max_bundle_age = "12h"' in domains[2], toml
+            assert "bundle_endpoint_ca" not in domains[3] and "refresh_hint" not in domains[3], toml
+            for td in domains:
+                assert sum(k in td for k in ("bundle_file", "bundle_endpoint =", "workload_api")) == 1, td
+            spec = deployment(r)["spec"]["template"]["spec"]
+            vols = {v["name"]: v for v in spec["volumes"]}
+            if mode == "csi":
+                assert vols["spiffe-workload-api"]["csi"] == {"driver": "csi.spiffe.io", "readOnly": True}
+            else:
+                assert vols["spiffe-workload-api"]["hostPath"]["path"] == "/run/spire/agent-sockets"
+            mounts = {m["name"]: m for m in spec["containers"][0]["volumeMounts"]}
+            assert mounts["spiffe-workload-api"]["mountPath"] == "/spiffe-workload-api"
+            assert all(m["readOnly"] for m in mounts.values() if m["name"] != "tmp")
+            assert [s["configMap"]["name"] for s in vols["bundles"]["projected"]["sources"]] == ["files-bundle"]
+            ca = vols["federation-ca"]["projected"]["sources"]
+            assert ca == [{"configMap": {"name": "partner-ca", "items": [{"key": "ca.pem", "path": "partner.example.pem"}]}}], ca
+            text = notes(r)
+            assert "kind: ClusterSPIFFEID" in text and "spiffeIDTemplate:" in text, text
+            assert "app.kubernetes.io/instance: writ" in text, text
+            assert "partner.example: bundle endpoint https://spire.partner.example:8443/bundle" in text, text
+            assert "fails closed" in text, text
+
+    @check("Workload API trust domains only: no bundle volumes; without a mount the chart fails naming the value")
+    def _():
+        values = {"spiffe": {"trustDomains": [{"name": "example.org", "audience": "writ", "workloadApi": True}],
+                             "workloadApi": {"mode": "csi"}}}
+        r = render(chart, values)
+        vols = {v["name"] for v in deployment(r)["spec"]["template"]["spec"]["volumes"]}
+        assert "bundles" not in vols and "federation-ca" not in vols and "spiffe-workload-api" in vols, vols
+        writ_checks(r)
+        values["spiffe"]["workloadApi"]["mode"] = "none"
+        try:
+            chart.render(values, name="writ", namespace="writ")
+        except helm.HelmError as e:
+            assert "spiffe.workloadApi.mode" in str(e) and "spiffe.trustDomains[0]" in str(e), str(e)
+            return
+        raise AssertionError("rendered a Workload API trust domain without the socket")
+
+    @check("no Workload API mount: no ClusterSPIFFEID in the NOTES")
+    def _():
+        assert "ClusterSPIFFEID" not in notes(render(chart, {}))
 
     @check("a chart without a Redis or without signing keys fails with the value to set")
     def _():

@@ -139,3 +139,16 @@ user already in the URL is kept. */ -}}
 {{- end -}}
 {{- $out | toJson -}}
 {{- end -}}
+
+{{/* The Workload API endpoint of the mounted SPIRE agent socket (unix:///...). */}}
+{{- define "writ.workloadApiSocket" -}}
+{{- printf "unix://%s/%s" (trimSuffix "/" .Values.spiffe.workloadApi.mountPath) .Values.spiffe.workloadApi.socketName -}}
+{{- end -}}
+
+{{/* Trust domains with a bundle file (ConfigMap), and bundle endpoints with an extra CA. */}}
+{{- define "writ.bundleFileDomains" -}}
+{{- range .Values.spiffe.trustDomains }}{{ if .bundleConfigMap }}{{ .name }} {{ end }}{{ end -}}
+{{- end -}}
+{{- define "writ.federationCaDomains" -}}
+{{- range .Values.spiffe.trustDomains }}{{ if and .bundleEndpoint .bundleEndpoint.caConfigMap }}{{ .name }} {{ end }}{{ end -}}
+{{- end -}}
