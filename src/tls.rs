@@ -13,7 +13,6 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::SystemTime;
 
 use arc_swap::ArcSwapOption;
 use parking_lot::Mutex;
@@ -27,6 +26,7 @@ use rustls::sign::CertifiedKey;
 use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
 
 use crate::config::{ClientAuth, ConfigError, TlsConfig};
+use crate::identity::bundles::{FileStamp, stamp};
 use crate::identity::x509::{MAX_CERT_BYTES, MAX_CHAIN_LEN, check_bounds};
 
 /// Largest certificate chain or key file read.
@@ -237,20 +237,6 @@ impl PeerChain {
     pub fn certs(&self) -> &[CertificateDer<'static>] {
         &self.0
     }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct FileStamp {
-    modified: Option<SystemTime>,
-    len: u64,
-}
-
-fn stamp(path: &Path) -> Option<FileStamp> {
-    let md = std::fs::metadata(path).ok()?;
-    Some(FileStamp {
-        modified: md.modified().ok(),
-        len: md.len(),
-    })
 }
 
 /// The main listener's TLS: the acceptor, the identity behind it, and the certificate

@@ -170,13 +170,15 @@ fn key_alg(ka: KeyAlgorithm) -> Option<Algorithm> {
     super::oidc::key_alg(ka).filter(|a| *a != Algorithm::EdDSA)
 }
 
+/// What tells a file changed without reading it: its mtime and length (bundle files here,
+/// the listener's certificate and key).
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct FileStamp {
+pub(crate) struct FileStamp {
     modified: Option<SystemTime>,
     len: u64,
 }
 
-fn stamp(path: &Path) -> Option<FileStamp> {
+pub(crate) fn stamp(path: &Path) -> Option<FileStamp> {
     let md = std::fs::metadata(path).ok()?;
     Some(FileStamp {
         modified: md.modified().ok(),
