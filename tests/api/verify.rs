@@ -587,3 +587,22 @@ async fn an_mtls_bound_token_needs_the_peer_certificate_it_names() {
         "invalid_token",
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_proof_racing_itself_is_accepted_exactly_once() {
+    // The replay cache's check and insert are one step: of many requests carrying the same
+    // proof at the same moment, one gets through and every other one is a replay.
+    let (app, rs) = setup().await;
+    let k = key();
+    let token = bound_token(&app, &k, "repo:read").await;
+    let auth = format!("DPoP {token}");
+    let proof = rs.proof(&app, &k, "GET", "/repo", &token);
+    let proofs = [proof.as_str()];
+    let calls = (0..24).map(|_| rs.call("GET", "/repo", Some(&auth), &proofs));
+    let got = futures_util::future::join_all(calls).await;
+    let accepted = got.iter().filter(|g| g.0 == 200).count();
+    assert_eq!(accepted, 1, "{got:?}");
+    for g in got.iter().filter(|g| g.0 != 200) {
+        refused(g, 401, "DPoP", "invalid_dpop_proof");
+    }
+}
