@@ -1,8 +1,24 @@
 use clap::Parser;
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
+fn main() -> std::process::ExitCode {
     let cli = writ::cli::Cli::parse();
+    // A worker that runs out of work tells the decision log's group commit that holding a
+    // sync back for more records no longer costs nothing.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .on_thread_park(writ::audit::worker_parked)
+        .on_thread_unpark(writ::audit::worker_unparked)
+        .build();
+    match runtime {
+        Ok(runtime) => runtime.block_on(run(cli)),
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: writ::cli::Cli) -> std::process::ExitCode {
     let json_logs = matches!(cli.command, writ::cli::Command::Serve { .. });
     init_tracing(json_logs);
     match writ::cli::run(cli).await {

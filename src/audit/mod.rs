@@ -40,7 +40,7 @@ use crate::domain::{Clock, SystemClock, sha256_hex};
 use crate::store::AuditHead;
 use crate::token::keys::KeySet;
 
-pub use durable::{Coming, Pending};
+pub use durable::{Coming, Pending, worker_parked, worker_unparked};
 pub use verify::{Break, Report, Verification, VerifyOptions, verify_file, verify_reader};
 
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
