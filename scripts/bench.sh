@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Benchmarks that print numbers (no pass/fail). Installs wrk and redis-server if missing.
 #   1. the crypto floor: one ES256 JWT-SVID verify + one ES256 sign on one core
-#   2. exchange throughput and latency on the memory store (wrk, 32 connections, 10 s)
+#   2. exchange throughput and latency on the memory store (wrk, 32 connections, 10 s), and
+#      the same with and without the wait for the decision log's sync (durable group commit
+#      A/B: the `bench-unsynced` build), 32 and 128 connections, rounds interleaved
 #   3. exchange throughput on Redis
 #   4. introspection throughput (Redis-backed broker)
 #   5. revocation propagation A -> B over 1,000 revocations, Redis memory per open task,
@@ -25,11 +27,14 @@ fi
 CORES=$(nproc)
 DURATION=${BENCH_DURATION:-10s}
 CONNS=${BENCH_CONNECTIONS:-32}
+work=$(mktemp -d)
+# The A/B baseline of the durable group commit: the same broker without the wait for the sync.
+cargo build --release --quiet --bin writ --features bench-unsynced
+cp target/release/writ "$work/writ-unsynced"
 cargo build --release --quiet --bin writ --example crypto_floor --example redis_bench --example reeval_bench
 WRIT=$PWD/target/release/writ
 ROOT=$PWD
 
-work=$(mktemp -d)
 PIDS=()
 cleanup() {
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
@@ -77,6 +82,32 @@ RPS=$(echo "$OUT" | sed -n 's/^rps=//p')
 python3 -c "import sys; print(f'ratio_rps_to_floor_x_cores={float(sys.argv[1]) / (float(sys.argv[2]) * int(sys.argv[3])):.2f}')" "$RPS" "$FLOOR" "$CORES"
 "$WRIT" audit verify "$work/.writ-dev/decisions.jsonl"
 kill "${PIDS[0]}"; wait "${PIDS[0]}" 2>/dev/null || true; PIDS=()
+
+AB_ROUNDS=${BENCH_AB_ROUNDS:-3}
+echo "== durable group commit A/B: exchange, memory store, no trip rules, durable vs the wait for the sync removed ($AB_ROUNDS interleaved rounds of wrk -t1 -d$DURATION)"
+declare -A AB
+for conns in "$CONNS" 128; do
+  for round in $(seq 1 "$AB_ROUNDS"); do
+    for build in durable unsynced; do
+      bin=$WRIT; [ "$build" = unsynced ] && bin=$work/writ-unsynced
+      rm -f "$work/.writ-dev/decisions.jsonl"
+      ( cd "$work" && exec "$bin" serve --config .writ-dev/trips-off.toml >ab.log 2>&1 ) &
+      PIDS+=($!)
+      wait_ready "$PORT"
+      rps=$(wrk -t1 -c"$conns" -d"$DURATION" -s scripts/bench/exchange.lua "http://127.0.0.1:$PORT/oauth2/token" | sed -n 's/^rps=//p')
+      fsyncs=$(curl -s "http://127.0.0.1:$PORT/metrics" | awk '/^writ_audit_fsyncs_total/{print $2}')
+      kill "${PIDS[0]}"; wait "${PIDS[0]}" 2>/dev/null || true; PIDS=()
+      echo "connections=$conns round=$round build=$build rps=$rps fsyncs=$fsyncs"
+      AB[$conns-$build]="${AB[$conns-$build]:-} $rps"
+    done
+  done
+  python3 - "$conns" "${AB[$conns-durable]}" "${AB[$conns-unsynced]}" <<'PY'
+import statistics, sys
+d = statistics.median(float(x) for x in sys.argv[2].split())
+u = statistics.median(float(x) for x in sys.argv[3].split())
+print(f"connections={sys.argv[1]} durable_median_rps={d:.0f} unsynced_median_rps={u:.0f} durable_cost_percent={(u - d) / u * 100:.1f}")
+PY
+done
 
 echo "== exchange, memory store, every trip rule on (rate limit set out of reach): wrk -t1 -c$CONNS -d$DURATION"
 ( cd "$work" && exec "$WRIT" serve --config .writ-dev/trips-on.toml >on.log 2>&1 ) &
