@@ -550,6 +550,27 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn workers_that_never_run_out_of_work_hold_a_sync_back_no_longer_than_its_limit() {
+        static ALWAYS_BUSY: Workers = Workers::new();
+        ALWAYS_BUSY.reported.store(true, Ordering::SeqCst);
+        let limit = Duration::from_millis(50);
+        let (mut file, d) = log(&ALWAYS_BUSY, limit);
+        for seq in 1..=3 {
+            write(&mut file, &d, seq);
+            let start = Instant::now();
+            tokio::time::timeout(Duration::from_secs(10), d.commit(seq))
+                .await
+                .expect("a sync held back past its limit")
+                .unwrap();
+            assert!(
+                start.elapsed() >= limit,
+                "the sync was not held back at all"
+            );
+        }
+        assert_eq!(d.fsyncs(), 3);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_sync_starts_at_once_while_a_worker_has_no_work() {
         static ONE_IDLE: Workers = Workers::new();
         ONE_IDLE.parked();
