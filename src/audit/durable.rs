@@ -413,7 +413,10 @@ impl Workers {
     }
 
     pub(super) fn parked(&self) {
-        self.reported.store(true, Ordering::SeqCst);
+        // Written once: every park would otherwise write the same shared cache line.
+        if !self.reported.load(Ordering::Relaxed) {
+            self.reported.store(true, Ordering::SeqCst);
+        }
         self.idle.fetch_add(1, Ordering::SeqCst);
         release_held_syncs();
     }
